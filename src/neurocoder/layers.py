@@ -1,0 +1,429 @@
+"""Neurocoder layers: compose a weight from the program memory per input, and apply it fast.
+
+For each input the composer reads R = steps x rank components from the memory and the layer
+applies ``W(x) = sum_n sigma_n u_n v_n^T`` without ever building W per sample:
+
+    NeurocoderLinear:  x (B, d_in) -> x M_U^T (B, P) -> mix by U read weights and scale by sigma
+                       (B, R) -> mix by V read weights (B, P) -> times M_V (B, d_out)
+    NeurocoderConv2d:  x -> conv with the P program filters (B, P, H, W) -> a per-sample P x C_out
+                       mixing matrix (from the read weights, sigma and M_V) applied as a 1x1 map
+
+Cost O(B P (d_in + d_out)) for the linear layer, against O(B d_in d_out) for a dense one.
+``forward_explicit`` builds W per sample instead; it exists for tests and benchmarks.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.nn.modules.utils import _pair
+
+from .composer import COMPOSERS, ComposerOutput, FeedForwardComposer, RecurrentComposer
+from .memory import KEY_MODES, ProgramMemory
+from .reading import content_attention, read_with_least_used
+from .trace import BANK_NAMES, Trace
+
+__all__ = ["NeurocoderLayer", "NeurocoderLinear", "NeurocoderConv2d", "singular_values"]
+
+
+def singular_values(raw: torch.Tensor) -> torch.Tensor:
+    """(..., R) raw reads -> positive, descending singular values.
+
+    sigma_R = softplus(s_R), sigma_n = sigma_(n+1) + softplus(s_n): a reversed cumulative sum.
+    """
+    return F.softplus(raw).flip(-1).cumsum(-1).flip(-1)
+
+
+def _check_positive_int(owner: str, name: str, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{owner}: {name} must be an integer >= 1, got {value!r}")
+
+
+class NeurocoderLayer(nn.Module):
+    """What linear and convolutional Neurocoder layers share: memory, composer, reading.
+
+    Subclasses set ``self._label`` and implement ``forward``.
+    """
+
+    _label = "NeurocoderLayer"
+
+    def _build(self, program_in: int, program_out: int, context_features: int, num_programs: int,
+               rank: int, key_dim: int, steps: int, composer: str, key_mode: str, least_used: int,
+               sharpness: float | str, residual: bool, composer_hidden: int, factory: dict) -> None:
+        owner = self._label
+        for name, value in (("num_programs", num_programs), ("rank", rank), ("key_dim", key_dim),
+                            ("steps", steps), ("context_features", context_features),
+                            ("composer_hidden", composer_hidden)):
+            _check_positive_int(owner, name, value)
+        if composer not in COMPOSERS:
+            raise ValueError(f"{owner}: composer must be one of {COMPOSERS}, got {composer!r}")
+        if composer == "feedforward" and steps != 1:
+            raise ValueError(f"{owner}: the feed-forward composer reads once (steps=1), got steps={steps}; "
+                             f"use composer='recurrent' for several read steps")
+        if key_mode not in KEY_MODES:
+            raise ValueError(f"{owner}: key_mode must be one of {KEY_MODES}, got {key_mode!r}")
+        if isinstance(least_used, bool) or not isinstance(least_used, int) or least_used < 0:
+            raise ValueError(f"{owner}: least_used must be an integer >= 0 (0 turns it off), got {least_used!r}")
+        if least_used > num_programs:
+            raise ValueError(f"{owner}: least_used={least_used} exceeds num_programs={num_programs}; "
+                             f"the least-used weight spreads over at most num_programs slots")
+        if sharpness != "learned":
+            if isinstance(sharpness, bool) or not isinstance(sharpness, (int, float)) or not sharpness > 0 \
+                    or not math.isfinite(sharpness):
+                raise ValueError(f"{owner}: sharpness must be a finite number > 0 or 'learned', got {sharpness!r}")
+        self.rank = rank
+        self.key_dim = key_dim
+        self.steps = steps
+        self.composer_kind = composer
+        self.least_used = least_used
+        self.sharpness = sharpness
+        self.residual = residual
+        self.context_features = context_features
+        self.memory = ProgramMemory(num_programs, program_in, program_out, key_dim, key_mode, **factory)
+        options = dict(sharpness=sharpness, least_used=least_used > 0, residual=residual, **factory)
+        if composer == "feedforward":
+            self.composer = FeedForwardComposer(context_features, key_dim, rank, **options)
+        else:
+            self.composer = RecurrentComposer(context_features, key_dim, rank, steps,
+                                              hidden_size=composer_hidden, **options)
+        self._trace_sink = None
+
+    @property
+    def num_programs(self) -> int:
+        """P, slots per bank (grows with ``memory.grow``)."""
+        return self.memory.num_programs
+
+    @property
+    def total_rank(self) -> int:
+        """R = steps x rank, the number of components a composition sums."""
+        return self.steps * self.rank
+
+    # ----------------------------------------------------------------------------- checks
+    def _check_tensor(self, what: str, tensor: torch.Tensor, shape_ok, expected: str) -> None:
+        """Raise a clear error unless ``tensor`` is a floating tensor on the layer's device and
+        dtype whose shape passes ``shape_ok(shape)``; ``expected`` describes that shape."""
+        owner = self._label
+        if not isinstance(tensor, torch.Tensor):
+            raise TypeError(f"{owner}: {what} must be a torch.Tensor, got {type(tensor).__name__}")
+        if not tensor.is_floating_point():
+            raise TypeError(f"{owner}: {what} must be a floating-point tensor, got dtype {tensor.dtype}; "
+                            f"convert it with .float()")
+        if not shape_ok(tuple(tensor.shape)):
+            raise ValueError(f"{owner}: expected {what} of shape {expected}, got {tuple(tensor.shape)}")
+        reference = self.memory.u_values
+        if tensor.device != reference.device:
+            raise ValueError(f"{owner}: {what} is on {tensor.device} but the layer's parameters are on "
+                             f"{reference.device}; move one of them (tensor.to(device) or layer.to(device))")
+        if tensor.dtype != reference.dtype and not torch.is_autocast_enabled(tensor.device.type):
+            raise TypeError(f"{owner}: {what} has dtype {tensor.dtype} but the layer's parameters are "
+                            f"{reference.dtype}; convert one of them (tensor.to({reference.dtype}) or "
+                            f"layer.to({tensor.dtype})), or run under torch.autocast")
+
+    # ----------------------------------------------------------------------------- reading
+    def read(self, context: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, ComposerOutput, torch.Tensor,
+                                                   torch.Tensor]:
+        """Compose the read for a batch of contexts (B, context_features).
+
+        Returns:
+            sigma: (B, R) singular values, descending.
+            weights: (B, 3, R, P) final read weights for the banks U, V, S.
+            plan: the composer's output.
+            attention: (B, 3, R, P) content attention before least-used mixing.
+            usage: (B, 3, P) the largest weight each slot received in this composition.
+        """
+        plan = self.composer(context)
+        keys = self.memory.keys()
+        attention = content_attention(plan.queries, keys.to(plan.queries.dtype), plan.sharpness)
+        if self.least_used > 0:
+            weights, usage = read_with_least_used(attention, plan.gates, self.least_used)
+        else:
+            weights, usage = attention, attention.amax(dim=2)
+        raw_sigma = torch.einsum("brp,p->br", weights[:, 2], self.memory.s.to(weights.dtype))
+        sigma = singular_values(raw_sigma)
+        if self.training:
+            self.memory.update_usage(usage.detach().mean(dim=0))
+        return sigma, weights, plan, attention, usage
+
+    def _make_trace(self, sigma, weights, plan, attention, usage) -> Trace:
+        B, _, R, P = weights.shape
+        T, r = self.steps, self.rank
+
+        def per_bank(t: torch.Tensor, shape: tuple[int, ...]) -> dict[str, torch.Tensor]:
+            return {name: t[:, j].reshape(B, *shape) for j, name in enumerate(BANK_NAMES)}
+
+        sharpness = plan.sharpness
+        if isinstance(sharpness, torch.Tensor):
+            sharpness = sharpness.squeeze(-1)
+        else:
+            sharpness = torch.full((B, 3, R), float(sharpness), device=sigma.device, dtype=sigma.dtype)
+        return Trace(
+            sigma=sigma,
+            read_weights=per_bank(weights, (T, r, P)),
+            attention=per_bank(attention, (T, r, P)),
+            gates=per_bank(plan.gates, (T, r)) if plan.gates is not None else None,
+            sharpness=sharpness,
+            usage=per_bank(usage, (P,)),
+            residual_gate=plan.residual_gate,
+        )
+
+    def _finish(self, y: torch.Tensor, parts: tuple, return_trace: bool):
+        sink = self._trace_sink
+        if not return_trace and sink is None:
+            return y
+        trace = self._make_trace(*parts)
+        if sink is not None:
+            sink[0].append(trace.detach() if sink[1] else trace)
+        return (y, trace) if return_trace else y
+
+    def _residual_scale(self, sigma: torch.Tensor, plan: ComposerOutput) -> torch.Tensor:
+        """(B,) rho * sigma_R, the weight of the working program."""
+        return plan.residual_gate * sigma[:, -1]
+
+    # ----------------------------------------------------------------------------- regularisation
+    def orthogonality_loss(self) -> torch.Tensor:
+        return self.memory.orthogonality_loss()
+
+    def save_programs(self, path):
+        """Save this layer's program memory (see :meth:`ProgramMemory.save_programs`)."""
+        return self.memory.save_programs(path)
+
+    def load_programs(self, path) -> None:
+        self.memory.load_programs(path)
+
+    def _options_repr(self) -> str:
+        return (f"num_programs={self.num_programs}, rank={self.rank}, key_dim={self.key_dim}, "
+                f"steps={self.steps}, composer={self.composer_kind!r}, key_mode={self.memory.key_mode!r}, "
+                f"least_used={self.least_used}, sharpness={self.sharpness!r}, residual={self.residual}")
+
+
+class NeurocoderLinear(NeurocoderLayer):
+    """A linear layer whose weight is composed per input from a program memory.
+
+    ``y = x W(c) (+ rho sigma_R x W_res) (+ b)`` with ``W(c) = sum_n sigma_n u_n v_n^T`` read from
+    the memory by a composer looking at the context c (the input x unless one is given).
+
+    Args:
+        in_features: d_in.
+        out_features: d_out.
+        num_programs: P, slots per memory bank.
+        rank: r, components read per step.
+        key_dim: k, size of keys and queries.
+        steps: T, read steps (recurrent composer only); R = T * r components in all.
+        composer: ``'feedforward'`` or ``'recurrent'``.
+        key_mode: ``'learned'`` or ``'content'``.
+        least_used: m, slots that share the least-used weight; 0 turns least-used reading off.
+        sharpness: fixed attention sharpness (> 0), or ``'learned'`` (per component).
+        residual: add a static working program W_res with a composed gate.
+        bias: add a learned bias.
+        context_features: size of a separate context given as ``forward(x, context=c)``;
+            default in_features (the context is x).
+        composer_hidden: LSTM width of the recurrent composer.
+
+    Shapes:
+        x: (..., in_features) -> y: (..., out_features); context: (..., context_features) with
+        the same leading dimensions as x.
+    """
+
+    _label = "NeurocoderLinear"
+
+    def __init__(self, in_features: int, out_features: int, num_programs: int = 50, rank: int = 10,
+                 key_dim: int = 8, steps: int = 1, composer: str = "feedforward", key_mode: str = "content",
+                 least_used: int = 0, sharpness: float | str = "learned", residual: bool = False,
+                 bias: bool = True, context_features: int | None = None, composer_hidden: int = 64,
+                 device=None, dtype=None) -> None:
+        super().__init__()
+        _check_positive_int("NeurocoderLinear", "in_features", in_features)
+        _check_positive_int("NeurocoderLinear", "out_features", out_features)
+        self._label = f"NeurocoderLinear(in_features={in_features}, out_features={out_features})"
+        factory = {"device": device, "dtype": dtype}
+        self.in_features, self.out_features = in_features, out_features
+        self._build(in_features, out_features, context_features or in_features, num_programs, rank, key_dim,
+                    steps, composer, key_mode, least_used, sharpness, residual, composer_hidden, factory)
+        self.has_separate_context = context_features is not None
+        if residual:
+            self.residual_weight = nn.Parameter(torch.empty(in_features, out_features, **factory))
+            nn.init.xavier_uniform_(self.residual_weight)
+        else:
+            self.register_parameter("residual_weight", None)
+        if bias:
+            self.bias = nn.Parameter(torch.zeros(out_features, **factory))
+        else:
+            self.register_parameter("bias", None)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, {self._options_repr()}, "
+                f"bias={self.bias is not None}")
+
+    def _inputs(self, x: torch.Tensor, context: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        self._check_tensor("input", x, lambda shape: len(shape) >= 1 and shape[-1] == self.in_features,
+                           f"(..., {self.in_features}) (last dimension = in_features)")
+        flat = x.reshape(-1, self.in_features)
+        if context is None:
+            return flat, flat
+        self._check_tensor("context", context, lambda shape: len(shape) >= 1 and shape[-1] == self.context_features,
+                           f"(..., {self.context_features}) (last dimension = context_features)")
+        if context.shape[:-1] != x.shape[:-1]:
+            raise ValueError(f"{self._label}: context leading dimensions {tuple(context.shape[:-1])} must match "
+                             f"the input's {tuple(x.shape[:-1])}")
+        return flat, context.reshape(-1, self.context_features)
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None, return_trace: bool = False):
+        flat, ctx = self._inputs(x, context)
+        sigma, weights, plan, attention, usage = self.read(ctx)
+        memory_u, memory_v = self.memory.u, self.memory.v
+        through_memory = flat @ memory_u.to(flat.dtype).T                        # (B, P)
+        per_component = torch.bmm(weights[:, 0].to(through_memory.dtype),
+                                  through_memory.unsqueeze(-1)).squeeze(-1)       # (B, R)
+        per_component = per_component * sigma.to(per_component.dtype)
+        mixed = torch.bmm(per_component.unsqueeze(1), weights[:, 1].to(per_component.dtype)).squeeze(1)  # (B, P)
+        y = mixed @ memory_v.to(mixed.dtype)                                       # (B, d_out)
+        if self.residual_weight is not None:
+            y = y + self._residual_scale(sigma, plan).unsqueeze(-1).to(y.dtype) * (flat @ self.residual_weight.to(flat.dtype))
+        if self.bias is not None:
+            y = y + self.bias.to(y.dtype)
+        y = y.reshape(*x.shape[:-1], self.out_features)
+        return self._finish(y, (sigma, weights, plan, attention, usage), return_trace)
+
+    def compose_weight(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
+        """The per-sample weight the layer applies, (N, in_features, out_features).
+
+        Slow and memory-hungry (N x d_in x d_out): for analysis and tests. Includes the working
+        program when ``residual`` is on; excludes the bias.
+        """
+        flat, ctx = self._inputs(x, context)
+        sigma, weights, plan, _, _ = self.read(ctx)
+        u = weights[:, 0] @ self.memory.u                                          # (B, R, d_in)
+        v = weights[:, 1] @ self.memory.v                                          # (B, R, d_out)
+        weight = torch.einsum("br,bri,bro->bio", sigma, u, v)
+        if self.residual_weight is not None:
+            weight = weight + self._residual_scale(sigma, plan)[:, None, None] * self.residual_weight
+        return weight
+
+    def forward_explicit(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
+        """Same output as ``forward``, computed by building each sample's weight and applying it
+        with bmm (the released code's formulation). For tests and benchmarks."""
+        weight = self.compose_weight(x, context)
+        y = torch.bmm(x.reshape(-1, 1, self.in_features), weight).squeeze(1)
+        if self.bias is not None:
+            y = y + self.bias
+        return y.reshape(*x.shape[:-1], self.out_features)
+
+
+class NeurocoderConv2d(NeurocoderLayer):
+    """A 2-D convolution whose filters are composed per input from a program memory.
+
+    A U program is a filter (in_channels x kh x kw), a V program a vector over out_channels.
+    The composer reads from the globally average-pooled input (B, in_channels) unless a
+    context (B, context_features) is given. Other arguments as :class:`NeurocoderLinear`
+    (default ``num_programs=32, rank=8``), plus ``kernel_size``, ``stride``, ``padding`` and
+    ``dilation`` as in ``nn.Conv2d`` (zero padding, groups=1).
+
+    Shapes:
+        x: (B, in_channels, H, W) -> y: (B, out_channels, H_out, W_out).
+    """
+
+    _label = "NeurocoderConv2d"
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0, dilation=1,
+                 num_programs: int = 32, rank: int = 8, key_dim: int = 8, steps: int = 1,
+                 composer: str = "feedforward", key_mode: str = "content", least_used: int = 0,
+                 sharpness: float | str = "learned", residual: bool = False, bias: bool = True,
+                 context_features: int | None = None, composer_hidden: int = 64, device=None, dtype=None) -> None:
+        super().__init__()
+        _check_positive_int("NeurocoderConv2d", "in_channels", in_channels)
+        _check_positive_int("NeurocoderConv2d", "out_channels", out_channels)
+        self._label = f"NeurocoderConv2d(in_channels={in_channels}, out_channels={out_channels})"
+        self.kernel_size, self.stride, self.dilation = _pair(kernel_size), _pair(stride), _pair(dilation)
+        if isinstance(padding, str):
+            if padding not in ("same", "valid"):
+                raise ValueError(f"{self._label}: padding must be an int, a pair, 'same' or 'valid', got {padding!r}")
+            self.padding = padding
+        else:
+            self.padding = _pair(padding)
+        for name, pair in (("kernel_size", self.kernel_size), ("stride", self.stride), ("dilation", self.dilation)):
+            if any(isinstance(n, bool) or not isinstance(n, int) or n < 1 for n in pair):
+                raise ValueError(f"{self._label}: {name} must be positive integers, got {pair}")
+        if not isinstance(self.padding, str) and any(n < 0 for n in self.padding):
+            raise ValueError(f"{self._label}: padding must be >= 0, got {self.padding}")
+        factory = {"device": device, "dtype": dtype}
+        self.in_channels, self.out_channels = in_channels, out_channels
+        filter_size = in_channels * self.kernel_size[0] * self.kernel_size[1]
+        self._build(filter_size, out_channels, context_features or in_channels, num_programs, rank, key_dim,
+                    steps, composer, key_mode, least_used, sharpness, residual, composer_hidden, factory)
+        self.has_separate_context = context_features is not None
+        if residual:
+            self.residual_weight = nn.Parameter(torch.empty(out_channels, in_channels, *self.kernel_size, **factory))
+            nn.init.kaiming_uniform_(self.residual_weight, a=math.sqrt(5))
+        else:
+            self.register_parameter("residual_weight", None)
+        if bias:
+            self.bias = nn.Parameter(torch.zeros(out_channels, **factory))
+        else:
+            self.register_parameter("bias", None)
+
+    def extra_repr(self) -> str:
+        return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
+                f"padding={self.padding}, dilation={self.dilation}, {self._options_repr()}, "
+                f"bias={self.bias is not None}")
+
+    def _conv(self, x: torch.Tensor, filters: torch.Tensor) -> torch.Tensor:
+        return F.conv2d(x, filters.to(x.dtype), None, self.stride, self.padding, self.dilation)
+
+    def _inputs(self, x: torch.Tensor, context: torch.Tensor | None) -> torch.Tensor:
+        self._check_tensor("input", x, lambda shape: len(shape) == 4 and shape[1] == self.in_channels,
+                           f"(B, {self.in_channels}, H, W)")
+        if context is None:
+            return x.mean(dim=(2, 3))
+        self._check_tensor("context", context,
+                           lambda shape: shape == (x.shape[0], self.context_features),
+                           f"({x.shape[0]}, {self.context_features}) (batch, context_features)")
+        return context
+
+    def _program_filters(self) -> torch.Tensor:
+        return self.memory.u.reshape(self.num_programs, self.in_channels, *self.kernel_size)
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None, return_trace: bool = False):
+        ctx = self._inputs(x, context)
+        sigma, weights, plan, attention, usage = self.read(ctx)
+        responses = self._conv(x, self._program_filters())                         # (B, P, H', W')
+        B, P, H, W = responses.shape
+        dtype = responses.dtype
+        scaled_u = (weights[:, 0] * sigma.unsqueeze(-1)).to(dtype)                # (B, R, P)
+        read_v = weights[:, 1].to(dtype) @ self.memory.v.to(dtype)                # (B, R, C_out)
+        mixing = torch.bmm(read_v.transpose(1, 2), scaled_u)                       # (B, C_out, P)
+        y = torch.bmm(mixing, responses.reshape(B, P, H * W)).reshape(B, self.out_channels, H, W)
+        if self.residual_weight is not None:
+            scale = self._residual_scale(sigma, plan).to(dtype)
+            y = y + scale[:, None, None, None] * self._conv(x, self.residual_weight)
+        if self.bias is not None:
+            y = y + self.bias.to(dtype)[None, :, None, None]
+        return self._finish(y, (sigma, weights, plan, attention, usage), return_trace)
+
+    def compose_weight(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
+        """Per-sample filters (B, out_channels, in_channels, kh, kw), working program included.
+        For analysis and tests."""
+        ctx = self._inputs(x, context)
+        sigma, weights, plan, _, _ = self.read(ctx)
+        u = weights[:, 0] @ self.memory.u                                          # (B, R, C_in*kh*kw)
+        v = weights[:, 1] @ self.memory.v                                          # (B, R, C_out)
+        filters = torch.einsum("br,bri,bro->boi", sigma, u, v)
+        filters = filters.reshape(x.shape[0], self.out_channels, self.in_channels, *self.kernel_size)
+        if self.residual_weight is not None:
+            filters = filters + self._residual_scale(sigma, plan)[:, None, None, None, None] * self.residual_weight
+        return filters
+
+    def forward_explicit(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
+        """Same output as ``forward`` by building each sample's filters and running a grouped
+        convolution. For tests and benchmarks."""
+        filters = self.compose_weight(x, context)
+        B = x.shape[0]
+        grouped = F.conv2d(x.reshape(1, B * self.in_channels, *x.shape[2:]),
+                           filters.reshape(B * self.out_channels, self.in_channels, *self.kernel_size),
+                           None, self.stride, self.padding, self.dilation, groups=B)
+        y = grouped.reshape(B, self.out_channels, *grouped.shape[2:])
+        if self.bias is not None:
+            y = y + self.bias[None, :, None, None]
+        return y

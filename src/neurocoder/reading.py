@@ -1,0 +1,86 @@
+"""Reading a program memory: cosine content attention and least-used mixing.
+
+Everything here works on all three banks at once. A bank axis of size 3 (U, V, S, in that
+order) sits right after the batch axis, so one call attends every bank.
+
+Shapes used below:
+    B  batch            J  banks (3)        R  components read (steps x rank)
+    P  program slots    k  key size
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+__all__ = ["content_attention", "least_used_weights", "read_with_least_used"]
+
+_EPS = 1e-8
+
+
+def content_attention(queries: torch.Tensor, keys: torch.Tensor, sharpness: torch.Tensor | float) -> torch.Tensor:
+    """Softmax over slots of ``sharpness * cos(query, key)``.
+
+    Args:
+        queries: (B, J, R, k).
+        keys: (J, P, k), one key matrix per bank.
+        sharpness: a float, or a tensor broadcastable to (B, J, R, 1).
+
+    Returns:
+        (B, J, R, P): attention weights, each row sums to 1.
+    """
+    q = F.normalize(queries, dim=-1, eps=_EPS)
+    k = F.normalize(keys, dim=-1, eps=_EPS)
+    cosine = torch.einsum("bjrk,jpk->bjrp", q, k)
+    return torch.softmax(cosine * sharpness, dim=-1)
+
+
+def least_used_weights(usage: torch.Tensor, least_used: int) -> torch.Tensor:
+    """The least-used read weight for a given usage.
+
+    Mass goes to the ``least_used`` slots of smallest usage, proportional to ``1 - usage``
+    and normalised to sum to 1. Ties are broken by slot index (lower index first), so the
+    result is deterministic.
+
+    Args:
+        usage: (..., P), values in [0, 1].
+        least_used: m, the number of slots that share the weight (1 <= m <= P).
+
+    Returns:
+        (..., P): non-negative, zero outside the m chosen slots, sums to 1.
+    """
+    # A stable sort makes tie-breaking independent of the backend.
+    order = torch.sort(usage, dim=-1, stable=True).indices[..., :least_used]
+    chosen = torch.zeros_like(usage).scatter(-1, order, 1.0)
+    # The floor keeps the weight defined when every chosen slot is fully used (usage 1).
+    raw = chosen * (1.0 - usage).clamp_min(_EPS)
+    return raw / raw.sum(dim=-1, keepdim=True)
+
+
+def read_with_least_used(
+    attention: torch.Tensor, gates: torch.Tensor, least_used: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mix content attention with least-used weights, one component after another.
+
+    Usage within one composition is the largest final weight a slot has received from the
+    components read so far (earlier steps, and earlier components of the same step). Each
+    component n reads ``w_n = (1 - g_n) a_n + g_n l_n`` where ``l_n`` is the least-used weight
+    of the usage before n. Successive components are thus pushed onto different slots.
+
+    Args:
+        attention: (B, J, R, P) content attention, components in reading order.
+        gates: (B, J, R), interpolating gates in (0, 1).
+        least_used: m, see :func:`least_used_weights`.
+
+    Returns:
+        weights: (B, J, R, P), each row sums to 1.
+        usage: (B, J, P), the usage after the last component.
+    """
+    usage = torch.zeros_like(attention[:, :, 0])
+    rows = []
+    for n in range(attention.shape[2]):
+        gate = gates[:, :, n, None]
+        weight = (1.0 - gate) * attention[:, :, n] + gate * least_used_weights(usage, least_used)
+        usage = torch.maximum(usage, weight)
+        rows.append(weight)
+    return torch.stack(rows, dim=2), usage
