@@ -14,6 +14,7 @@ Cost O(B P (d_in + d_out)) for the linear layer, against O(B d_in d_out) for a d
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
@@ -35,6 +36,29 @@ def singular_values(raw: torch.Tensor) -> torch.Tensor:
     sigma_R = softplus(s_R), sigma_n = sigma_(n+1) + softplus(s_n): a reversed cumulative sum.
     """
     return F.softplus(raw).flip(-1).cumsum(-1).flip(-1)
+
+
+def _autocast_enabled(device_type: str) -> bool:
+    try:
+        return torch.is_autocast_enabled(device_type)
+    except (TypeError, RuntimeError):  # devices without autocast (meta), or torch < 2.4
+        return False
+
+
+def _no_autocast(device_type: str):
+    """Turn autocast off for a block, where it is on."""
+    if _autocast_enabled(device_type):
+        return torch.autocast(device_type, enabled=False)
+    return contextlib.nullcontext()
+
+
+def _under_functorch(tensor: torch.Tensor) -> bool:
+    """True inside a torch.func transform, where the running usage (a buffer) must not be
+    mutated in place."""
+    if torch.compiler.is_compiling():
+        return False
+    check = getattr(torch._C._functorch, "is_functorch_wrapped_tensor", None)
+    return bool(check is not None and check(tensor))
 
 
 def _check_positive_int(owner: str, name: str, value) -> None:
@@ -117,7 +141,7 @@ class NeurocoderLayer(nn.Module):
         if tensor.device != reference.device:
             raise ValueError(f"{owner}: {what} is on {tensor.device} but the layer's parameters are on "
                              f"{reference.device}; move one of them (tensor.to(device) or layer.to(device))")
-        if tensor.dtype != reference.dtype and not torch.is_autocast_enabled(tensor.device.type):
+        if tensor.dtype != reference.dtype and not _autocast_enabled(tensor.device.type):
             raise TypeError(f"{owner}: {what} has dtype {tensor.dtype} but the layer's parameters are "
                             f"{reference.dtype}; convert one of them (tensor.to({reference.dtype}) or "
                             f"layer.to({tensor.dtype})), or run under torch.autocast")
@@ -136,14 +160,22 @@ class NeurocoderLayer(nn.Module):
         """
         plan = self.composer(context)
         keys = self.memory.keys()
-        attention = content_attention(plan.queries, keys.to(plan.queries.dtype), plan.sharpness)
-        if self.least_used > 0:
-            weights, usage = read_with_least_used(attention, plan.gates, self.least_used)
-        else:
-            weights, usage = attention, attention.amax(dim=2)
-        raw_sigma = torch.einsum("brp,p->br", weights[:, 2], self.memory.s.to(weights.dtype))
-        sigma = singular_values(raw_sigma)
-        if self.training:
+        # Reading runs in at least float32 even under autocast: least-used reading makes discrete
+        # choices between slots that bfloat16 rounding would flip.
+        dtype = torch.promote_types(self.memory.u_values.dtype, torch.float32)
+        with _no_autocast(context.device.type):
+            queries, keys = plan.queries.to(dtype), keys.to(dtype)
+            sharpness = plan.sharpness.to(dtype) if isinstance(plan.sharpness, torch.Tensor) else plan.sharpness
+            slot_bias = self.memory.slot_bias
+            attention = content_attention(queries, keys, sharpness,
+                                          None if slot_bias is None else slot_bias.to(dtype))
+            if self.least_used > 0:
+                weights, usage = read_with_least_used(attention, plan.gates.to(dtype), self.least_used)
+            else:
+                weights, usage = attention, attention.amax(dim=2)
+            raw_sigma = torch.einsum("brp,p->br", weights[:, 2], self.memory.s.to(dtype))
+            sigma = singular_values(raw_sigma)
+        if self.training and not _under_functorch(usage):
             self.memory.update_usage(usage.detach().mean(dim=0))
         return sigma, weights, plan, attention, usage
 

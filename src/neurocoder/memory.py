@@ -25,7 +25,6 @@ from typing import Iterable
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from ._version import __version__
 
@@ -107,6 +106,9 @@ class ProgramMemory(nn.Module):
         for bank in BANKS:
             self.register_buffer(f"frozen_{bank}_keys", torch.zeros(P, key_dim, **factory))
         self.register_buffer("usage_average", torch.zeros(3, P, **factory))
+        # Learned attention offset per slot and bank, (3, P); created by grow() only, so a memory
+        # that never grew has exactly the parameters of the method.
+        self.register_parameter("slot_bias", None)
         self._has_frozen = False
         self.register_load_state_dict_post_hook(_refresh_frozen_flag)
         self.reset_parameters()
@@ -240,39 +242,62 @@ class ProgramMemory(nn.Module):
 
     # ----------------------------------------------------------------------------- growing
     @torch.no_grad()
-    def grow(self, num_new: int) -> None:
-        """Add ``num_new`` slots at the end of every bank.
+    def grow(self, num_new: int, attention_offset: float = -4.0, noise: float = 0.01) -> None:
+        """Add ``num_new`` slots at the end of every bank, placed so old inputs barely read them.
 
-        New U and V programs start at zero, so until they are trained they add nothing to a
-        read; new singular-value programs start at the mean of the old ones. Old inputs still
-        spread some attention onto the new slots, which scales their reads by roughly
-        ``P / (P + num_new)`` at a flat attention and much less at a sharp one.
+        Softmax attention over more slots dilutes every old read, so the memory gains a learned
+        per-slot attention offset (``slot_bias``, (3, P), added to the attention logits): zero
+        for old slots, ``attention_offset`` for new ones, which keeps old inputs' reads close
+        while the new slots learn. Least-used reading finds new slots at once (their usage is 0).
+
+        A new slot's key points away from where reads go: the negative of the usage-weighted
+        mean of the old keys (plain mean before any training). In ``learned`` key mode its U and
+        V programs start near zero; in ``content`` mode, where a key is a function of its value,
+        they start at the negative usage-weighted mean of the old programs, which puts the key
+        there. New singular-value programs start at the mean of the old ones. A little noise
+        (``noise`` times the old programs' scale) keeps the new slots from being identical.
 
         The parameters are replaced: build the optimiser again after growing.
         """
-        if not isinstance(num_new, int) or num_new < 1:
+        if isinstance(num_new, bool) or not isinstance(num_new, int) or num_new < 1:
             raise ValueError(f"ProgramMemory.grow: num_new must be an integer >= 1, got {num_new!r}")
-        n, P, k = num_new, self.num_programs, self.key_dim
+        n, P = num_new, self.num_programs
+        keys = self.keys()
+        usage = self.usage_average.clone()
+        usage[usage.sum(-1) <= 0] = 1.0                 # no history yet: plain mean
+        usage = usage / usage.sum(-1, keepdim=True)     # (3, P)
 
-        def extend(tensor: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-            return torch.cat([tensor.detach(), rows.to(tensor.device, tensor.dtype)])
+        def away(old: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+            """(n, width): minus the weighted mean row of ``old``, plus a little noise."""
+            centre = -(weights.to(old.dtype) @ old.reshape(P, -1))
+            spread = noise * old.std().clamp_min(1e-6)
+            return (centre + spread * torch.randn(n, centre.numel(), device=old.device, dtype=old.dtype)).reshape(
+                n, *old.shape[1:])
 
-        like = self.u_values
-        zeros = lambda *shape: torch.zeros(*shape, device=like.device, dtype=like.dtype)  # noqa: E731
-        new_keys = torch.empty(n, k, device=like.device, dtype=like.dtype).uniform_(-1.0, 1.0)
-        self.u_values = nn.Parameter(extend(self.u_values, zeros(n, self.in_features)))
-        self.v_values = nn.Parameter(extend(self.v_values, zeros(n, self.out_features)))
-        self.s_values = nn.Parameter(extend(self.s_values, self.s_values.mean().expand(n)))
-        self.s_keys = nn.Parameter(extend(self.s_keys, new_keys))
+        def extend(parameter: torch.Tensor, rows: torch.Tensor) -> nn.Parameter:
+            return nn.Parameter(torch.cat([parameter.detach(), rows.to(parameter.device, parameter.dtype)]))
+
+        u, v, s = self.u, self.v, self.s
         if self.key_mode == "learned":
-            self.u_keys = nn.Parameter(extend(self.u_keys, new_keys.roll(1, 0)))
-            self.v_keys = nn.Parameter(extend(self.v_keys, new_keys.roll(2, 0)))
+            self.u_values = extend(self.u_values, torch.zeros(n, self.in_features) + noise * u.std() *
+                                   torch.randn(n, self.in_features, device=u.device, dtype=u.dtype))
+            self.v_values = extend(self.v_values, torch.zeros(n, self.out_features) + noise * v.std() *
+                                   torch.randn(n, self.out_features, device=v.device, dtype=v.dtype))
+            self.u_keys = extend(self.u_keys, away(keys[0], usage[0]))
+            self.v_keys = extend(self.v_keys, away(keys[1], usage[1]))
+        else:
+            self.u_values = extend(self.u_values, away(u, usage[0]))
+            self.v_values = extend(self.v_values, away(v, usage[1]))
+        self.s_values = extend(self.s_values, s.mean().expand(n))
+        self.s_keys = extend(self.s_keys, away(keys[2], usage[2]))
+        old_bias = self.slot_bias if self.slot_bias is not None else u.new_zeros(3, P)
+        self.slot_bias = nn.Parameter(torch.cat([old_bias.detach(), old_bias.new_full((3, n), attention_offset)], 1))
         for name in ("frozen_u_values", "frozen_v_values", "frozen_s_values",
                      "frozen_u_keys", "frozen_v_keys", "frozen_s_keys"):
             old = getattr(self, name)
-            setattr(self, name, extend(old, zeros(n, *old.shape[1:])))
-        self.frozen = torch.cat([self.frozen, torch.zeros(n, dtype=torch.bool, device=self.frozen.device)])
-        self.usage_average = torch.cat([self.usage_average, zeros(3, n)], dim=1)
+            setattr(self, name, torch.cat([old, old.new_zeros(n, *old.shape[1:])]))
+        self.frozen = torch.cat([self.frozen, self.frozen.new_zeros(n)])
+        self.usage_average = torch.cat([self.usage_average, self.usage_average.new_zeros(3, n)], dim=1)
         self.num_programs = P + n
 
     # ----------------------------------------------------------------------------- programs as data
@@ -290,6 +315,7 @@ class ProgramMemory(nn.Module):
             "usage_momentum": self.usage_momentum,
             "dtype": str(self.u_values.dtype).removeprefix("torch."),
             "shapes": {name: list(t.shape) for name, t in self.state_dict().items()},
+            "grown": self.slot_bias is not None,
         }
 
     def save_programs(self, path: str | os.PathLike) -> Path:
@@ -346,6 +372,9 @@ class ProgramMemory(nn.Module):
                  if meta.get(f) != mine[f]]
         if diffs:
             raise ValueError(f"{path} does not fit this memory: " + "; ".join(diffs))
+        if "slot_bias" in tensors and self.slot_bias is None:
+            self.slot_bias = nn.Parameter(torch.zeros_like(tensors["slot_bias"], device=self.u_values.device,
+                                                           dtype=self.u_values.dtype))
         own = self.state_dict()
         for name, tensor in tensors.items():
             if name not in own or tuple(own[name].shape) != tuple(tensor.shape):
@@ -353,7 +382,8 @@ class ProgramMemory(nn.Module):
                                  f"this memory ({tuple(own[name].shape) if name in own else 'absent'})")
         missing = set(own) - set(tensors)
         if missing:
-            raise ValueError(f"{path} lacks tensors {sorted(missing)}; the file is incomplete")
+            raise ValueError(f"{path} lacks tensors {sorted(missing)}; the file is incomplete or was saved "
+                             f"before this memory grew")
         self.load_state_dict({n: t.to(own[n].device, own[n].dtype) for n, t in tensors.items()})
 
     @classmethod

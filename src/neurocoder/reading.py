@@ -18,21 +18,25 @@ __all__ = ["content_attention", "least_used_weights", "read_with_least_used"]
 _EPS = 1e-8
 
 
-def content_attention(queries: torch.Tensor, keys: torch.Tensor, sharpness: torch.Tensor | float) -> torch.Tensor:
-    """Softmax over slots of ``sharpness * cos(query, key)``.
+def content_attention(queries: torch.Tensor, keys: torch.Tensor, sharpness: torch.Tensor | float,
+                      slot_bias: torch.Tensor | None = None) -> torch.Tensor:
+    """Softmax over slots of ``sharpness * cos(query, key) (+ slot_bias)``.
 
     Args:
         queries: (B, J, R, k).
         keys: (J, P, k), one key matrix per bank.
         sharpness: a float, or a tensor broadcastable to (B, J, R, 1).
+        slot_bias: optional (J, P) offsets added to the logits (a grown memory's).
 
     Returns:
         (B, J, R, P): attention weights, each row sums to 1.
     """
     q = F.normalize(queries, dim=-1, eps=_EPS)
     k = F.normalize(keys, dim=-1, eps=_EPS)
-    cosine = torch.einsum("bjrk,jpk->bjrp", q, k)
-    return torch.softmax(cosine * sharpness, dim=-1)
+    logits = torch.einsum("bjrk,jpk->bjrp", q, k) * sharpness
+    if slot_bias is not None:
+        logits = logits + slot_bias[:, None, :]
+    return torch.softmax(logits, dim=-1)
 
 
 def least_used_weights(usage: torch.Tensor, least_used: int) -> torch.Tensor:

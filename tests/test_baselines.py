@@ -1,0 +1,57 @@
+import pytest
+import torch
+
+from neurocoder import MoELinear, NSMLinear, load_balancing_loss
+
+
+def test_nsm_is_attention_mixture_of_whole_matrices():
+    layer = NSMLinear(6, 4, num_programs=3, key_dim=5, dtype=torch.float64)
+    x = torch.randn(5, 6, dtype=torch.float64)
+    y, weights = layer(x, return_attention=True)
+    torch.testing.assert_close(weights.sum(-1), torch.ones(5, dtype=torch.float64))
+    composed = torch.einsum("bp,pio->bio", weights, layer.programs)
+    torch.testing.assert_close(y, torch.bmm(x[:, None], composed)[:, 0] + layer.bias)
+    assert sum(p.numel() for p in layer.parameters()) == 3 * 24 + 3 * 5 + (6 * 5 + 5) + 4
+
+
+def test_nsm_shapes_and_errors():
+    layer = NSMLinear(6, 4)
+    assert layer(torch.randn(2, 3, 6)).shape == (2, 3, 4)
+    with pytest.raises(ValueError, match=r"expected input of shape \(\.\.\., 6\), got \(2, 5\)"):
+        layer(torch.randn(2, 5))
+    with pytest.raises(ValueError, match="num_programs must be an integer >= 1"):
+        NSMLinear(6, 4, num_programs=0)
+
+
+def test_moe_routes_to_top_k_and_balances():
+    torch.manual_seed(0)
+    layer = MoELinear(8, 3, num_experts=4, top_k=2, dtype=torch.float64)
+    with torch.no_grad():
+        layer.gate.weight.normal_()
+    layer.eval()
+    x = torch.randn(10, 8, dtype=torch.float64)
+    y, gates = layer(x, return_gates=True)
+    assert ((gates > 0).sum(-1) == 2).all()
+    torch.testing.assert_close(gates.sum(-1), torch.ones(10, dtype=torch.float64))
+    dense = torch.einsum("bi,eio->beo", x, layer.experts) + layer.expert_bias
+    torch.testing.assert_close(y, torch.einsum("be,beo->bo", gates, dense))
+    # Balanced routing gives a balance loss of 1; it is differentiable through the gate.
+    loss = load_balancing_loss(torch.nn.Sequential(layer))
+    assert 0 < loss.item() <= layer.num_experts
+    loss.backward()
+    assert layer.gate.weight.grad is not None and layer.gate.weight.grad.abs().sum() > 0
+
+
+def test_moe_balance_loss_is_one_when_uniform():
+    layer = MoELinear(8, 3, num_experts=4, top_k=1, noisy_gating=False)
+    layer.eval()
+    # Zero gate weights: uniform probabilities 1/4; top-1 picks expert 0 for all -> f = (1,0,0,0)
+    layer(torch.randn(16, 8))
+    torch.testing.assert_close(layer.balance_loss, torch.tensor(1.0))
+
+
+def test_moe_errors():
+    with pytest.raises(ValueError, match="top_k=5 exceeds num_experts=4"):
+        MoELinear(8, 3, num_experts=4, top_k=5)
+    with pytest.raises(TypeError, match="floating-point"):
+        MoELinear(8, 3)(torch.ones(2, 8, dtype=torch.long))
