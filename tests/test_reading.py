@@ -7,12 +7,14 @@ from neurocoder.reading import content_attention, least_used_weights, read_with_
 
 def test_content_attention_is_softmax_of_scaled_cosine():
     torch.manual_seed(0)
-    q = torch.randn(2, 3, 4, 5, dtype=torch.float64)
-    k = torch.randn(3, 7, 5, dtype=torch.float64)
+    q = torch.randn(3, 2, 4, 5, dtype=torch.float64)                 # (J, B, R, k)
+    k = torch.randn(3, 7, 5, dtype=torch.float64)                    # (J, P, k)
     a = content_attention(q, k, 2.5)
-    cos = torch.nn.functional.cosine_similarity(q[:, :, :, None, :], k[None, :, None, :, :], dim=-1)
+    cos = torch.nn.functional.cosine_similarity(q[:, :, :, None, :], k[:, None, None, :, :], dim=-1)
     torch.testing.assert_close(a, torch.softmax(2.5 * cos, dim=-1))
-    torch.testing.assert_close(a.sum(-1), torch.ones(2, 3, 4, dtype=torch.float64))
+    torch.testing.assert_close(a.sum(-1), torch.ones(3, 2, 4, dtype=torch.float64))
+    bias = torch.randn(3, 7, dtype=torch.float64)
+    torch.testing.assert_close(content_attention(q, k, 2.5, bias), torch.softmax(2.5 * cos + bias[:, None, None], -1))
 
 
 def test_content_attention_prefers_matching_key():
@@ -73,3 +75,26 @@ def test_gate_zero_keeps_content_attention():
     attention = torch.softmax(torch.randn(2, 3, 4, 9), dim=-1)
     weights, _ = read_with_least_used(attention, torch.zeros(2, 3, 4), 3)
     torch.testing.assert_close(weights, attention)
+
+
+def _reference_attention(q, k, sharpness, bias):
+    logits = torch.nn.functional.normalize(q, dim=-1) @ torch.nn.functional.normalize(k, dim=-1).transpose(-1, -2)
+    logits = logits[:, :, :, :] * sharpness
+    if bias is not None:
+        logits = logits + bias[:, None, None, :]
+    return torch.softmax(logits, -1)
+
+
+def test_content_attention_gradients():
+    torch.manual_seed(3)
+    q = torch.randn(3, 4, 2, 5, dtype=torch.float64, requires_grad=True)
+    k = torch.randn(3, 6, 5, dtype=torch.float64, requires_grad=True)
+    beta = (torch.rand(3, 4, 2, 1, dtype=torch.float64) * 4 + 0.5).requires_grad_()
+    bias = torch.randn(3, 6, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda *a: content_attention(*a), (q, k, beta, bias))
+    assert torch.autograd.gradcheck(lambda a, b: content_attention(a, b, 2.0), (q, k))
+    g = torch.randn(3, 4, 2, 6, dtype=torch.float64)
+    ours = torch.autograd.grad((content_attention(q, k[:, None].squeeze(1), beta, bias) * g).sum(), (q, k, beta, bias))
+    ref = torch.autograd.grad((_reference_attention(q, k[:, None], beta, bias) * g).sum(), (q, k, beta, bias))
+    for a, b in zip(ours, ref):
+        torch.testing.assert_close(a, b)

@@ -83,8 +83,8 @@ class NSMLinear(nn.Module):
 
     def attention(self, flat: torch.Tensor) -> torch.Tensor:
         """(B, in_features) -> (B, P) program weights."""
-        q = self.query(flat)[:, None, None, :]                                     # (B, 1, 1, k)
-        return content_attention(q, self.keys[None], self.sharpness)[:, 0, 0]
+        q = self.query(flat)[None, :, None, :]                                     # (1, B, 1, k)
+        return content_attention(q, self.keys[None], self.sharpness)[0, :, 0]
 
     def forward(self, x: torch.Tensor, return_attention: bool = False):
         _check_input(self._label, x, self.in_features, self.programs)

@@ -28,9 +28,9 @@ class ComposerOutput:
     """What a composer produces for a batch of contexts (B, R = steps x rank, k = key_dim).
 
     Attributes:
-        queries: (B, 3, R, k), banks U, V, S.
-        sharpness: (B, 3, R, 1) when learned, else the fixed float.
-        gates: (B, 3, R) least-used interpolating gates in (0, 1), or None when least-used
+        queries: (3, B, R, k), banks U, V, S first.
+        sharpness: (3, B, R, 1) when learned, else the fixed float.
+        gates: (3, B, R) least-used interpolating gates in (0, 1), or None when least-used
             reading is off.
         residual_gate: (B,) in (0, 1), or None without a residual (working) program.
     """
@@ -79,9 +79,9 @@ class _Head(nn.Module):
         R = T * self.rank
 
         def banks_first(t: torch.Tensor, *tail: int) -> torch.Tensor:
-            # (B, T, 3 * rank * tail) -> (B, 3, T * rank, *tail), components in reading order.
-            t = t.reshape(B, T, NUM_BANKS, self.rank, *tail).transpose(1, 2)
-            return t.reshape(B, NUM_BANKS, R, *tail)
+            # (B, T, 3 * rank * tail) -> (3, B, T * rank, *tail), components in reading order.
+            t = t.reshape(B, T, NUM_BANKS, self.rank, *tail).movedim(2, 0)
+            return t.reshape(NUM_BANKS, B, R, *tail)
 
         queries = banks_first(raw_queries, self.key_dim)
         gates = torch.sigmoid(banks_first(raw_gates)) if self.least_used else None

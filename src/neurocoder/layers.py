@@ -35,7 +35,10 @@ def singular_values(raw: torch.Tensor) -> torch.Tensor:
 
     sigma_R = softplus(s_R), sigma_n = sigma_(n+1) + softplus(s_n): a reversed cumulative sum.
     """
-    return F.softplus(raw).flip(-1).cumsum(-1).flip(-1)
+    R = raw.shape[-1]
+    # One matrix product with a lower-triangular ones matrix does the reversed cumulative sum.
+    reverse_cumsum = torch.ones(R, R, device=raw.device, dtype=raw.dtype).tril()
+    return F.softplus(raw) @ reverse_cumsum
 
 
 def _autocast_enabled(device_type: str) -> bool:
@@ -59,6 +62,11 @@ def _under_functorch(tensor: torch.Tensor) -> bool:
         return False
     check = getattr(torch._C._functorch, "is_functorch_wrapped_tensor", None)
     return bool(check is not None and check(tensor))
+
+
+def _max_over_components(weights: tuple[torch.Tensor, ...]) -> torch.Tensor:
+    """Three (B, R, P) read weights -> (3, B, P) usage: each slot's largest weight."""
+    return torch.stack([w.amax(dim=1) for w in weights])
 
 
 def _check_positive_int(owner: str, name: str, value) -> None:
@@ -148,21 +156,24 @@ class NeurocoderLayer(nn.Module):
 
     # ----------------------------------------------------------------------------- reading
     def read(self, context: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, ComposerOutput, torch.Tensor,
-                                                   torch.Tensor]:
+                                                   torch.Tensor | None]:
         """Compose the read for a batch of contexts (B, context_features).
 
         Returns:
             sigma: (B, R) singular values, descending.
-            weights: (B, 3, R, P) final read weights for the banks U, V, S.
+            weights: final read weights for the banks U, V, S: three (B, R, P) tensors.
             plan: the composer's output.
-            attention: (B, 3, R, P) content attention before least-used mixing.
-            usage: (B, 3, P) the largest weight each slot received in this composition.
+            attention: (3, B, R, P) content attention before least-used mixing.
+            usage: (3, B, P) the largest weight each slot received in this composition, or None
+                when least-used reading is off (then it is the max of ``weights`` over R,
+                computed only where a trace or the running average needs it).
         """
         plan = self.composer(context)
         keys = self.memory.keys()
         # Reading runs in at least float32 even under autocast: least-used reading makes discrete
         # choices between slots that bfloat16 rounding would flip.
         dtype = torch.promote_types(self.memory.u_values.dtype, torch.float32)
+        usage = None
         with _no_autocast(context.device.type):
             queries, keys = plan.queries.to(dtype), keys.to(dtype)
             sharpness = plan.sharpness.to(dtype) if isinstance(plan.sharpness, torch.Tensor) else plan.sharpness
@@ -172,23 +183,29 @@ class NeurocoderLayer(nn.Module):
             if self.least_used > 0:
                 weights, usage = read_with_least_used(attention, plan.gates.to(dtype), self.least_used)
             else:
-                weights, usage = attention, attention.amax(dim=2)
-            raw_sigma = torch.einsum("brp,p->br", weights[:, 2], self.memory.s.to(dtype))
+                weights = attention
+            # Unbinding once keeps the backward pass from materialising a zero tensor per bank.
+            weights = weights.unbind(0)
+            raw_sigma = weights[2] @ self.memory.s.to(dtype)                        # (B, R)
             sigma = singular_values(raw_sigma)
-        if self.training and not _under_functorch(usage):
-            self.memory.update_usage(usage.detach().mean(dim=0))
+        if self.training and not _under_functorch(sigma):
+            with torch.no_grad():
+                batch_usage = usage if usage is not None else _max_over_components(weights)
+                self.memory.update_usage(batch_usage.mean(dim=1))
         return sigma, weights, plan, attention, usage
 
     def _make_trace(self, sigma, weights, plan, attention, usage) -> Trace:
-        B, _, R, P = weights.shape
+        B, R, P = weights[0].shape
         T, r = self.steps, self.rank
+        if usage is None:
+            usage = _max_over_components(weights)
 
         def per_bank(t: torch.Tensor, shape: tuple[int, ...]) -> dict[str, torch.Tensor]:
-            return {name: t[:, j].reshape(B, *shape) for j, name in enumerate(BANK_NAMES)}
+            return {name: t[j].reshape(B, *shape) for j, name in enumerate(BANK_NAMES)}
 
         sharpness = plan.sharpness
         if isinstance(sharpness, torch.Tensor):
-            sharpness = sharpness.squeeze(-1)
+            sharpness = sharpness.squeeze(-1).transpose(0, 1)
         else:
             sharpness = torch.full((B, 3, R), float(sharpness), device=sigma.device, dtype=sigma.dtype)
         return Trace(
@@ -306,11 +323,13 @@ class NeurocoderLinear(NeurocoderLayer):
         flat, ctx = self._inputs(x, context)
         sigma, weights, plan, attention, usage = self.read(ctx)
         memory_u, memory_v = self.memory.u, self.memory.v
+        read_u, read_v = weights[0].to(flat.dtype), weights[1].to(flat.dtype)      # (B, R, P) each
         through_memory = flat @ memory_u.to(flat.dtype).T                        # (B, P)
-        per_component = torch.bmm(weights[:, 0].to(through_memory.dtype),
-                                  through_memory.unsqueeze(-1)).squeeze(-1)       # (B, R)
+        # Multiply-and-sum, not bmm: batches of 1 x P matrices are far slower through bmm (about
+        # 4x for forward+backward at B=128, R=10, P=50 on a CPU; see benchmarks/).
+        per_component = (read_u * through_memory.unsqueeze(1)).sum(-1)             # (B, R)
         per_component = per_component * sigma.to(per_component.dtype)
-        mixed = torch.bmm(per_component.unsqueeze(1), weights[:, 1].to(per_component.dtype)).squeeze(1)  # (B, P)
+        mixed = (per_component.unsqueeze(-1) * read_v).sum(1)                      # (B, P)
         y = mixed @ memory_v.to(mixed.dtype)                                       # (B, d_out)
         if self.residual_weight is not None:
             y = y + self._residual_scale(sigma, plan).unsqueeze(-1).to(y.dtype) * (flat @ self.residual_weight.to(flat.dtype))
@@ -327,8 +346,8 @@ class NeurocoderLinear(NeurocoderLayer):
         """
         flat, ctx = self._inputs(x, context)
         sigma, weights, plan, _, _ = self.read(ctx)
-        u = weights[:, 0] @ self.memory.u                                          # (B, R, d_in)
-        v = weights[:, 1] @ self.memory.v                                          # (B, R, d_out)
+        u = weights[0] @ self.memory.u                                             # (B, R, d_in)
+        v = weights[1] @ self.memory.v                                             # (B, R, d_out)
         weight = torch.einsum("br,bri,bro->bio", sigma, u, v)
         if self.residual_weight is not None:
             weight = weight + self._residual_scale(sigma, plan)[:, None, None] * self.residual_weight
@@ -423,8 +442,8 @@ class NeurocoderConv2d(NeurocoderLayer):
         responses = self._conv(x, self._program_filters())                         # (B, P, H', W')
         B, P, H, W = responses.shape
         dtype = responses.dtype
-        scaled_u = (weights[:, 0] * sigma.unsqueeze(-1)).to(dtype)                # (B, R, P)
-        read_v = weights[:, 1].to(dtype) @ self.memory.v.to(dtype)                # (B, R, C_out)
+        scaled_u = (weights[0] * sigma.unsqueeze(-1)).to(dtype)                   # (B, R, P)
+        read_v = weights[1].to(dtype) @ self.memory.v.to(dtype)                   # (B, R, C_out)
         mixing = torch.bmm(read_v.transpose(1, 2), scaled_u)                       # (B, C_out, P)
         y = torch.bmm(mixing, responses.reshape(B, P, H * W)).reshape(B, self.out_channels, H, W)
         if self.residual_weight is not None:
@@ -439,8 +458,8 @@ class NeurocoderConv2d(NeurocoderLayer):
         For analysis and tests."""
         ctx = self._inputs(x, context)
         sigma, weights, plan, _, _ = self.read(ctx)
-        u = weights[:, 0] @ self.memory.u                                          # (B, R, C_in*kh*kw)
-        v = weights[:, 1] @ self.memory.v                                          # (B, R, C_out)
+        u = weights[0] @ self.memory.u                                             # (B, R, C_in*kh*kw)
+        v = weights[1] @ self.memory.v                                             # (B, R, C_out)
         filters = torch.einsum("br,bri,bro->boi", sigma, u, v)
         filters = filters.reshape(x.shape[0], self.out_channels, self.in_channels, *self.kernel_size)
         if self.residual_weight is not None:

@@ -1,7 +1,8 @@
 """Reading a program memory: cosine content attention and least-used mixing.
 
 Everything here works on all three banks at once. A bank axis of size 3 (U, V, S, in that
-order) sits right after the batch axis, so one call attends every bank.
+order) comes first, so one batched matrix product attends every bank and each bank's weights
+are a contiguous slice.
 
 Shapes used below:
     B  batch            J  banks (3)        R  components read (steps x rank)
@@ -23,20 +24,23 @@ def content_attention(queries: torch.Tensor, keys: torch.Tensor, sharpness: torc
     """Softmax over slots of ``sharpness * cos(query, key) (+ slot_bias)``.
 
     Args:
-        queries: (B, J, R, k).
+        queries: (J, B, R, k).
         keys: (J, P, k), one key matrix per bank.
-        sharpness: a float, or a tensor broadcastable to (B, J, R, 1).
+        sharpness: a float, or a tensor broadcastable to (J, B, R, 1).
         slot_bias: optional (J, P) offsets added to the logits (a grown memory's).
 
     Returns:
-        (B, J, R, P): attention weights, each row sums to 1.
+        (J, B, R, P): attention weights, each row sums to 1.
     """
-    q = F.normalize(queries, dim=-1, eps=_EPS)
+    J, B, R, _ = queries.shape
+    # Scaling the unit queries by the sharpness costs k multiplies per query instead of P.
+    q = F.normalize(queries, dim=-1, eps=_EPS) * sharpness
     k = F.normalize(keys, dim=-1, eps=_EPS)
-    logits = torch.einsum("bjrk,jpk->bjrp", q, k) * sharpness
-    if slot_bias is not None:
-        logits = logits + slot_bias[:, None, :]
-    return torch.softmax(logits, dim=-1)
+    if slot_bias is None:
+        logits = torch.bmm(q.reshape(J, B * R, -1), k.transpose(1, 2))
+    else:
+        logits = torch.baddbmm(slot_bias[:, None, :], q.reshape(J, B * R, -1), k.transpose(1, 2))
+    return torch.softmax(logits, dim=-1).view(J, B, R, -1)
 
 
 def least_used_weights(usage: torch.Tensor, least_used: int) -> torch.Tensor:
@@ -72,13 +76,13 @@ def read_with_least_used(
     of the usage before n. Successive components are thus pushed onto different slots.
 
     Args:
-        attention: (B, J, R, P) content attention, components in reading order.
-        gates: (B, J, R), interpolating gates in (0, 1).
+        attention: (J, B, R, P) content attention, components in reading order.
+        gates: (J, B, R), interpolating gates in (0, 1).
         least_used: m, see :func:`least_used_weights`.
 
     Returns:
-        weights: (B, J, R, P), each row sums to 1.
-        usage: (B, J, P), the usage after the last component.
+        weights: (J, B, R, P), each row sums to 1.
+        usage: (J, B, P), the usage after the last component.
     """
     usage = torch.zeros_like(attention[:, :, 0])
     rows = []

@@ -1,0 +1,192 @@
+"""Speed and memory of Neurocoder layers, measured side by side in one process.
+
+    python benchmarks/bench_layers.py [--device cpu|cuda] [--repeats 30] [--out FILE]
+
+Prints ratios against the dense layer they replace and against the released formulation
+(compose each sample's weight, apply it with bmm), and writes everything to a JSON file.
+Timings interleave the contenders round by round and report medians, so a noisy shared
+machine slows all of them alike.
+
+Memory: the bytes autograd saves for the backward pass of one training step (what grows with
+the batch), counted by a saved-tensors hook; on CUDA also the peak allocated memory.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+import neurocoder  # noqa: E402
+from neurocoder import NeurocoderConv2d, NeurocoderLinear, presets  # noqa: E402
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def train_step(fn, x):
+    """One forward + backward."""
+    y = fn(x)
+    y.float().square().mean().backward()
+
+
+def time_side_by_side(contenders: dict, x: torch.Tensor, repeats: int, device: torch.device) -> dict:
+    """Median seconds of a forward+backward for each contender, rounds interleaved."""
+    times = {name: [] for name in contenders}
+    for fn in contenders.values():          # warm-up (allocator, kernels, compile)
+        for _ in range(3):
+            train_step(fn, x)
+    _sync(device)
+    for _ in range(repeats):
+        for name, fn in contenders.items():
+            _sync(device)
+            start = time.perf_counter()
+            train_step(fn, x)
+            _sync(device)
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
+def saved_bytes(fn, x) -> int:
+    """Bytes of distinct tensors autograd keeps for the backward pass of fn(x), with x requiring
+    grad as in a hidden layer (the input itself and the parameters are not counted)."""
+    x = x.detach().requires_grad_(True)
+    seen: dict[int, int] = {}
+
+    def pack(t):
+        if t.device.type != "meta":
+            storage = t.untyped_storage()
+            seen[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        y = fn(x)
+    y.float().sum().backward()
+    parameters = {p.untyped_storage().data_ptr() for p in _parameters_of(fn)}
+    return sum(n for ptr, n in seen.items() if ptr not in parameters and ptr != x.untyped_storage().data_ptr())
+
+
+def _parameters_of(fn):
+    module = getattr(fn, "__self__", fn)
+    return module.parameters() if isinstance(module, nn.Module) else []
+
+
+def peak_cuda_bytes(fn, x) -> int | None:
+    if x.device.type != "cuda":
+        return None
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    train_step(fn, x)
+    torch.cuda.synchronize()
+    return torch.cuda.max_memory_allocated() - base
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--repeats", type=int, default=30)
+    parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile rows")
+    parser.add_argument("--out", default=None, help="JSON file (default benchmarks/results/layers-<device>.json)")
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    torch.manual_seed(0)
+    results: dict = {
+        "device": str(device),
+        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "neurocoder": neurocoder.__version__,
+        "repeats": args.repeats,
+        "cases": {},
+    }
+
+    def report(name: str, times: dict, baseline: str, **extra) -> None:
+        ratios = {k: v / times[baseline] for k, v in times.items()}
+        results["cases"][name] = {"seconds": times, "ratio_to_" + baseline: ratios, **extra}
+        print(f"\n== {name}")
+        for k, v in times.items():
+            print(f"  {k:<38} {v * 1e3:9.3f} ms   {ratios[k]:7.2f}x {baseline}")
+
+    # 1. The released shape.
+    released = presets.layer_options("released")
+    B, d_in, d_out = 128, 1024, 400
+    dense = nn.Linear(d_in, d_out).to(device)
+    layer = NeurocoderLinear(d_in, d_out, bias=False, **released).to(device)
+    x = torch.randn(B, d_in, device=device)
+    contenders = {"nn.Linear(1024, 400)": dense, "NeurocoderLinear (fast path)": layer,
+                  "composed weight + bmm (released)": layer.forward_explicit}
+    if not args.no_compile:
+        contenders["NeurocoderLinear, torch.compile"] = torch.compile(layer, fullgraph=True)
+    times = time_side_by_side(contenders, x, args.repeats, device)
+    speedup = times["composed weight + bmm (released)"] / times["NeurocoderLinear (fast path)"]
+    report("linear, released shape: B=128, 1024->400, P=50, r=10, k=5, feed-forward, content keys",
+           times, "nn.Linear(1024, 400)", fast_over_explicit_speedup=speedup)
+    print(f"  fast path is {speedup:.1f}x faster than composing each sample's weight")
+    if "NeurocoderLinear, torch.compile" in times:
+        compiled_speedup = times["composed weight + bmm (released)"] / times["NeurocoderLinear, torch.compile"]
+        results["cases"][next(reversed(results["cases"]))]["compiled_over_explicit_speedup"] = compiled_speedup
+        print(f"  compiled fast path is {compiled_speedup:.1f}x faster than composing each sample's weight")
+
+    # Memory: saved activations at several batch sizes, fast against explicit.
+    memory_rows = []
+    for batch in (32, 128, 512):
+        xb = torch.randn(batch, d_in, device=device)
+        row = {"batch": batch,
+               "fast_saved_MiB": saved_bytes(layer, xb) / 2**20,
+               "explicit_saved_MiB": saved_bytes(layer.forward_explicit, xb) / 2**20,
+               "dense_saved_MiB": saved_bytes(dense, xb) / 2**20,
+               "batch_x_P_x_R_MiB": batch * 50 * 10 * 4 * 3 / 2**20,
+               "batch_x_din_x_dout_MiB": batch * d_in * d_out * 4 / 2**20}
+        cuda_fast, cuda_explicit = peak_cuda_bytes(layer, xb), peak_cuda_bytes(layer.forward_explicit, xb)
+        if cuda_fast is not None:
+            row["fast_cuda_peak_MiB"], row["explicit_cuda_peak_MiB"] = cuda_fast / 2**20, cuda_explicit / 2**20
+        memory_rows.append(row)
+    results["memory_released_shape"] = memory_rows
+    print("\n== training-step memory at the released shape (bytes autograd saves for backward)")
+    print(f"  {'batch':>6} {'fast MiB':>10} {'explicit MiB':>13} {'nn.Linear MiB':>14}")
+    for row in memory_rows:
+        print(f"  {row['batch']:>6} {row['fast_saved_MiB']:>10.2f} {row['explicit_saved_MiB']:>13.2f} "
+              f"{row['dense_saved_MiB']:>14.2f}")
+
+    # 2. Recurrent composer, T = 4.
+    recurrent = NeurocoderLinear(d_in, d_out, bias=False, **{**released, "composer": "recurrent", "steps": 4}).to(device)
+    times = time_side_by_side({"nn.Linear(1024, 400)": dense, "NeurocoderLinear recurrent T=4": recurrent},
+                              x, args.repeats, device)
+    report("linear, recurrent composer T=4 (R=40), otherwise released shape", times, "nn.Linear(1024, 400)")
+
+    # 3. Least-used reading on (project option), feed-forward.
+    least = NeurocoderLinear(d_in, d_out, bias=False, **{**released, "least_used": 5}).to(device)
+    times = time_side_by_side({"nn.Linear(1024, 400)": dense, "NeurocoderLinear least_used=5": least},
+                              x, args.repeats, device)
+    report("linear, least-used reading m=5, otherwise released shape", times, "nn.Linear(1024, 400)")
+
+    # 4. Convolution.
+    conv = nn.Conv2d(32, 64, 3, padding=1).to(device)
+    nconv = NeurocoderConv2d(32, 64, 3, padding=1, num_programs=32, rank=8).to(device)
+    xc = torch.randn(64, 32, 16, 16, device=device)
+    contenders = {"nn.Conv2d(32, 64, 3)": conv, "NeurocoderConv2d (fast path)": nconv,
+                  "composed filters + grouped conv": nconv.forward_explicit}
+    if not args.no_compile:
+        contenders["NeurocoderConv2d, torch.compile"] = torch.compile(nconv, fullgraph=True)
+    times = time_side_by_side(contenders, xc, args.repeats, device)
+    report("conv, B=64, 32->64, 3x3, 16x16 maps, P=32, r=8", times, "nn.Conv2d(32, 64, 3)")
+
+    out = Path(args.out or Path(__file__).parent / "results" / f"layers-{device.type}.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(results, indent=2))
+    print(f"\nwrote {out}")
+
+
+if __name__ == "__main__":
+    main()
