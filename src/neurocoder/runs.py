@@ -1,0 +1,92 @@
+"""Run folders: one folder per run holding its config, seed, code version, metrics and results.
+
+Reports read run folders; they never recompute. Files are written atomically (a temporary file,
+then a rename), so an interrupted run never leaves a half-written file.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ._version import __version__
+
+__all__ = ["RunFolder", "code_version", "atomic_write_text", "atomic_torch_save"]
+
+
+def code_version() -> dict:
+    """The library version, and the git commit (with a dirty flag) when run from a checkout."""
+    info = {"neurocoder": __version__, "torch": torch.__version__, "python": platform.python_version()}
+    root = Path(__file__).resolve().parents[2]
+    try:
+        commit = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True,
+                                timeout=10)
+        if commit.returncode == 0:
+            info["git_commit"] = commit.stdout.strip()
+            status = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
+                                    capture_output=True, text=True, timeout=10)
+            info["git_dirty"] = bool(status.stdout.strip())
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return info
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def atomic_torch_save(obj: Any, path: Path) -> None:
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+class RunFolder:
+    """A run's folder: ``config.json``, ``metrics.jsonl``, ``results.json``, ``checkpoints/``."""
+
+    def __init__(self, path: str | os.PathLike) -> None:
+        self.path = Path(path)
+
+    @classmethod
+    def create(cls, path: str | os.PathLike, config: dict, seed: int, exist_ok: bool = False) -> "RunFolder":
+        path = Path(path)
+        if path.exists() and any(path.iterdir()) and not exist_ok:
+            raise FileExistsError(f"run folder {path} already exists and is not empty; pass another --out, "
+                                  f"or --resume to continue it")
+        path.mkdir(parents=True, exist_ok=True)
+        run = cls(path)
+        record = {"config": config, "seed": seed, "code_version": code_version(),
+                  "command": " ".join(sys.argv), "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+        atomic_write_text(path / "config.json", json.dumps(record, indent=2, default=str))
+        return run
+
+    def log(self, **metrics) -> None:
+        with open(self.path / "metrics.jsonl", "a") as handle:
+            handle.write(json.dumps(metrics, default=float) + "\n")
+
+    def metrics(self) -> list[dict]:
+        file = self.path / "metrics.jsonl"
+        if not file.exists():
+            return []
+        return [json.loads(line) for line in file.read_text().splitlines() if line.strip()]
+
+    def write_results(self, results: dict) -> None:
+        atomic_write_text(self.path / "results.json", json.dumps(results, indent=2, default=float))
+
+    def results(self) -> dict:
+        return json.loads((self.path / "results.json").read_text())
+
+    def config(self) -> dict:
+        return json.loads((self.path / "config.json").read_text())
