@@ -15,6 +15,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ._checks import check_positive_int
 from .reading import content_attention
 
 __all__ = ["NSMLinear", "MoELinear", "load_balancing_loss"]
@@ -22,8 +23,7 @@ __all__ = ["NSMLinear", "MoELinear", "load_balancing_loss"]
 
 def _check(owner: str, **values) -> None:
     for name, value in values.items():
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{owner}: {name} must be an integer >= 1, got {value!r}")
+        check_positive_int(owner, name, value)
 
 
 def _check_input(owner: str, x: torch.Tensor, features: int, reference: torch.Tensor) -> None:

@@ -22,6 +22,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.modules.utils import _pair
 
+from ._checks import check_positive_int
 from .composer import COMPOSERS, ComposerOutput, FeedForwardComposer, RecurrentComposer
 from .memory import KEY_MODES, ProgramMemory
 from .reading import content_attention, read_with_least_used
@@ -69,11 +70,6 @@ def _max_over_components(weights: tuple[torch.Tensor, ...]) -> torch.Tensor:
     return torch.stack([w.amax(dim=1) for w in weights])
 
 
-def _check_positive_int(owner: str, name: str, value) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{owner}: {name} must be an integer >= 1, got {value!r}")
-
-
 class NeurocoderLayer(nn.Module):
     """What linear and convolutional Neurocoder layers share: memory, composer, reading.
 
@@ -89,7 +85,7 @@ class NeurocoderLayer(nn.Module):
         for name, value in (("num_programs", num_programs), ("rank", rank), ("key_dim", key_dim),
                             ("steps", steps), ("context_features", context_features),
                             ("composer_hidden", composer_hidden)):
-            _check_positive_int(owner, name, value)
+            check_positive_int(owner, name, value)
         if composer not in COMPOSERS:
             raise ValueError(f"{owner}: composer must be one of {COMPOSERS}, got {composer!r}")
         if composer == "feedforward" and steps != 1:
@@ -284,8 +280,8 @@ class NeurocoderLinear(NeurocoderLayer):
                  bias: bool = True, context_features: int | None = None, composer_hidden: int = 64,
                  device=None, dtype=None) -> None:
         super().__init__()
-        _check_positive_int("NeurocoderLinear", "in_features", in_features)
-        _check_positive_int("NeurocoderLinear", "out_features", out_features)
+        check_positive_int("NeurocoderLinear", "in_features", in_features)
+        check_positive_int("NeurocoderLinear", "out_features", out_features)
         self._label = f"NeurocoderLinear(in_features={in_features}, out_features={out_features})"
         factory = {"device": device, "dtype": dtype}
         self.in_features, self.out_features = in_features, out_features
@@ -384,8 +380,8 @@ class NeurocoderConv2d(NeurocoderLayer):
                  sharpness: float | str = "learned", residual: bool = False, bias: bool = True,
                  context_features: int | None = None, composer_hidden: int = 64, device=None, dtype=None) -> None:
         super().__init__()
-        _check_positive_int("NeurocoderConv2d", "in_channels", in_channels)
-        _check_positive_int("NeurocoderConv2d", "out_channels", out_channels)
+        check_positive_int("NeurocoderConv2d", "in_channels", in_channels)
+        check_positive_int("NeurocoderConv2d", "out_channels", out_channels)
         self._label = f"NeurocoderConv2d(in_channels={in_channels}, out_channels={out_channels})"
         self.kernel_size, self.stride, self.dilation = _pair(kernel_size), _pair(stride), _pair(dilation)
         if isinstance(padding, str):

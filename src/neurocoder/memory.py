@@ -26,6 +26,7 @@ from typing import Iterable
 import torch
 import torch.nn as nn
 
+from ._checks import check_positive_int
 from ._version import __version__
 
 __all__ = ["ProgramMemory", "KEY_MODES", "BANKS"]
@@ -71,8 +72,7 @@ class ProgramMemory(nn.Module):
         super().__init__()
         for name, value in (("num_programs", num_programs), ("in_features", in_features),
                             ("out_features", out_features), ("key_dim", key_dim)):
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"ProgramMemory: {name} must be an integer >= 1, got {value!r}")
+            check_positive_int("ProgramMemory", name, value)
         if key_mode not in KEY_MODES:
             raise ValueError(f"ProgramMemory: key_mode must be one of {KEY_MODES}, got {key_mode!r}")
         if not 0.0 <= usage_momentum < 1.0:
@@ -259,8 +259,7 @@ class ProgramMemory(nn.Module):
 
         The parameters are replaced: build the optimiser again after growing.
         """
-        if isinstance(num_new, bool) or not isinstance(num_new, int) or num_new < 1:
-            raise ValueError(f"ProgramMemory.grow: num_new must be an integer >= 1, got {num_new!r}")
+        check_positive_int("ProgramMemory.grow", "num_new", num_new)
         n, P = num_new, self.num_programs
         keys = self.keys()
         usage = self.usage_average.clone()
