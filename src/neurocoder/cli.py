@@ -29,6 +29,44 @@ def _data(args: argparse.Namespace) -> int:
     return 0
 
 
+def _list(args: argparse.Namespace) -> int:
+    from .experiments.models import MODEL_VARIANTS
+    from .experiments.registry import PRESETS
+    from .train.strategies import STRATEGIES
+
+    print("presets (neurocoder run PRESET [--set key=value ...]):")
+    for name, (description, _) in PRESETS.items():
+        print(f"  {name:<22} {description}")
+    print("\nstrategies (--set strategy=NAME; naive takes --set optimizer=adam|sgd|adagrad):")
+    print("  " + ", ".join(STRATEGIES))
+    print("\nmodels (--set model=NAME):")
+    for name, description in MODEL_VARIANTS.items():
+        print(f"  {name:<22} {description}")
+    return 0
+
+
+def _run(args: argparse.Namespace) -> int:
+    from .experiments.registry import make_config
+    from .train.continual import run_continual
+
+    cfg = make_config(args.preset, args.set)
+    out = Path(args.out) if args.out else Path("runs") / (
+        f"{args.preset}-{cfg.strategy}{'-' + cfg.optimizer if cfg.strategy == 'naive' else ''}-{cfg.model}")
+    run_continual(cfg, out, resume=args.resume, preset=args.preset)
+    return 0
+
+
+def _report(args: argparse.Namespace) -> int:
+    from .report import continual_tables, load_runs, write_report
+
+    runs = load_runs(args.runs)
+    print(continual_tables(runs))
+    if args.out:
+        path = write_report(runs, args.out)
+        print(f"\nreport with figures: {path}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="neurocoder", description="Neurocoder experiments")
     parser.add_argument("--version", action="version", version=f"neurocoder {__version__}")
@@ -42,6 +80,22 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--data-dir", default=None, help="folder with the IDX files")
     demo.add_argument("--out", default=None, help="run folder (default runs/demo-<time>)")
     demo.set_defaults(func=_demo)
+
+    lister = commands.add_parser("list", help="named experiment presets, strategies and models")
+    lister.set_defaults(func=_list)
+
+    run = commands.add_parser("run", help="run an experiment preset into a run folder")
+    run.add_argument("preset")
+    run.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                     help="override a config value (repeatable), e.g. --set strategy=ewc --set repeats=3")
+    run.add_argument("--out", default=None, help="run folder (default runs/PRESET-STRATEGY-MODEL)")
+    run.add_argument("--resume", action="store_true", help="continue an interrupted run in --out")
+    run.set_defaults(func=_run)
+
+    report = commands.add_parser("report", help="tables and figures from run folders (no recomputation)")
+    report.add_argument("runs", nargs="+", help="run folders, or folders holding run folders")
+    report.add_argument("--out", default=None, help="also write report.md and figures here")
+    report.set_defaults(func=_report)
 
     data = commands.add_parser("data", help="data sets")
     data_commands = data.add_subparsers(dest="data_command", required=True)
@@ -59,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (DataSetMissing, FileExistsError, ValueError) as error:
+    except (DataSetMissing, FileExistsError, FileNotFoundError, ValueError) as error:
         print(f"neurocoder: error: {error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -1,0 +1,73 @@
+"""Named experiment presets for ``neurocoder list`` / ``neurocoder run``, and ``--set`` parsing."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, fields
+
+from neurocoder.train.continual import ContinualConfig
+
+__all__ = ["PRESETS", "make_config", "apply_overrides"]
+
+
+def _continual(**values) -> ContinualConfig:
+    return ContinualConfig(**values)
+
+
+PRESETS: dict[str, tuple[str, ContinualConfig]] = {
+    "split-mnist-domain": ("split MNIST, incremental domain (one shared 2-way head): the R1 protocol",
+                           _continual(benchmark="split-mnist", scenario="domain")),
+    "split-mnist-task": ("split MNIST, incremental task (a head per task, task id given)",
+                         _continual(benchmark="split-mnist", scenario="task")),
+    "split-mnist-class": ("split MNIST, incremental class (one 10-way head)",
+                          _continual(benchmark="split-mnist", scenario="class")),
+    "permuted-mnist": ("permuted MNIST, 10 tasks, incremental domain",
+                       _continual(benchmark="permuted-mnist", scenario="domain", num_tasks=10)),
+    "split-fashion-domain": ("split Fashion-MNIST, incremental domain",
+                             _continual(benchmark="split-fashion", scenario="domain")),
+    "split-fashion-task": ("split Fashion-MNIST, incremental task",
+                           _continual(benchmark="split-fashion", scenario="task")),
+    "split-fashion-class": ("split Fashion-MNIST, incremental class",
+                            _continual(benchmark="split-fashion", scenario="class")),
+}
+
+
+def _parse_value(text: str):
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text
+
+
+def apply_overrides(cfg: ContinualConfig, overrides: list[str]) -> ContinualConfig:
+    """Apply ``key=value`` strings (values parsed as JSON where they parse, else strings).
+
+    ``layer_options.NAME=VALUE`` sets one Neurocoder layer option.
+    """
+    values = asdict(cfg)
+    names = {f.name for f in fields(ContinualConfig)}
+    for item in overrides:
+        if "=" not in item:
+            raise ValueError(f"--set {item!r}: expected key=value, e.g. --set strategy=ewc")
+        key, raw = item.split("=", 1)
+        value = _parse_value(raw)
+        if key.startswith("layer_options."):
+            values["layer_options"] = {**values["layer_options"], key.split(".", 1)[1]: value}
+            continue
+        if key not in names:
+            raise ValueError(f"--set {key}: unknown key; known keys: {', '.join(sorted(names))}")
+        current = values[key]
+        if isinstance(current, int) and not isinstance(current, bool) and isinstance(value, float) and value.is_integer():
+            value = int(value)
+        if key == "layer_options" and not isinstance(value, dict):
+            raise ValueError(f"--set layer_options: expected a JSON object, e.g. '{{\"least_used\": 5}}'")
+        values[key] = value
+    cfg = ContinualConfig(**values)
+    cfg.check()
+    return cfg
+
+
+def make_config(preset: str, overrides: list[str] | None = None) -> ContinualConfig:
+    if preset not in PRESETS:
+        raise ValueError(f"unknown preset {preset!r}; `neurocoder list` shows them: {', '.join(PRESETS)}")
+    return apply_overrides(PRESETS[preset][1], overrides or [])

@@ -1,0 +1,193 @@
+"""Reports: tables and figures read from run folders (nothing is recomputed)."""
+
+from __future__ import annotations
+
+import json
+from collections import defaultdict
+from pathlib import Path
+
+__all__ = ["load_runs", "continual_tables", "write_report", "PUBLISHED"]
+
+STRATEGY_LABELS = {"sgd": "SGD", "adam": "Adam", "adagrad": "Adagrad", "l2": "L2", "ewc": "EWC",
+                   "online-ewc": "Online EWC", "si": "SI", "mas": "MAS", "rehearsal": "Naive rehearsal",
+                   "offline": "Offline (all tasks jointly)"}
+ROW_ORDER = ["Adam", "SGD", "Adagrad", "L2", "EWC", "Online EWC", "SI", "MAS", "Naive rehearsal",
+             "Offline (all tasks jointly)"]
+MODEL_LABELS = {"mlp": "MLP", "neurocoder-released": "Neurocoder MLP (released config)",
+                "neurocoder": "Neurocoder MLP (project config)", "nsm": "NSM MLP", "moe": "MoE MLP"}
+
+# ../shared/REFERENCE_RESULTS.md: R1 (authors' released logs) and R2 (Hsu et al. 2018), mean +- std.
+PUBLISHED = {
+    ("split-mnist", "domain"): {
+        "columns": ["MLP (authors' logs)", "Neurocoder MLP (authors' logs)", "Hsu et al. MLP"],
+        "rows": {"Adam": ["53.38 +- 1.39", "57.07 +- 0.45", "55.16 +- 1.38"],
+                 "Adagrad": ["56.16 +- 1.79", "60.60 +- 0.49", "58.08 +- 1.06"],
+                 "EWC": ["56.88 +- 2.18", "62.56 +- 1.07", "58.85 +- 2.59"],
+                 "Online EWC": ["59.64 +- 3.13", "71.79 +- 2.04", "57.33 +- 1.44"],
+                 "L2": ["63.27 +- 3.94", "(not released)", "66.00 +- 3.73"],
+                 "SGD": ["", "", "63.20 +- 0.35"], "SI": ["", "", "64.76 +- 3.09"], "MAS": ["", "", "68.57 +- 6.85"],
+                 "Naive rehearsal": ["", "", "95.16 +- 0.49"],
+                 "Offline (all tasks jointly)": ["98.67 +- 0.15", "-", "98.59 +- 0.15"]},
+    },
+    ("split-mnist", "task"): {
+        "columns": ["Hsu et al. MLP"],
+        "rows": {"Adam": ["93.46 +- 2.01"], "SGD": ["97.98 +- 0.09"], "Adagrad": ["98.06 +- 0.53"],
+                 "L2": ["98.18 +- 0.96"], "EWC": ["97.70 +- 0.81"], "Online EWC": ["98.04 +- 1.10"],
+                 "SI": ["98.56 +- 0.49"], "MAS": ["99.22 +- 0.21"], "Naive rehearsal": ["99.40 +- 0.08"],
+                 "Offline (all tasks jointly)": ["99.52 +- 0.16"]},
+    },
+    ("split-mnist", "class"): {
+        "columns": ["Hsu et al. MLP"],
+        "rows": {"Adam": ["19.71 +- 0.08"], "SGD": ["19.46 +- 0.04"], "Adagrad": ["19.82 +- 0.09"],
+                 "L2": ["22.52 +- 1.08"], "EWC": ["19.80 +- 0.05"], "Online EWC": ["19.77 +- 0.04"],
+                 "SI": ["19.67 +- 0.09"], "MAS": ["19.52 +- 0.29"], "Naive rehearsal": ["90.78 +- 0.85"],
+                 "Offline (all tasks jointly)": ["97.53 +- 0.30"]},
+    },
+}
+
+
+def load_runs(paths: list[str | Path]) -> list[dict]:
+    """Every finished run under the given folders (a run folder, or a folder of run folders)."""
+    runs = []
+    for path in paths:
+        path = Path(path)
+        if not path.exists():
+            raise FileNotFoundError(f"report: {path} does not exist")
+        found = [path] if (path / "results.json").exists() else sorted(p.parent for p in path.glob("*/results.json"))
+        if not found:
+            raise FileNotFoundError(f"report: no finished run in {path} (no results.json; an interrupted run "
+                                    f"is finished with `neurocoder run ... --out {path} --resume`)")
+        for folder in found:
+            results = json.loads((folder / "results.json").read_text())
+            runs.append({"path": folder, **results})
+    return runs
+
+
+def _row_label(config: dict) -> str:
+    key = config["optimizer"] if config["strategy"] == "naive" else config["strategy"]
+    return STRATEGY_LABELS.get(key, key)
+
+
+def _cell(stats: dict | None) -> str:
+    if not stats:
+        return ""
+    return f"{stats['mean']:.2f} +- {stats['std']:.2f}"
+
+
+def continual_tables(runs: list[dict]) -> str:
+    """Markdown: per (benchmark, scenario), final average accuracy laid out like R1/R2, with the
+    published numbers beside ours, then forgetting and time."""
+    groups: dict[tuple, list[dict]] = defaultdict(list)
+    for run in runs:
+        if run.get("config", {}).get("benchmark"):
+            groups[(run["config"]["benchmark"], run["config"]["scenario"])].append(run)
+    parts = []
+    for (benchmark, scenario), members in sorted(groups.items()):
+        models = [m for m in MODEL_LABELS if any(r["config"]["model"] == m for r in members)]
+        cells: dict[str, dict[str, dict]] = defaultdict(dict)
+        for run in members:
+            cells[_row_label(run["config"])][run["config"]["model"]] = run
+        published = PUBLISHED.get((benchmark, scenario), {"columns": [], "rows": {}})
+        data = members[0]["data"]
+        repeats = sorted({r["repeats"] for r in members})
+        parts.append(f"### {benchmark}, incremental {scenario}: final average accuracy (%) over all tasks\n")
+        parts.append(f"Data: {data['source']}; {sum(data['train_samples_per_task'])} training samples over "
+                     f"{len(data['train_samples_per_task'])} tasks. Repeats: {', '.join(map(str, repeats))}. "
+                     f"Optimiser steps per task: {members[0]['steps_per_task']}.")
+        if data.get("subset"):
+            parts.append("On this data subset the optimiser steps per task equal those of the full-data protocol "
+                         "(4 epochs of the full MNIST task at batch 128); the published numbers used full MNIST.")
+        header = ["method"] + [MODEL_LABELS[m] for m in models]
+        if "mlp" in models and "neurocoder-released" in models:
+            header.append("gap (released - MLP)")
+        header += published["columns"]
+        lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+        for label in sorted(cells, key=lambda l: ROW_ORDER.index(l) if l in ROW_ORDER else 99):
+            row = [label] + [_cell(cells[label][m]["final_average_accuracy"]) if m in cells[label] else ""
+                             for m in models]
+            if "gap (released - MLP)" in header:
+                a, b = cells[label].get("neurocoder-released"), cells[label].get("mlp")
+                row.append(f"{a['final_average_accuracy']['mean'] - b['final_average_accuracy']['mean']:+.2f}"
+                           if a and b else "")
+            row += published["rows"].get(label, [""] * len(published["columns"]))
+            lines.append("| " + " | ".join(row) + " |")
+        parts.append("\n".join(lines))
+        bwt_lines = ["| method | " + " | ".join(MODEL_LABELS[m] for m in models) + " |",
+                     "|" + "---|" * (len(models) + 1)]
+        time_lines = list(bwt_lines)
+        for label in sorted(cells, key=lambda l: ROW_ORDER.index(l) if l in ROW_ORDER else 99):
+            bwt_lines.append("| " + label + " | " + " | ".join(
+                _cell(cells[label][m].get("backward_transfer")) if m in cells[label] else "" for m in models) + " |")
+            time_lines.append("| " + label + " | " + " | ".join(
+                (f"{cells[label][m]['wall_seconds_total'] / cells[label][m]['repeats']:.0f} s, "
+                 f"{cells[label][m]['parameters']:,} params") if m in cells[label] else "" for m in models) + " |")
+        parts.append("\nForgetting (backward transfer, points; negative = forgotten):\n\n" + "\n".join(bwt_lines))
+        parts.append("\nTraining time per repeat (this machine) and parameters:\n\n" + "\n".join(time_lines))
+        parts.append("")
+    return "\n\n".join(parts)
+
+
+def write_report(runs: list[dict], out: str | Path) -> Path:
+    """report.md, accuracy_after_each_task.png and usage_by_task_*.png in ``out``."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    text = "# Neurocoder continual-learning report\n\nRuns: " + ", ".join(str(r["path"]) for r in runs) + "\n\n"
+    text += continual_tables(runs)
+    figures = _figures(runs, out)
+    if figures:
+        text += "\n\n" + "\n".join(f"![{f.stem}]({f.name})" for f in figures) + "\n"
+    (out / "report.md").write_text(text)
+    return out / "report.md"
+
+
+def _figures(runs: list[dict], out: Path) -> list[Path]:
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return []
+    made = []
+    groups = defaultdict(list)
+    for run in runs:
+        groups[(run["config"]["benchmark"], run["config"]["scenario"])].append(run)
+    for (benchmark, scenario), members in groups.items():
+        fig, ax = plt.subplots(figsize=(7, 4.2))
+        for run in sorted(members, key=lambda r: (_row_label(r["config"]), r["config"]["model"])):
+            curve = run["average_accuracy_after_each_task"]
+            xs = list(range(1, len(curve["mean"]) + 1))
+            label = f"{_row_label(run['config'])}, {MODEL_LABELS.get(run['config']['model'], run['config']['model'])}"
+            line, = ax.plot(xs, curve["mean"], marker="o", label=label)
+            low = [m - s for m, s in zip(curve["mean"], curve["std"])]
+            high = [m + s for m, s in zip(curve["mean"], curve["std"])]
+            ax.fill_between(xs, low, high, alpha=0.15, color=line.get_color())
+        ax.set_xlabel("tasks learnt")
+        ax.set_ylabel("average accuracy on tasks so far (%)")
+        ax.set_title(f"{benchmark}, incremental {scenario}")
+        ax.legend(fontsize=7)
+        ax.grid(alpha=0.3)
+        fig.tight_layout()
+        path = out / f"accuracy_after_each_task_{benchmark}_{scenario}.png"
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        made.append(path)
+    for run in runs:
+        usage = run.get("usage_by_task") or {}
+        if not usage:
+            continue
+        fig, axes = plt.subplots(1, len(usage), figsize=(4.5 * len(usage), 2.8), squeeze=False)
+        for ax, (layer, matrix) in zip(axes[0], usage.items()):
+            image = ax.imshow(matrix, aspect="auto", cmap="magma")
+            ax.set_title(f"layer {layer}", fontsize=9)
+            ax.set_xlabel("program slot (U bank)")
+            ax.set_ylabel("task")
+            fig.colorbar(image, ax=ax)
+        cfg = run["config"]
+        fig.suptitle(f"mean read weight per slot by task: {cfg['benchmark']} {cfg['scenario']}, "
+                     f"{_row_label(cfg)}, {cfg['model']}", fontsize=9)
+        fig.tight_layout()
+        path = out / f"usage_by_task_{Path(run['path']).name}.png"
+        fig.savefig(path, dpi=100)
+        plt.close(fig)
+        made.append(path)
+    return made

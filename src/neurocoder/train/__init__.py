@@ -1,0 +1,1 @@
+"""Trainers: one loop per kind of work."""

@@ -1,0 +1,346 @@
+"""The continual-learning trainer: tasks in turn, a strategy, an accuracy matrix per repeat.
+
+A run folder holds ``config.json``, ``metrics.jsonl`` (one line per task of each repeat),
+``repeats/repeat-NN.json`` (each finished repeat), ``checkpoint.pt`` (the repeat in progress,
+written atomically after every task) and, at the end, ``results.json``. ``resume=True`` skips
+finished repeats and continues the one in progress from its last finished task; since every
+task starts from a seed derived from (seed, repeat, task), a resumed run ends with the same
+numbers as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import neurocoder
+from neurocoder.data import load_dataset
+from neurocoder.data.streams import Stream, permuted_stream, prepare_images, split_stream
+from neurocoder.experiments.models import build_mlp, count_parameters
+from neurocoder.progress import Progress
+from neurocoder.runs import RunFolder, atomic_torch_save, atomic_write_text
+from neurocoder.train.strategies import STRATEGIES
+
+__all__ = ["ContinualConfig", "run_continual", "build_stream", "BENCHMARKS", "OPTIMIZERS"]
+
+BENCHMARKS = {
+    "split-mnist": ("mnist", "5 tasks of digit pairs {0,1},{2,3},...,{8,9}"),
+    "permuted-mnist": ("mnist", "10 tasks, each a fixed pixel permutation of MNIST"),
+    "split-fashion": ("fashion-mnist", "5 tasks of Fashion-MNIST class pairs"),
+}
+OPTIMIZERS = {"adam": torch.optim.Adam, "sgd": torch.optim.SGD, "adagrad": torch.optim.Adagrad}
+# Training images per class in the full MNIST training set: the number of optimiser steps per task
+# on a subset is matched to what the full-data protocol would take.
+MNIST_TRAIN_COUNTS = (5923, 6742, 5958, 6131, 5842, 5421, 5918, 6265, 5851, 5949)
+
+
+@dataclass
+class ContinualConfig:
+    benchmark: str = "split-mnist"
+    scenario: str = "domain"
+    strategy: str = "naive"
+    model: str = "mlp"
+    optimizer: str = "adam"
+    lr: float | None = None              # default: 1e-3 (Adam, SGD), 1e-2 (Adagrad), as R1
+    coef: float | None = None            # regularisation strength; default per strategy (R1)
+    epochs: int = 4
+    batch_size: int = 128
+    steps_per_task: int | None = None    # default: what `epochs` over the full data set would take
+    repeats: int = 10
+    seed: int = 0
+    hidden: int = 400
+    orthogonality_weight: float = 1.0
+    memory_size: int = 1100
+    num_tasks: int = 10                  # permuted-mnist
+    train_limit: int | None = None       # cap training samples per task (smoke tests)
+    threads: int | None = None
+    data_dir: str | None = None
+    layer_options: dict = field(default_factory=dict)
+    # The released code adds the orthogonality loss to the loss whose gradients give EWC's Fisher
+    # and MAS's importance; True reproduces that (it anchors the program memory much harder).
+    importance_with_orthogonality: bool = False
+
+    def resolved(self) -> "ContinualConfig":
+        cfg = ContinualConfig(**asdict(self))
+        if cfg.lr is None:
+            cfg.lr = 1e-2 if cfg.optimizer == "adagrad" else 1e-3
+        if cfg.coef is None:
+            cfg.coef = STRATEGIES[cfg.strategy].default_coef
+        return cfg
+
+    def check(self) -> None:
+        problems = []
+        if self.benchmark not in BENCHMARKS:
+            problems.append(f"benchmark={self.benchmark!r} (choose {sorted(BENCHMARKS)})")
+        if self.scenario not in ("task", "domain", "class"):
+            problems.append(f"scenario={self.scenario!r} (choose task, domain, class)")
+        if self.strategy not in STRATEGIES:
+            problems.append(f"strategy={self.strategy!r} (choose {sorted(STRATEGIES)})")
+        if self.optimizer not in OPTIMIZERS:
+            problems.append(f"optimizer={self.optimizer!r} (choose {sorted(OPTIMIZERS)})")
+        from neurocoder.experiments.models import MODEL_VARIANTS
+        if self.model not in MODEL_VARIANTS:
+            problems.append(f"model={self.model!r} (choose {sorted(MODEL_VARIANTS)})")
+        for name in ("epochs", "batch_size", "repeats", "hidden", "num_tasks"):
+            if getattr(self, name) < 1:
+                problems.append(f"{name}={getattr(self, name)} (must be >= 1)")
+        if problems:
+            raise ValueError("bad config: " + "; ".join(problems))
+
+
+def build_stream(cfg: ContinualConfig, seed: int) -> tuple[Stream, dict]:
+    dataset_name, description = BENCHMARKS[cfg.benchmark]
+    data = load_dataset(dataset_name, data_dir=cfg.data_dir)
+    mean, std = (0.1307, 0.3081) if dataset_name == "mnist" else (0.2860, 0.3530)
+    train_x, test_x = prepare_images(data.train_x, 32, mean, std), prepare_images(data.test_x, 32, mean, std)
+    if cfg.benchmark == "permuted-mnist":
+        stream = permuted_stream(train_x, data.train_y, test_x, data.test_y, cfg.num_tasks, seed, cfg.scenario,
+                                 description)
+    else:
+        stream = split_stream(train_x, data.train_y, test_x, data.test_y, [(0, 1), (2, 3), (4, 5), (6, 7), (8, 9)],
+                              cfg.scenario, description)
+    if cfg.train_limit:
+        for task in stream.tasks:
+            task.train_x, task.train_y = task.train_x[:cfg.train_limit], task.train_y[:cfg.train_limit]
+    return stream, data.describe()
+
+
+def _steps_per_task(cfg: ContinualConfig, stream: Stream, data_info: dict) -> list[int]:
+    if cfg.steps_per_task:
+        return [cfg.steps_per_task] * stream.num_tasks
+    if cfg.strategy == "offline":
+        return [0] * stream.num_tasks
+    if data_info.get("subset") and data_info["name"] == "mnist":
+        # Match the optimiser steps of the full-data protocol (60k MNIST).
+        if cfg.benchmark == "permuted-mnist":
+            full = [sum(MNIST_TRAIN_COUNTS)] * stream.num_tasks
+        else:
+            full = [sum(MNIST_TRAIN_COUNTS[c] for c in task.classes) for task in stream.tasks]
+        return [cfg.epochs * math.ceil(n / cfg.batch_size) for n in full]
+    return [cfg.epochs * math.ceil(len(task.train_y) / cfg.batch_size) for task in stream.tasks]
+
+
+def _batches(x, y, heads, batch_size, steps, generator):
+    """``steps`` mini-batches, reshuffling at every pass over the data."""
+    done = 0
+    while done < steps:
+        order = torch.randperm(len(x), generator=generator)
+        for i in range(0, len(x), batch_size):
+            if done == steps:
+                return
+            index = order[i:i + batch_size]
+            yield x[index], y[index], heads[index]
+            done += 1
+
+
+class _Repeat:
+    """One repeat: model, optimiser and strategy, trained task after task."""
+
+    def __init__(self, cfg: ContinualConfig, stream: Stream, repeat: int) -> None:
+        self.cfg, self.stream, self.repeat = cfg, stream, repeat
+        self.seed = cfg.seed * 1000 + repeat
+        torch.manual_seed(self.seed)
+        self.model = build_mlp(cfg.model, stream.input_size, stream.num_heads, stream.head_size, cfg.hidden,
+                               cfg.layer_options)
+        self.optimizer = OPTIMIZERS[cfg.optimizer](self.model.parameters(), lr=cfg.lr)
+        self.strategy = STRATEGIES[cfg.strategy](self.model, cfg.coef, memory_size=cfg.memory_size, seed=self.seed)
+        self.accuracy: list[list[float]] = []
+        self.next_task = 0
+        self.seconds = 0.0
+
+    def heads_for(self, task_index: int, n: int) -> torch.Tensor:
+        return torch.full((n,), task_index if self.stream.scenario == "task" else 0, dtype=torch.long)
+
+    def loss(self, x, y, heads, targets=None) -> torch.Tensor:
+        logits = self.model(x, heads)
+        if self.stream.scenario == "class" and not self.strategy.joint:
+            # Incremental class (as Hsu et al.): only the outputs of classes seen so far compete.
+            seen = max(max(t.classes) for t in self.stream.tasks[:self.next_task + 1]) + 1
+            logits = logits[:, :seen]
+        return F.cross_entropy(logits, y if targets is None else targets)
+
+    def train_task(self, task_index: int, steps: int, bar: Progress | None) -> None:
+        cfg, task = self.cfg, self.stream.tasks[task_index]
+        torch.manual_seed(self.seed * 100 + task_index)
+        generator = torch.Generator().manual_seed(self.seed * 100 + task_index)
+        if self.strategy.joint:
+            xs = torch.cat([t.train_x for t in self.stream.tasks])
+            ys = torch.cat([t.train_y for t in self.stream.tasks])
+            hs = torch.cat([self.heads_for(t.index, len(t.train_y)) for t in self.stream.tasks])
+        else:
+            xs, ys, hs = task.train_x, task.train_y, self.heads_for(task_index, len(task.train_y))
+        self.model.train()
+        self.strategy.before_task(task_index)
+        for x, y, heads in _batches(xs, ys, hs, cfg.batch_size, steps, generator):
+            x, y, heads = self.strategy.training_batch(x, y, heads)
+            loss = self.loss(x, y, heads) + neurocoder.regularization(self.model, cfg.orthogonality_weight)
+            loss = loss + self.strategy.penalty()
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            self.strategy.before_step()
+            self.optimizer.step()
+            self.strategy.after_step()
+            if bar is not None:
+                bar.update(suffix=f"task {task_index + 1} loss {loss.item():.3f}")
+
+        def task_batches():
+            g = torch.Generator().manual_seed(self.seed * 100 + task_index + 50)
+            n = len(task.train_y)
+            yield from _batches(task.train_x, task.train_y, self.heads_for(task_index, n), cfg.batch_size,
+                                math.ceil(n / cfg.batch_size), g)
+
+        loss_fn = self.loss
+        if cfg.importance_with_orthogonality:
+            def loss_fn(x, y, heads, targets=None):
+                return self.loss(x, y, heads, targets) + neurocoder.regularization(self.model, cfg.orthogonality_weight)
+        self.strategy.after_task(task_index, task_batches, loss_fn)
+
+    @torch.no_grad()
+    def evaluate(self) -> list[float]:
+        self.model.eval()
+        row = []
+        for task in self.stream.tasks:
+            correct = 0
+            for i in range(0, len(task.test_y), 1000):
+                x = task.test_x[i:i + 1000]
+                logits = self.model(x, task.index if self.stream.scenario == "task" else 0)
+                correct += (logits.argmax(-1) == task.test_y[i:i + 1000]).sum().item()
+            row.append(100.0 * correct / len(task.test_y))
+        self.model.train()
+        return row
+
+    def state(self) -> dict:
+        return {"repeat": self.repeat, "next_task": self.next_task, "accuracy": self.accuracy,
+                "seconds": self.seconds, "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "strategy": self.strategy.state_dict()}
+
+    def load(self, state: dict) -> None:
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.strategy.load_state_dict(state["strategy"])
+        self.accuracy, self.next_task, self.seconds = state["accuracy"], state["next_task"], state["seconds"]
+
+
+def _usage_by_task(model: nn.Module, stream: Stream) -> dict[str, list]:
+    """Mean U-bank read weight per slot for each task's test inputs, per Neurocoder layer."""
+    if not neurocoder.neurocoder_layers(model):
+        return {}
+    batches = [(task.test_x[:500], torch.full((min(500, len(task.test_y)),), task.index)) for task in stream.tasks]
+    usage = neurocoder.usage_by_label(model, batches, num_labels=stream.num_tasks)
+    return {name: matrix.tolist() for name, matrix in usage.items()}
+
+
+def summarise(repeats: list[dict]) -> dict:
+    """Final average accuracy and backward transfer, mean and std over repeats."""
+    finals, bwts, curves = [], [], []
+    for rep in repeats:
+        A = torch.tensor(rep["accuracy"])                     # (tasks trained, tasks)
+        T = A.shape[1]
+        finals.append(A[-1].mean().item())
+        if A.shape[0] == T and T > 1:
+            bwts.append((A[-1, :-1] - A.diagonal()[:-1]).mean().item())
+        curves.append([A[i, :i + 1].mean().item() for i in range(A.shape[0])])
+
+    def stats(values):
+        t = torch.tensor(values, dtype=torch.float64)
+        return {"mean": t.mean().item(), "std": t.std().item() if len(values) > 1 else 0.0, "values": values}
+
+    curve = torch.tensor(curves, dtype=torch.float64)
+    return {"final_average_accuracy": stats(finals), "backward_transfer": stats(bwts) if bwts else None,
+            "average_accuracy_after_each_task": {"mean": curve.mean(0).tolist(),
+                                                 "std": (curve.std(0) if len(curves) > 1 else curve[0] * 0).tolist()},
+            "accuracy_matrices": [rep["accuracy"] for rep in repeats], "repeats": len(repeats)}
+
+
+def run_continual(cfg: ContinualConfig, out: str | Path, resume: bool = False, preset: str | None = None,
+                  quiet: bool = False) -> dict:
+    cfg.check()
+    cfg = cfg.resolved()
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    out = Path(out)
+    stream, data_info = build_stream(cfg, cfg.seed)
+    steps = _steps_per_task(cfg, stream, data_info)
+    if cfg.strategy == "offline":
+        total = sum(_steps_per_task(ContinualConfig(**{**asdict(cfg), "strategy": "naive"}), stream, data_info))
+        steps = [total] + [0] * (stream.num_tasks - 1)
+    record = {"preset": preset, "kind": "continual", **asdict(cfg),
+              "data": {**data_info, "train_samples_per_task": [len(t.train_y) for t in stream.tasks],
+                       "test_samples_per_task": [len(t.test_y) for t in stream.tasks]},
+              "optimizer_steps_per_task": steps, "torch_threads": torch.get_num_threads()}
+    if resume:
+        if not (out / "config.json").exists():
+            raise FileNotFoundError(f"--resume: {out} holds no run to resume (no config.json)")
+        saved = json.loads((out / "config.json").read_text())["config"]
+        if {k: saved.get(k) for k in asdict(cfg)} != json.loads(json.dumps(asdict(cfg))):
+            raise ValueError(f"--resume: the config given differs from the one {out} was started with; "
+                             f"resume with the same preset and --set values")
+        run = RunFolder(out)
+    else:
+        run = RunFolder.create(out, record, seed=cfg.seed)
+    (out / "repeats").mkdir(exist_ok=True)
+    if not quiet:
+        print(f"{cfg.benchmark} ({cfg.scenario}-incremental), {cfg.strategy}, {cfg.model}; data: {data_info['source']}; "
+              f"{sum(steps)} steps per repeat, {cfg.repeats} repeats -> {out}")
+
+    finished = []
+    checkpoint_path = out / "checkpoint.pt"
+    for repeat in range(cfg.repeats):
+        done_file = out / "repeats" / f"repeat-{repeat:02d}.json"
+        if done_file.exists():
+            finished.append(json.loads(done_file.read_text()))
+            continue
+        stream_r = stream if cfg.benchmark != "permuted-mnist" else build_stream(cfg, cfg.seed * 1000 + repeat)[0]
+        state = _Repeat(cfg, stream_r, repeat)
+        if checkpoint_path.exists():
+            try:
+                saved = torch.load(checkpoint_path, weights_only=False)
+            except Exception as error:  # a damaged checkpoint: say so, start the repeat again
+                print(f"warning: {checkpoint_path} is unreadable ({error}); repeat {repeat} starts over")
+                saved = None
+            if saved is not None and saved["repeat"] == repeat:
+                state.load(saved)
+        bar = Progress(sum(steps[state.next_task:]), f"repeat {repeat + 1}/{cfg.repeats}",
+                       enabled=None if not quiet else False)
+        with bar:
+            for task_index in range(state.next_task, stream_r.num_tasks):
+                start = time.perf_counter()
+                if steps[task_index] or not cfg.strategy == "offline":
+                    state.train_task(task_index, steps[task_index], bar)
+                state.seconds += time.perf_counter() - start
+                state.next_task = task_index + 1
+                if cfg.strategy == "offline" and task_index < stream_r.num_tasks - 1:
+                    continue
+                row = state.evaluate()
+                state.accuracy.append(row)
+                run.log(repeat=repeat, task=task_index, accuracy=row, average=sum(row[:task_index + 1]) / (task_index + 1),
+                        seconds=state.seconds)
+                atomic_torch_save(state.state(), checkpoint_path)
+        result = {"repeat": repeat, "seed": state.seed, "accuracy": state.accuracy, "seconds": state.seconds,
+                  "parameters": count_parameters(state.model)}
+        if repeat == 0:
+            result["usage_by_task"] = _usage_by_task(state.model, stream_r)
+        atomic_write_text(done_file, json.dumps(result))
+        finished.append(result)
+        if not quiet:
+            print(f"repeat {repeat + 1}/{cfg.repeats}: final average accuracy {sum(state.accuracy[-1]) / len(state.accuracy[-1]):.2f}% "
+                  f"({state.seconds:.0f} s)")
+    summary = summarise(finished)
+    results = {"preset": preset, "config": asdict(cfg), "data": record["data"], "steps_per_task": steps,
+               "parameters": finished[0]["parameters"], "seconds_per_repeat": [r["seconds"] for r in finished],
+               "wall_seconds_total": sum(r["seconds"] for r in finished),
+               "usage_by_task": finished[0].get("usage_by_task", {}), **summary}
+    run.write_results(results)
+    if checkpoint_path.exists():
+        checkpoint_path.unlink()
+    fa = summary["final_average_accuracy"]
+    print(f"{cfg.benchmark}/{cfg.scenario} {cfg.strategy} {cfg.model}: final average accuracy "
+          f"{fa['mean']:.2f} +- {fa['std']:.2f} over {cfg.repeats} repeats; {results['wall_seconds_total']:.0f} s")
+    return results

@@ -1,0 +1,227 @@
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from neurocoder.data.streams import permuted_stream, prepare_images, split_stream
+from neurocoder.experiments.models import build_mlp, count_parameters
+from neurocoder.experiments.registry import make_config
+from neurocoder.report import continual_tables, load_runs, write_report
+from neurocoder.train.continual import ContinualConfig, run_continual, summarise
+from neurocoder.train.strategies import STRATEGIES
+
+from test_data import isolated, make_idx_folder  # noqa: F401
+
+
+def _toy_stream(scenario="domain"):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(400, 20, generator=g)
+    y = torch.arange(400) % 4
+    x = x + F.one_hot(y, 20).float() * 3          # learnable
+    return split_stream(x[:300], y[:300], x[300:], y[300:], [(0, 1), (2, 3)], scenario)
+
+
+def test_split_stream_scenarios_and_heads():
+    for scenario, heads, size, labels in (("task", 2, 2, {0, 1}), ("domain", 1, 2, {0, 1}),
+                                          ("class", 1, 4, {2, 3})):
+        stream = _toy_stream(scenario)
+        assert (stream.num_heads, stream.head_size) == (heads, size)
+        assert set(stream.tasks[1].train_y.tolist()) == labels
+        model = build_mlp("mlp", 20, stream.num_heads, stream.head_size, hidden=16)
+        assert len(model.heads) == heads
+        # Mixed-task batches route each sample to its own head.
+        x = torch.randn(6, 20)
+        mixed = model(x, torch.tensor([0, 1, 0, 1, 1, 0]) if heads == 2 else None)
+        if heads == 2:
+            torch.testing.assert_close(mixed[1], model(x[1:2], 1)[0])
+    with pytest.raises(ValueError, match="unknown scenario"):
+        split_stream(torch.zeros(2, 3), torch.zeros(2).long(), torch.zeros(2, 3), torch.zeros(2).long(), [(0,)], "x")
+
+
+def test_permuted_stream_and_preparation():
+    images = torch.randint(0, 256, (10, 28, 28), dtype=torch.uint8)
+    x = prepare_images(images)
+    assert x.shape == (10, 1024)
+    torch.testing.assert_close(x.view(10, 32, 32)[:, 0, 0], torch.full((10,), -0.1307 / 0.3081))
+    stream = permuted_stream(x, torch.arange(10) % 10, x, torch.arange(10) % 10, 3, seed=1)
+    assert torch.equal(stream.tasks[0].train_x, x)
+    assert not torch.equal(stream.tasks[1].train_x, x)
+    assert torch.equal(stream.tasks[1].train_x.sort(1).values, x.sort(1).values)
+
+
+def _train(model, strategy, x, y, steps=60, lr=0.01):
+    opt = torch.optim.Adam(model.parameters(), lr=lr)   # bounded steps: strong penalties stay stable
+    heads = torch.zeros(len(y), dtype=torch.long)
+    for _ in range(steps):
+        bx, by, bh = strategy.training_batch(x, y, heads)
+        loss = F.cross_entropy(model(bx, bh), by) + strategy.penalty()
+        opt.zero_grad()
+        loss.backward()
+        strategy.before_step()
+        opt.step()
+        strategy.after_step()
+
+
+@pytest.mark.parametrize("name", ["l2", "ewc", "online-ewc", "si", "mas"])
+def test_regularisers_change_the_loss_and_resist_moving_important_weights(name):
+    stream = _toy_stream()
+    a, b = stream.tasks
+    drift = {}
+    for coef in (0.0, None):
+        torch.manual_seed(0)
+        model = build_mlp("mlp", 20, 1, 2, hidden=16)
+        strategy = STRATEGIES[name](model, coef)
+        _train(model, strategy, a.train_x, a.train_y)
+        heads = torch.zeros(len(a.train_y), dtype=torch.long)
+
+        def batches():
+            yield from [(a.train_x[i:i + 50], a.train_y[i:i + 50], heads[i:i + 50]) for i in range(0, 150, 50)]
+
+        def loss_fn(x, y, h, targets=None):
+            return F.cross_entropy(model(x, h), y if targets is None else targets)
+
+        assert strategy.penalty() == 0.0  # nothing to protect before the first task ends
+        strategy.after_task(0, batches, loss_fn)
+        if coef is None:
+            # Importance scales differ by orders of magnitude between methods on a toy task:
+            # set the strength so that coef * mean importance = 10, a clear pull for all.
+            values = torch.cat([v.flatten() for v in strategy.terms[0]["importance"].values()])
+            strategy.coef = 10.0 / values.mean().item()
+        anchor = {n: p.detach().clone() for n, p in model.named_parameters()}
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(0.01)
+        if coef is None:
+            assert float(strategy.penalty().detach()) > 0
+            importance = strategy.terms[0]["importance"]
+            assert all((v >= 0).all() for v in importance.values())
+        with torch.no_grad():
+            for n, p in model.named_parameters():
+                p.copy_(anchor[n])
+        _train(model, strategy, b.train_x, b.train_y)
+        # Drift weighted by the importance learnt on task A (the same in both runs: task A
+        # trains identically), i.e. how far the *important* weights moved while learning task B.
+        importance = strategy.terms[0]["importance"]
+        drift[coef] = sum((importance[n] * (p.detach() - anchor[n]) ** 2).sum().item()
+                          for n, p in model.named_parameters())
+    assert drift[None] < 0.5 * drift[0.0], drift
+
+
+def test_rehearsal_keeps_a_fixed_budget_over_tasks():
+    stream = _toy_stream()
+    model = build_mlp("mlp", 20, 1, 2, hidden=8)
+    strategy = STRATEGIES["rehearsal"](model, memory_size=30, seed=0)
+    for task in stream.tasks:
+        heads = torch.zeros(len(task.train_y), dtype=torch.long)
+        strategy.after_task(task.index, lambda t=task, h=heads: iter([(t.train_x, t.train_y, h)]), None)
+    assert [len(p[0]) for p in strategy.per_task] == [15, 15]
+    x, y, h = strategy.training_batch(torch.zeros(4, 20), torch.zeros(4).long(), torch.zeros(4).long())
+    assert x.shape == (8, 20)
+
+
+def test_summarise_accuracy_matrix():
+    rep = {"accuracy": [[90.0, 10.0], [70.0, 95.0]]}
+    s = summarise([rep, rep])
+    assert s["final_average_accuracy"]["mean"] == pytest.approx(82.5)
+    assert s["backward_transfer"]["mean"] == pytest.approx(-20.0)
+    assert s["average_accuracy_after_each_task"]["mean"] == pytest.approx([90.0, 82.5])
+
+
+def test_set_overrides_and_errors():
+    cfg = make_config("split-mnist-domain", ["strategy=ewc", "repeats=3", "lr=0.01", "layer_options.least_used=5"])
+    assert (cfg.strategy, cfg.repeats, cfg.lr, cfg.layer_options) == ("ewc", 3, 0.01, {"least_used": 5})
+    with pytest.raises(ValueError, match="unknown key; known keys"):
+        make_config("split-mnist-domain", ["colour=red"])
+    with pytest.raises(ValueError, match=r"strategy='magic'"):
+        make_config("split-mnist-domain", ["strategy=magic"])
+    with pytest.raises(ValueError, match="unknown preset"):
+        make_config("cifar", [])
+    assert ContinualConfig(optimizer="adagrad").resolved().lr == 1e-2
+    assert ContinualConfig(strategy="online-ewc").resolved().coef == 700.0
+
+
+def test_model_variants_parameter_counts():
+    counts = {v: count_parameters(build_mlp(v, 1024, 1, 2)) for v in ("mlp", "neurocoder-released", "nsm", "moe")}
+    assert counts["mlp"] == 570_402 and counts["neurocoder-released"] == 419_410
+    for v in ("nsm", "moe"):
+        assert 0.7 < counts[v] / counts["neurocoder-released"] < 1.3, counts
+
+
+def _tiny_config(data_dir, **extra):
+    values = dict(benchmark="split-mnist", scenario="domain", repeats=2, steps_per_task=6, batch_size=16,
+                  hidden=16, data_dir=str(data_dir), threads=1)
+    return ContinualConfig(**{**values, **extra})
+
+
+@pytest.mark.parametrize("strategy", ["naive", "offline", "rehearsal", "ewc"])
+@pytest.mark.parametrize("model", ["mlp", "neurocoder-released"])
+def test_run_continual_tiny(isolated, strategy, model):  # noqa: F811
+    make_idx_folder(isolated / "mnist", n_train=300, n_test=100)
+    results = run_continual(_tiny_config(isolated / "mnist", strategy=strategy, model=model), isolated / "run",
+                            quiet=True)
+    matrix = results["accuracy_matrices"][0]
+    assert len(matrix) == (1 if strategy == "offline" else 5) and len(matrix[0]) == 5
+    assert results["repeats"] == 2 and results["final_average_accuracy"]["std"] >= 0
+    assert (isolated / "run" / "repeats" / "repeat-01.json").exists()
+    assert not (isolated / "run" / "checkpoint.pt").exists()
+    if model.startswith("neurocoder"):
+        usage = results["usage_by_task"]
+        assert set(usage) == {"body.0", "body.2", "heads.0"} and len(usage["body.0"]) == 5
+
+
+def test_resume_after_kill_gives_the_same_result(isolated):  # noqa: F811
+    make_idx_folder(isolated / "mnist", n_train=600, n_test=100)
+    args = ["--set", "repeats=2", "--set", "steps_per_task=30", "--set", "batch_size=16", "--set", "hidden=32",
+            "--set", f"data_dir={isolated / 'mnist'}", "--set", "threads=1", "--set", "strategy=ewc",
+            "--set", "model=neurocoder-released"]
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src")}
+    command = [sys.executable, "-m", "neurocoder.cli", "run", "split-mnist-domain"]
+    subprocess.run(command + args + ["--out", str(isolated / "whole")], check=True, env=env, capture_output=True)
+
+    killed = subprocess.Popen(command + args + ["--out", str(isolated / "killed")], env=env,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    metrics = isolated / "killed" / "metrics.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline:   # kill once the second repeat has finished a task
+        if metrics.exists() and len(metrics.read_text().splitlines()) >= 7:
+            break
+        time.sleep(0.05)
+    killed.send_signal(signal.SIGKILL)
+    killed.wait()
+    assert not (isolated / "killed" / "results.json").exists(), "the run finished before it was killed"
+    subprocess.run(command + args + ["--out", str(isolated / "killed"), "--resume"], check=True, env=env,
+                   capture_output=True)
+    whole = json.loads((isolated / "whole" / "results.json").read_text())
+    resumed = json.loads((isolated / "killed" / "results.json").read_text())
+    assert resumed["accuracy_matrices"] == whole["accuracy_matrices"]
+    assert resumed["final_average_accuracy"] == whole["final_average_accuracy"]
+
+
+def test_resume_refuses_a_different_config(isolated):  # noqa: F811
+    make_idx_folder(isolated / "mnist", n_train=100, n_test=50)
+    run_continual(_tiny_config(isolated / "mnist", repeats=1), isolated / "run", quiet=True)
+    with pytest.raises(ValueError, match="differs from the one"):
+        run_continual(_tiny_config(isolated / "mnist", repeats=1, lr=0.5), isolated / "run", resume=True, quiet=True)
+    with pytest.raises(FileExistsError, match="already exists"):
+        run_continual(_tiny_config(isolated / "mnist", repeats=1), isolated / "run", quiet=True)
+
+
+def test_report_lays_out_published_numbers(isolated):  # noqa: F811
+    make_idx_folder(isolated / "mnist", n_train=100, n_test=50)
+    for model in ("mlp", "neurocoder-released"):
+        run_continual(_tiny_config(isolated / "mnist", repeats=1, model=model, strategy="online-ewc"),
+                      isolated / "runs" / model, quiet=True)
+    runs = load_runs([isolated / "runs"])
+    table = continual_tables(runs)
+    assert "| Online EWC |" in table and "71.79 +- 2.04" in table and "gap (released - MLP)" in table
+    path = write_report(runs, isolated / "report")
+    assert path.exists() and list((isolated / "report").glob("accuracy_after_each_task_*.png"))
+    with pytest.raises(FileNotFoundError, match="no finished run"):
+        load_runs([isolated / "mnist"])
