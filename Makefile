@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 # The pinned CPU build; pyproject.toml declares the looser range users install against.
 TORCH  := torch==2.13.0
 
-.PHONY: setup data demo test test-fast bench clean
+.PHONY: setup data demo demo-reads reproduce-r1 test test-fast bench clean
 
 setup: $(VENV)/.installed data
 
@@ -20,8 +20,18 @@ $(VENV)/.installed: pyproject.toml
 data:
 	bash scripts/install_data.sh
 
+# A short version of the split-MNIST continual-learning experiment (2 repeats, ~5 minutes):
+# MLP vs the released Neurocoder MLP with Adam and online EWC, then the table and plots.
 demo: setup
+	STRATEGIES="adam-naive online-ewc" bash scripts/reproduce_r1.sh 2 runs/demo
+
+# Plain vs Neurocoder MLP on Fashion-MNIST, and what each class read (~1 minute).
+demo-reads: setup
 	$(VENV)/bin/neurocoder demo
+
+# The full R1 table: 10 repeats of 4 strategies x 2 models (~30 minutes on 2 cores).
+reproduce-r1: setup
+	bash scripts/reproduce_r1.sh 10 runs/r1
 
 test: $(VENV)/.installed
 	$(PY) -m pytest

@@ -225,3 +225,31 @@ def test_report_lays_out_published_numbers(isolated):  # noqa: F811
     assert path.exists() and list((isolated / "report").glob("accuracy_after_each_task_*.png"))
     with pytest.raises(FileNotFoundError, match="no finished run"):
         load_runs([isolated / "mnist"])
+
+
+def test_freeze_programs_freezes_the_most_read_slots_per_task(isolated):  # noqa: F811
+    make_idx_folder(isolated / "mnist", n_train=200, n_test=50)
+    cfg = _tiny_config(isolated / "mnist", repeats=1, model="neurocoder-released", freeze_programs=3)
+    from neurocoder.train.continual import _Repeat, build_stream
+    cfg = cfg.resolved()
+    stream, _ = build_stream(cfg, 0)
+    state = _Repeat(cfg, stream, 0)
+    state.train_task(0, 4, None)
+    body = state.model.body[0].memory
+    first = body.frozen_slots
+    assert len(first) == 3
+    frozen_u = body.u[first].clone()
+    state.next_task = 1
+    state.train_task(1, 4, None)
+    assert len(body.frozen_slots) == 6 and set(first) < set(body.frozen_slots)
+    assert torch.equal(body.u[first], frozen_u)
+
+
+def test_any_tensors_become_a_stream_through_the_python_api(tmp_path):
+    stream = _toy_stream("task")
+    cfg = ContinualConfig(repeats=1, epochs=10, batch_size=32, hidden=16, threads=1, strategy="online-ewc", lr=0.01)
+    results = run_continual(cfg, tmp_path / "run", quiet=True, stream=stream)
+    assert len(results["accuracy_matrices"][0]) == 2
+    assert results["final_average_accuracy"]["mean"] > 80      # the toy tasks are learnable
+    assert results["steps_per_task"] == [10 * 5, 10 * 5]          # 10 epochs of 150 samples at batch 32
+    assert results["data"]["name"] == "custom"

@@ -66,6 +66,9 @@ class ContinualConfig:
     # The released code adds the orthogonality loss to the loss whose gradients give EWC's Fisher
     # and MAS's importance; True reproduces that (it anchors the program memory much harder).
     importance_with_orthogonality: bool = False
+    # Neurocoder models: after each task, freeze the this-many slots per layer that the task read
+    # most (among those not frozen yet), so later tasks cannot overwrite those programs.
+    freeze_programs: int = 0
 
     def resolved(self) -> "ContinualConfig":
         cfg = ContinualConfig(**asdict(self))
@@ -196,11 +199,36 @@ class _Repeat:
             yield from _batches(task.train_x, task.train_y, self.heads_for(task_index, n), cfg.batch_size,
                                 math.ceil(n / cfg.batch_size), g)
 
+        if cfg.freeze_programs > 0:
+            self.freeze_most_read(task_batches)
         loss_fn = self.loss
         if cfg.importance_with_orthogonality:
             def loss_fn(x, y, heads, targets=None):
                 return self.loss(x, y, heads, targets) + neurocoder.regularization(self.model, cfg.orthogonality_weight)
         self.strategy.after_task(task_index, task_batches, loss_fn)
+
+    @torch.no_grad()
+    def freeze_most_read(self, batches) -> None:
+        layers = dict(neurocoder.neurocoder_layers(self.model))
+        if not layers:
+            return
+        reads = {name: 0.0 for name in layers}
+        was_training = self.model.training
+        self.model.eval()
+        with neurocoder.record(self.model) as traces:
+            for x, _, heads in batches():
+                self.model(x, heads)
+        for name, layer_traces in traces.items():
+            for trace in layer_traces:
+                reads[name] = reads[name] + sum(trace.slot_usage(b).sum(0) for b in ("u", "v", "s"))
+        for name, layer in layers.items():
+            if isinstance(reads[name], float):
+                continue   # a head this task did not use
+            score = reads[name].masked_fill(layer.memory.frozen, -1.0)
+            available = int((~layer.memory.frozen).sum())
+            chosen = score.topk(min(self.cfg.freeze_programs, available)).indices
+            layer.memory.freeze(chosen[score[chosen] > 0].tolist())
+        self.model.train(was_training)
 
     @torch.no_grad()
     def evaluate(self) -> list[float]:
@@ -260,13 +288,26 @@ def summarise(repeats: list[dict]) -> dict:
 
 
 def run_continual(cfg: ContinualConfig, out: str | Path, resume: bool = False, preset: str | None = None,
-                  quiet: bool = False) -> dict:
+                  quiet: bool = False, stream: Stream | None = None) -> dict:
+    """Run ``cfg.repeats`` repeats into the run folder ``out`` and return the results.
+
+    ``stream``: train on your own task stream (from :func:`~neurocoder.data.streams.split_stream`
+    or :func:`~neurocoder.data.streams.permuted_stream` over any tensors) instead of
+    ``cfg.benchmark``; ``steps_per_task`` then defaults to ``epochs`` passes over each task.
+    """
     cfg.check()
     cfg = cfg.resolved()
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     out = Path(out)
-    stream, data_info = build_stream(cfg, cfg.seed)
+    custom = stream is not None
+    if custom:
+        data_info = {"name": "custom", "source": stream.description or "tensors given through the Python API",
+                     "train_samples": sum(len(t.train_y) for t in stream.tasks),
+                     "test_samples": sum(len(t.test_y) for t in stream.tasks)}
+        cfg.scenario = stream.scenario
+    else:
+        stream, data_info = build_stream(cfg, cfg.seed)
     steps = _steps_per_task(cfg, stream, data_info)
     if cfg.strategy == "offline":
         total = sum(_steps_per_task(ContinualConfig(**{**asdict(cfg), "strategy": "naive"}), stream, data_info))
@@ -287,7 +328,7 @@ def run_continual(cfg: ContinualConfig, out: str | Path, resume: bool = False, p
         run = RunFolder.create(out, record, seed=cfg.seed)
     (out / "repeats").mkdir(exist_ok=True)
     if not quiet:
-        print(f"{cfg.benchmark} ({cfg.scenario}-incremental), {cfg.strategy}, {cfg.model}; data: {data_info['source']}; "
+        print(f"{cfg.benchmark if not custom else 'custom stream'} ({cfg.scenario}-incremental), {cfg.strategy}, {cfg.model}; data: {data_info['source']}; "
               f"{sum(steps)} steps per repeat, {cfg.repeats} repeats -> {out}")
 
     finished = []
@@ -297,7 +338,8 @@ def run_continual(cfg: ContinualConfig, out: str | Path, resume: bool = False, p
         if done_file.exists():
             finished.append(json.loads(done_file.read_text()))
             continue
-        stream_r = stream if cfg.benchmark != "permuted-mnist" else build_stream(cfg, cfg.seed * 1000 + repeat)[0]
+        fresh_permutations = cfg.benchmark == "permuted-mnist" and not custom
+        stream_r = build_stream(cfg, cfg.seed * 1000 + repeat)[0] if fresh_permutations else stream
         state = _Repeat(cfg, stream_r, repeat)
         if checkpoint_path.exists():
             try:
