@@ -1,14 +1,10 @@
-"""Online EWC (Schwarz et al. 2018): one running Fisher (sum over tasks), anchored at the latest
-parameters."""
+"""Online EWC (Schwarz et al. 2018): one running Fisher (the sum over tasks), anchored at the latest
+parameters, instead of one penalty term per task."""
 
-from .base import QuadraticPenalty
-from .ewc import diagonal_fisher
+from .ewc import EWC
 
 
-class OnlineEWC(QuadraticPenalty):
+class OnlineEWC(EWC):
     name = "online-ewc"
     default_coef = 700.0    # R1 protocol
     online = True
-
-    def importance(self, batches, loss_fn):
-        return diagonal_fisher(self.model, batches, loss_fn)
