@@ -180,13 +180,15 @@ class NeurocoderLayer(nn.Module):
                 weights, usage = read_with_least_used(attention, plan.gates.to(dtype), self.least_used)
             else:
                 weights = attention
+            stacked = weights
             # Unbinding once keeps the backward pass from materialising a zero tensor per bank.
             weights = weights.unbind(0)
             raw_sigma = weights[2] @ self.memory.s.to(dtype)                        # (B, R)
             sigma = singular_values(raw_sigma)
         if self.training and not _under_functorch(sigma):
             with torch.no_grad():
-                batch_usage = usage if usage is not None else _max_over_components(weights)
+                # One reduction over the contiguous (3, B, R, P) weights.
+                batch_usage = usage if usage is not None else stacked.amax(dim=2)
                 self.memory.update_usage(batch_usage.mean(dim=1))
         return sigma, weights, plan, attention, usage
 

@@ -34,7 +34,9 @@ def content_attention(queries: torch.Tensor, keys: torch.Tensor, sharpness: torc
     """
     J, B, R, _ = queries.shape
     # Scaling the unit queries by the sharpness costs k multiplies per query instead of P.
-    q = F.normalize(queries, dim=-1, eps=_EPS) * sharpness
+    q = F.normalize(queries, dim=-1, eps=_EPS)
+    if isinstance(sharpness, torch.Tensor) or sharpness != 1.0:
+        q = q * sharpness
     k = F.normalize(keys, dim=-1, eps=_EPS)
     if slot_bias is None:
         logits = torch.bmm(q.reshape(J, B * R, -1), k.transpose(1, 2))

@@ -169,6 +169,7 @@ def _figures(runs: list[dict], out: Path) -> list[Path]:
             low = [m - s for m, s in zip(curve["mean"], curve["std"])]
             high = [m + s for m, s in zip(curve["mean"], curve["std"])]
             ax.fill_between(xs, low, high, alpha=0.15, color=line.get_color())
+        ax.set_xticks(range(1, max(len(r["average_accuracy_after_each_task"]["mean"]) for r in members) + 1))
         ax.set_xlabel("tasks learnt")
         ax.set_ylabel("average accuracy on tasks so far (%)")
         ax.set_title(f"{benchmark}, incremental {scenario}")
