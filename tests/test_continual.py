@@ -253,3 +253,11 @@ def test_any_tensors_become_a_stream_through_the_python_api(tmp_path):
     assert results["final_average_accuracy"]["mean"] > 80      # the toy tasks are learnable
     assert results["steps_per_task"] == [10 * 5, 10 * 5]          # 10 epochs of 150 samples at batch 32
     assert results["data"]["name"] == "custom"
+
+
+def test_project_model_freezes_programs_by_default():
+    assert ContinualConfig(model="neurocoder").resolved().freeze_programs == 10
+    assert ContinualConfig(model="neurocoder-released").resolved().freeze_programs == 0
+    assert ContinualConfig(model="neurocoder", freeze_programs=0).resolved().freeze_programs == 0
+    with pytest.raises(ValueError, match="freeze_programs=-1"):
+        ContinualConfig(freeze_programs=-1).check()

@@ -14,14 +14,16 @@ from neurocoder import MoELinear, NSMLinear, presets
 
 __all__ = ["MultiHeadMLP", "build_mlp", "MODEL_VARIANTS", "count_parameters"]
 
-# The project's own continual-learning configuration; see README (continual learning) for how it
-# was chosen against the released one.
-PROJECT_CONTINUAL = dict(presets.layer_options("released"), least_used=5, sharpness="learned")
+# The project's own continual-learning configuration: the released layers, plus freezing the
+# programs each task read most (PROJECT_FREEZE_PROGRAMS slots per layer per task; a trainer
+# option). See README (continual learning) for the measurements that chose it.
+PROJECT_CONTINUAL = presets.layer_options("released")
+PROJECT_FREEZE_PROGRAMS = 10
 
 MODEL_VARIANTS = {
     "mlp": "plain MLP (hidden layers without bias, as in the protocol)",
     "neurocoder-released": "every linear layer a Neurocoder layer, the authors' released configuration",
-    "neurocoder": "every linear layer a Neurocoder layer, this project's continual configuration",
+    "neurocoder": "released layers + the 10 most-read programs per layer frozen after each task (project config)",
     "nsm": "hidden layers as NSM layers (4 whole stored matrices), width 96: comparable parameter count",
     "moe": "hidden layers as mixtures of 4 experts (top-2), width 96: comparable parameter count",
 }

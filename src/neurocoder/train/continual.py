@@ -68,7 +68,8 @@ class ContinualConfig:
     importance_with_orthogonality: bool = False
     # Neurocoder models: after each task, freeze the this-many slots per layer that the task read
     # most (among those not frozen yet), so later tasks cannot overwrite those programs.
-    freeze_programs: int = 0
+    # None: the model's default (10 for model=neurocoder, else 0).
+    freeze_programs: int | None = None
 
     def resolved(self) -> "ContinualConfig":
         cfg = ContinualConfig(**asdict(self))
@@ -76,6 +77,9 @@ class ContinualConfig:
             cfg.lr = 1e-2 if cfg.optimizer == "adagrad" else 1e-3
         if cfg.coef is None:
             cfg.coef = STRATEGIES[cfg.strategy].default_coef
+        if cfg.freeze_programs is None:
+            from neurocoder.experiments.models import PROJECT_FREEZE_PROGRAMS
+            cfg.freeze_programs = PROJECT_FREEZE_PROGRAMS if cfg.model == "neurocoder" else 0
         return cfg
 
     def check(self) -> None:
@@ -91,6 +95,8 @@ class ContinualConfig:
         from neurocoder.experiments.models import MODEL_VARIANTS
         if self.model not in MODEL_VARIANTS:
             problems.append(f"model={self.model!r} (choose {sorted(MODEL_VARIANTS)})")
+        if self.freeze_programs is not None and self.freeze_programs < 0:
+            problems.append(f"freeze_programs={self.freeze_programs} (must be >= 0)")
         for name in ("epochs", "batch_size", "repeats", "hidden", "num_tasks"):
             if getattr(self, name) < 1:
                 problems.append(f"{name}={getattr(self, name)} (must be >= 1)")
@@ -199,7 +205,7 @@ class _Repeat:
             yield from _batches(task.train_x, task.train_y, self.heads_for(task_index, n), cfg.batch_size,
                                 math.ceil(n / cfg.batch_size), g)
 
-        if cfg.freeze_programs > 0:
+        if cfg.freeze_programs:
             self.freeze_most_read(task_batches)
         loss_fn = self.loss
         if cfg.importance_with_orthogonality:
