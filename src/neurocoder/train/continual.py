@@ -70,6 +70,7 @@ class ContinualConfig:
     # most (among those not frozen yet), so later tasks cannot overwrite those programs.
     # None: the model's default (10 for model=neurocoder, else 0).
     freeze_programs: int | None = None
+    moe_balance_weight: float = 0.01     # weight of MoE layers' load-balancing loss (model=moe)
 
     def resolved(self) -> "ContinualConfig":
         cfg = ContinualConfig(**asdict(self))
@@ -160,6 +161,7 @@ class _Repeat:
                                cfg.layer_options)
         self.optimizer = OPTIMIZERS[cfg.optimizer](self.model.parameters(), lr=cfg.lr)
         self.strategy = STRATEGIES[cfg.strategy](self.model, cfg.coef, memory_size=cfg.memory_size, seed=self.seed)
+        self.has_moe = any(isinstance(m, neurocoder.MoELinear) for m in self.model.modules())
         self.accuracy: list[list[float]] = []
         self.next_task = 0
         self.seconds = 0.0
@@ -190,6 +192,8 @@ class _Repeat:
         for x, y, heads in _batches(xs, ys, hs, cfg.batch_size, steps, generator):
             x, y, heads = self.strategy.training_batch(x, y, heads)
             loss = self.loss(x, y, heads) + neurocoder.regularization(self.model, cfg.orthogonality_weight)
+            if self.has_moe:
+                loss = loss + cfg.moe_balance_weight * neurocoder.load_balancing_loss(self.model)
             loss = loss + self.strategy.penalty()
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
