@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Split MNIST, incremental domain: the R1 table (../shared/REFERENCE_RESULTS.md), like for like.
 #   bash scripts/reproduce_r1.sh [REPEATS] [OUT]
-#   env: MODELS (default "mlp neurocoder-released"), STRATEGIES (default "adam-naive adagrad-naive
+#   env: MODELS (default "mlp neurocoder-released neurocoder"; also nsm, moe), STRATEGIES (default "adam-naive adagrad-naive
 #        ewc online-ewc"), EXTRA_SET (more --set flags, e.g. "--set freeze_programs=5")
 # Runs every (strategy, model) pair into OUT/<strategy>-<model>, two at a time with one thread each
 # (2 cores), resumes any that an earlier call left unfinished, then writes OUT/report.
@@ -22,7 +22,7 @@ declare -A flags=(
   [si]="--set strategy=si" [mas]="--set strategy=mas" [rehearsal]="--set strategy=rehearsal"
   [offline]="--set strategy=offline")
 jobs=()
-for model in ${MODELS:-mlp neurocoder-released}; do
+for model in ${MODELS:-mlp neurocoder-released neurocoder}; do
   for strategy in $strategies; do
     jobs+=("$model $strategy ${flags[$strategy]} ${EXTRA_SET:-}")
   done

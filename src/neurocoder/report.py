@@ -100,6 +100,8 @@ def continual_tables(runs: list[dict]) -> str:
         header = ["method"] + [MODEL_LABELS[m] for m in models]
         if "mlp" in models and "neurocoder-released" in models:
             header.append("gap (released - MLP)")
+        if "mlp" in models and "neurocoder" in models:
+            header.append("gap (project - MLP)")
         header += published["columns"]
         lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
         for label in sorted(cells, key=lambda l: ROW_ORDER.index(l) if l in ROW_ORDER else 99):
@@ -117,6 +119,10 @@ def continual_tables(runs: list[dict]) -> str:
                     except (ValueError, IndexError):
                         pass
                 row.append(gap)
+            if "gap (project - MLP)" in header:
+                a, b = cells[label].get("neurocoder"), cells[label].get("mlp")
+                row.append(f"{a['final_average_accuracy']['mean'] - b['final_average_accuracy']['mean']:+.2f}"
+                           if a and b else "")
             row += published["rows"].get(label, [""] * len(published["columns"]))
             lines.append("| " + " | ".join(row) + " |")
         parts.append("\n".join(lines))
