@@ -20,7 +20,7 @@ $(VENV)/.installed: pyproject.toml
 data:
 	bash scripts/install_data.sh
 
-# A short version of the split-MNIST continual-learning experiment (2 repeats, ~5 minutes):
+# A short version of the split-MNIST continual-learning experiment (2 repeats, ~6 minutes):
 # MLP vs the released Neurocoder MLP with Adam and online EWC, then the table and plots.
 demo: setup
 	STRATEGIES="adam-naive online-ewc" bash scripts/reproduce_r1.sh 2 runs/demo
