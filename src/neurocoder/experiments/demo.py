@@ -136,7 +136,7 @@ def run_demo(cfg: DemoConfig, out: str | Path) -> dict:
               f"slots are some component's top read; sigma_1..R = "
               + ", ".join(f"{s:.2f}" for s in info["mean_sigma"][:4]) + ", ...")
     last = usage[list(usage)[-1]]
-    print(f"\n  output layer: the three slots each class reads most (mean read weight):")
+    print("\n  output layer: the three slots each class reads most (mean read weight):")
     for label in range(10):
         weights, slots = last[label].topk(3)
         name = FASHION_CLASSES[label] if cfg.dataset == "fashion-mnist" else str(label)

@@ -60,7 +60,7 @@ def apply_overrides(cfg: ContinualConfig, overrides: list[str]) -> ContinualConf
         if isinstance(current, int) and not isinstance(current, bool) and isinstance(value, float) and value.is_integer():
             value = int(value)
         if key == "layer_options" and not isinstance(value, dict):
-            raise ValueError(f"--set layer_options: expected a JSON object, e.g. '{{\"least_used\": 5}}'")
+            raise ValueError("--set layer_options: expected a JSON object, e.g. '{\"least_used\": 5}'")
         values[key] = value
     cfg = ContinualConfig(**values)
     cfg.check()
