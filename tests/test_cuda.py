@@ -1,0 +1,40 @@
+"""CUDA checks: skipped on machines without a GPU (CI here has none); run by scripts/device_check.sh."""
+
+import pytest
+import torch
+
+import neurocoder
+from neurocoder import NeurocoderConv2d, NeurocoderLinear
+
+from conftest import OPTION_GRID, option_id
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+
+@pytest.mark.parametrize("options", OPTION_GRID, ids=option_id)
+def test_linear_and_conv_on_cuda_match_cpu(options):
+    for layer, x in ((NeurocoderLinear(24, 12, num_programs=9, rank=4, key_dim=5, **options), torch.randn(16, 24)),
+                     (NeurocoderConv2d(3, 6, 3, padding=1, num_programs=8, rank=3, **options), torch.randn(4, 3, 9, 9))):
+        layer.eval()
+        expected = layer(x)
+        gpu = layer.cuda()
+        y = gpu(x.cuda())
+        assert y.device.type == "cuda"
+        torch.testing.assert_close(y.cpu(), expected, rtol=1e-3, atol=1e-4)
+        torch.testing.assert_close(gpu.forward_explicit(x.cuda()), y, rtol=1e-3, atol=1e-4)
+        (y.square().mean() + neurocoder.regularization(gpu)).backward()
+        assert all(p.grad is not None and p.grad.is_cuda for p in gpu.parameters())
+
+
+def test_cuda_bf16_autocast_compile_and_save(tmp_path):
+    layer = NeurocoderLinear(64, 32).cuda()
+    x = torch.randn(32, 64, device="cuda")
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        y = layer(x)
+    assert y.dtype == torch.bfloat16
+    compiled = torch.compile(layer, fullgraph=True)
+    torch.testing.assert_close(compiled(x), layer(x), rtol=1e-4, atol=1e-4)
+    path = layer.save_programs(tmp_path / "p.safetensors")
+    assert neurocoder.ProgramMemory.from_file(path, device="cuda").u.is_cuda
+    with pytest.raises(ValueError, match="is on cpu but the layer's parameters are on cuda"):
+        layer(torch.randn(2, 64))
