@@ -130,6 +130,15 @@ def test_grow_keeps_outputs_of_old_inputs_close(key_mode):
     assert change < 0.03, change
     assert layer.memory.slot_bias.shape == (3, 44)
     assert (layer.memory.slot_bias[:, :40] == 0).all() and (layer.memory.slot_bias[:, 40:] < 0).all()
+    # The same growth without the offsets: softmax over more slots dilutes every old read.
+    offsets = layer.memory.slot_bias.detach().clone()
+    with torch.no_grad():
+        layer.memory.slot_bias.zero_()
+        diluted = ((layer(x) - before).norm() / before.norm()).item()
+        layer.memory.slot_bias.copy_(offsets)
+    print(f"\ngrow 40 -> 44 slots ({key_mode} keys): old outputs move {change:.4f} with the slot offsets, "
+          f"{diluted:.4f} without")
+    assert change < diluted
     # The new slots are trainable: after a step they hold non-zero programs.
     optimiser = torch.optim.Adam(layer.parameters(), lr=1e-2)
     layer.train()
