@@ -125,8 +125,6 @@ def build_stream(cfg: ContinualConfig, seed: int) -> tuple[Stream, dict]:
 def _steps_per_task(cfg: ContinualConfig, stream: Stream, data_info: dict) -> list[int]:
     if cfg.steps_per_task:
         return [cfg.steps_per_task] * stream.num_tasks
-    if cfg.strategy == "offline":
-        return [0] * stream.num_tasks
     if data_info.get("subset") and data_info["name"] == "mnist":
         # Match the optimiser steps of the full-data protocol (60k MNIST).
         if cfg.benchmark == "permuted-mnist":
@@ -319,9 +317,10 @@ def run_continual(cfg: ContinualConfig, out: str | Path, resume: bool = False, p
     else:
         stream, data_info = build_stream(cfg, cfg.seed)
     steps = _steps_per_task(cfg, stream, data_info)
-    if cfg.strategy == "offline":
-        total = sum(_steps_per_task(ContinualConfig(**{**asdict(cfg), "strategy": "naive"}), stream, data_info))
-        steps = [total] + [0] * (stream.num_tasks - 1)
+    joint = STRATEGIES[cfg.strategy].joint
+    if joint:
+        # All the continual run's steps, spent on the first (joint) task; the others are skipped.
+        steps = [sum(steps)] + [0] * (stream.num_tasks - 1)
     record = {"preset": preset, "kind": "continual", **asdict(cfg),
               "data": {**data_info, "train_samples_per_task": [len(t.train_y) for t in stream.tasks],
                        "test_samples_per_task": [len(t.test_y) for t in stream.tasks]},
@@ -364,12 +363,12 @@ def run_continual(cfg: ContinualConfig, out: str | Path, resume: bool = False, p
         with bar:
             for task_index in range(state.next_task, stream_r.num_tasks):
                 start = time.perf_counter()
-                if steps[task_index] or not cfg.strategy == "offline":
+                if not (joint and task_index > 0):
                     state.train_task(task_index, steps[task_index], bar)
                 state.seconds += time.perf_counter() - start
                 state.next_task = task_index + 1
-                if cfg.strategy == "offline" and task_index < stream_r.num_tasks - 1:
-                    continue
+                if joint and task_index < stream_r.num_tasks - 1:
+                    continue   # the joint model is evaluated once, at the end
                 row = state.evaluate()
                 state.accuracy.append(row)
                 run.log(repeat=repeat, task=task_index, accuracy=row, average=sum(row[:task_index + 1]) / (task_index + 1),
