@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 # The pinned CPU build; pyproject.toml declares the looser range users install against.
 TORCH  := torch==2.13.0
 
-.PHONY: setup data demo demo-reads reproduce-r1 test test-fast bench clean
+.PHONY: setup data demo demo-reads reproduce-r1 reproduce-classification test test-fast bench clean
 
 setup: $(VENV)/.installed data
 
@@ -32,6 +32,10 @@ demo-reads: setup
 # The full R1 table: 10 repeats of 4 strategies x 3 models (~50 minutes on 2 cores).
 reproduce-r1: setup
 	bash scripts/reproduce_r1.sh 10 runs/r1
+
+# The object-recognition table (issue 4): 3 data sets x backbones x variants, 5 seeds (see README).
+reproduce-classification: setup
+	bash scripts/reproduce_classification.sh 5 runs/classification
 
 test: $(VENV)/.installed
 	$(PY) -m pytest

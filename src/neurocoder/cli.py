@@ -30,6 +30,7 @@ def _data(args: argparse.Namespace) -> int:
 
 
 def _list(args: argparse.Namespace) -> int:
+    from .experiments.backbones import BACKBONES, VARIANTS, variants_for
     from .experiments.models import MODEL_VARIANTS
     from .experiments.registry import PRESETS
     from .train.strategies import STRATEGIES
@@ -42,14 +43,24 @@ def _list(args: argparse.Namespace) -> int:
     print("\nmodels (--set model=NAME):")
     for name, description in MODEL_VARIANTS.items():
         print(f"  {name:<22} {description}")
+    print("\nclassify-* presets: backbones (--set backbone=NAME) and the variants each offers (--set variant=NAME):")
+    for name, (_, description) in BACKBONES.items():
+        print(f"  {name:<22} {description}; variants: {', '.join(variants_for(name))}")
+    for name, description in VARIANTS.items():
+        print(f"  {name:<22} {description}")
     return 0
 
 
 def _run(args: argparse.Namespace) -> int:
     from .experiments.registry import make_config
+    from .train.classification import ClassificationConfig, run_classification
     from .train.continual import run_continual
 
     cfg = make_config(args.preset, args.set)
+    if isinstance(cfg, ClassificationConfig):
+        out = Path(args.out) if args.out else Path("runs") / f"{args.preset}-{cfg.backbone}-{cfg.variant}"
+        run_classification(cfg, out, resume=args.resume, preset=args.preset)
+        return 0
     out = Path(args.out) if args.out else Path("runs") / (
         f"{args.preset}-{cfg.strategy}{'-' + cfg.optimizer if cfg.strategy == 'naive' else ''}-{cfg.model}")
     run_continual(cfg, out, resume=args.resume, preset=args.preset)
@@ -58,9 +69,10 @@ def _run(args: argparse.Namespace) -> int:
 
 def _report(args: argparse.Namespace) -> int:
     from .report import continual_tables, load_runs, write_report
+    from .report_classification import classification_tables
 
     runs = load_runs(args.runs)
-    print(continual_tables(runs))
+    print(continual_tables(runs) + classification_tables(runs))
     if args.out:
         path = write_report(runs, args.out)
         print(f"\nreport with figures: {path}")

@@ -142,12 +142,16 @@ def continual_tables(runs: list[dict]) -> str:
 
 
 def write_report(runs: list[dict], out: str | Path) -> Path:
-    """report.md, accuracy_after_each_task.png and usage_by_task_*.png in ``out``."""
+    """report.md and its figures in ``out``: continual-learning runs (accuracy after each task,
+    usage by task) and classification runs (accuracy bars, usage by class, composed weights)."""
+    from .report_classification import classification_figures, classification_tables
+
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    text = "# Neurocoder continual-learning report\n\nRuns: " + ", ".join(str(r["path"]) for r in runs) + "\n\n"
+    text = "# Neurocoder report\n\nRuns: " + ", ".join(str(r["path"]) for r in runs) + "\n\n"
     text += continual_tables(runs)
-    figures = _figures(runs, out)
+    text += classification_tables(runs)
+    figures = _figures(runs, out) + classification_figures(runs, out)
     if figures:
         text += "\n\n" + "\n".join(f"![{f.stem}]({f.name})" for f in figures) + "\n"
     (out / "report.md").write_text(text)
@@ -164,7 +168,8 @@ def _figures(runs: list[dict], out: Path) -> list[Path]:
     made = []
     groups = defaultdict(list)
     for run in runs:
-        groups[(run["config"]["benchmark"], run["config"]["scenario"])].append(run)
+        if run.get("config", {}).get("benchmark"):
+            groups[(run["config"]["benchmark"], run["config"]["scenario"])].append(run)
     for (benchmark, scenario), members in groups.items():
         fig, ax = plt.subplots(figsize=(7, 4.2))
         for run in sorted(members, key=lambda r: (_row_label(r["config"]), r["config"]["model"])):
@@ -188,6 +193,8 @@ def _figures(runs: list[dict], out: Path) -> list[Path]:
         made.append(path)
     for run in runs:
         usage = run.get("usage_by_task") or {}
+        if not run.get("config", {}).get("benchmark"):
+            continue
         if not usage:
             continue
         fig, axes = plt.subplots(1, len(usage), figsize=(4.5 * len(usage), 2.8), squeeze=False)

