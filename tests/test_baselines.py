@@ -55,3 +55,24 @@ def test_moe_errors():
         MoELinear(8, 3, num_experts=4, top_k=5)
     with pytest.raises(TypeError, match="floating-point"):
         MoELinear(8, 3)(torch.ones(2, 8, dtype=torch.long))
+
+
+def test_baselines_read_a_separate_context():
+    """NSM's query and MoE's gate can read a context of their own, as NeurocoderLinear's composer."""
+    x, cue = torch.randn(6, 8), torch.randn(6, 3)
+    nsm = NSMLinear(8, 4, num_programs=5, context_features=3)
+    moe = MoELinear(8, 4, num_experts=5, top_k=2, context_features=3).eval()
+    torch.nn.init.normal_(moe.gate.weight, std=3.0)   # zero at init (balanced routing): give it a say
+    for layer in (nsm, moe):
+        y = layer(x, cue)
+        assert y.shape == (6, 4)
+        # The mixture follows the context: another cue, another output for the same x.
+        assert not torch.allclose(layer(x, -cue), y)
+        with pytest.raises(ValueError, match="context_features=3; pass forward"):
+            layer(x)
+        with pytest.raises(ValueError, match="must have 3 features"):
+            layer(x, torch.randn(6, 2))
+    _, weights = nsm(x, cue, return_attention=True)
+    assert torch.allclose(weights.sum(-1), torch.ones(6), atol=1e-6)
+    with pytest.raises(ValueError, match="built without context_features"):
+        NSMLinear(8, 4)(x, cue)

@@ -36,6 +36,24 @@ def _check_input(owner: str, x: torch.Tensor, features: int, reference: torch.Te
         raise ValueError(f"{owner}: input is on {x.device} but the layer's parameters are on {reference.device}")
 
 
+def _context(owner: str, flat: torch.Tensor, context: torch.Tensor | None, features: int | None) -> torch.Tensor:
+    """The (B, features) context a query or gate reads: the input itself, or a separate context."""
+    if context is None:
+        if features is not None:
+            raise ValueError(f"{owner}: built with context_features={features}; pass forward(x, context)")
+        return flat
+    if features is None:
+        raise ValueError(f"{owner}: got a context but was built without context_features; build it with "
+                         f"context_features={context.shape[-1]}")
+    if context.shape[-1] != features:
+        raise ValueError(f"{owner}: context must have {features} features in its last dimension, got shape "
+                         f"{tuple(context.shape)}")
+    context = context.reshape(-1, features)
+    if context.shape[0] != flat.shape[0]:
+        raise ValueError(f"{owner}: context holds {context.shape[0]} rows but the input {flat.shape[0]}")
+    return context.to(flat.dtype)
+
+
 class NSMLinear(nn.Module):
     """A linear layer whose weight is a key-attention mixture of P whole stored matrices.
 
@@ -47,13 +65,16 @@ class NSMLinear(nn.Module):
         key_dim: k.
         sharpness: fixed attention sharpness (> 0).
         bias: learned bias.
+        context_features: size of a separate context the query reads (``forward(x, context)``);
+            None: the query reads the input, as NeurocoderLinear's composer does by default.
 
-    Shapes: x (..., in_features) -> (..., out_features). Cost O(B P d_in d_out): every stored
+    Shapes: x (..., in_features), context (..., context_features) -> (..., out_features). Cost O(B P d_in d_out): every stored
     program is applied, then mixed (cheaper than building a per-sample matrix when P < B).
     """
 
     def __init__(self, in_features: int, out_features: int, num_programs: int = 4, key_dim: int = 8,
-                 sharpness: float = 1.0, bias: bool = True, device=None, dtype=None) -> None:
+                 sharpness: float = 1.0, bias: bool = True, context_features: int | None = None, device=None,
+                 dtype=None) -> None:
         super().__init__()
         owner = f"NSMLinear(in_features={in_features}, out_features={out_features})"
         _check(owner, in_features=in_features, out_features=out_features, num_programs=num_programs,
@@ -66,7 +87,8 @@ class NSMLinear(nn.Module):
         self.num_programs, self.key_dim, self.sharpness = num_programs, key_dim, float(sharpness)
         self.programs = nn.Parameter(torch.empty(num_programs, in_features, out_features, **factory))
         self.keys = nn.Parameter(torch.empty(num_programs, key_dim, **factory))
-        self.query = nn.Linear(in_features, key_dim, **factory)
+        self.context_features = context_features
+        self.query = nn.Linear(context_features or in_features, key_dim, **factory)
         self.bias = nn.Parameter(torch.zeros(out_features, **factory)) if bias else None
         self.reset_parameters()
 
@@ -86,10 +108,10 @@ class NSMLinear(nn.Module):
         q = self.query(flat)[None, :, None, :]                                     # (1, B, 1, k)
         return content_attention(q, self.keys[None], self.sharpness)[0, :, 0]
 
-    def forward(self, x: torch.Tensor, return_attention: bool = False):
+    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None, return_attention: bool = False):
         _check_input(self._label, x, self.in_features, self.programs)
         flat = x.reshape(-1, self.in_features)
-        weights = self.attention(flat)
+        weights = self.attention(_context(self._label, flat, context, self.context_features))
         every = (flat @ self.programs.permute(1, 0, 2).reshape(self.in_features, -1))
         every = every.view(-1, self.num_programs, self.out_features)              # (B, P, d_out)
         y = torch.einsum("bp,bpo->bo", weights, every)
@@ -114,12 +136,15 @@ class MoELinear(nn.Module):
         top_k: experts used per input (1 <= top_k <= E).
         noisy_gating: add the learned noise to the gate logits while training.
         bias: experts have biases.
+        context_features: size of a separate context the gate reads (``forward(x, context)``);
+            None: the gate reads the input.
 
     Shapes: x (..., in_features) -> (..., out_features).
     """
 
     def __init__(self, in_features: int, out_features: int, num_experts: int = 4, top_k: int = 2,
-                 noisy_gating: bool = True, bias: bool = True, device=None, dtype=None) -> None:
+                 noisy_gating: bool = True, bias: bool = True, context_features: int | None = None, device=None,
+                 dtype=None) -> None:
         super().__init__()
         owner = f"MoELinear(in_features={in_features}, out_features={out_features})"
         _check(owner, in_features=in_features, out_features=out_features, num_experts=num_experts, top_k=top_k)
@@ -131,8 +156,9 @@ class MoELinear(nn.Module):
         self.num_experts, self.top_k, self.noisy_gating = num_experts, top_k, noisy_gating
         self.experts = nn.Parameter(torch.empty(num_experts, in_features, out_features, **factory))
         self.expert_bias = nn.Parameter(torch.zeros(num_experts, out_features, **factory)) if bias else None
-        self.gate = nn.Linear(in_features, num_experts, bias=False, **factory)
-        self.noise = nn.Linear(in_features, num_experts, bias=False, **factory)
+        self.context_features = context_features
+        self.gate = nn.Linear(context_features or in_features, num_experts, bias=False, **factory)
+        self.noise = nn.Linear(context_features or in_features, num_experts, bias=False, **factory)
         self.balance_loss = torch.zeros(())
         self.reset_parameters()
 
@@ -155,10 +181,10 @@ class MoELinear(nn.Module):
         sparse = torch.zeros_like(logits).scatter(-1, top_index, torch.softmax(top_values, dim=-1))
         return sparse, torch.softmax(logits, dim=-1)
 
-    def forward(self, x: torch.Tensor, return_gates: bool = False):
+    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None, return_gates: bool = False):
         _check_input(self._label, x, self.in_features, self.experts)
         flat = x.reshape(-1, self.in_features)
-        sparse, dense = self.gates(flat)
+        sparse, dense = self.gates(_context(self._label, flat, context, self.context_features))
         y = flat.new_zeros(flat.shape[0], self.out_features)
         routed = sparse > 0
         for e in range(self.num_experts):

@@ -48,6 +48,10 @@ def _list(args: argparse.Namespace) -> int:
         print(f"  {name:<22} {description}; variants: {', '.join(variants_for(name))}")
     for name, description in VARIANTS.items():
         print(f"  {name:<22} {description}")
+    from .experiments.program_models import PROGRAM_MODELS
+    print("\nprogram-* presets: models (--set model=NAME):")
+    for name, description in PROGRAM_MODELS.items():
+        print(f"  {name:<22} {description}")
     return 0
 
 
@@ -55,8 +59,13 @@ def _run(args: argparse.Namespace) -> int:
     from .experiments.registry import make_config
     from .train.classification import ClassificationConfig, run_classification
     from .train.continual import run_continual
+    from .train.programs import ProgramConfig, run_programs
 
     cfg = make_config(args.preset, args.set)
+    if isinstance(cfg, ProgramConfig):
+        out = Path(args.out) if args.out else Path("runs") / f"{args.preset}-{cfg.model}"
+        run_programs(cfg, out, resume=args.resume, preset=args.preset)
+        return 0
     if isinstance(cfg, ClassificationConfig):
         out = Path(args.out) if args.out else Path("runs") / f"{args.preset}-{cfg.backbone}-{cfg.variant}"
         run_classification(cfg, out, resume=args.resume, preset=args.preset)
@@ -70,9 +79,10 @@ def _run(args: argparse.Namespace) -> int:
 def _report(args: argparse.Namespace) -> int:
     from .report import continual_tables, load_runs, write_report
     from .report_classification import classification_tables
+    from .report_programs import program_tables
 
     runs = load_runs(args.runs)
-    print(continual_tables(runs) + classification_tables(runs))
+    print(continual_tables(runs) + classification_tables(runs) + program_tables(runs))
     if args.out:
         path = write_report(runs, args.out)
         print(f"\nreport with figures: {path}")

@@ -145,13 +145,15 @@ def write_report(runs: list[dict], out: str | Path) -> Path:
     """report.md and its figures in ``out``: continual-learning runs (accuracy after each task,
     usage by task) and classification runs (accuracy bars, usage by class, composed weights)."""
     from .report_classification import classification_figures, classification_tables
+    from .report_programs import program_figures, program_tables
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     text = "# Neurocoder report\n\nRuns: " + ", ".join(str(r["path"]) for r in runs) + "\n\n"
     text += continual_tables(runs)
     text += classification_tables(runs)
-    figures = _figures(runs, out) + classification_figures(runs, out)
+    text += program_tables(runs)
+    figures = _figures(runs, out) + classification_figures(runs, out) + program_figures(runs, out)
     if figures:
         text += "\n\n" + "\n".join(f"![{f.stem}]({f.name})" for f in figures) + "\n"
     (out / "report.md").write_text(text)

@@ -7,6 +7,7 @@ from dataclasses import asdict, fields
 
 from neurocoder.train.classification import ClassificationConfig
 from neurocoder.train.continual import ContinualConfig
+from neurocoder.train.programs import PROGRAM_TASKS, ProgramConfig
 
 __all__ = ["PRESETS", "make_config", "apply_overrides"]
 
@@ -15,7 +16,7 @@ def _continual(**values) -> ContinualConfig:
     return ContinualConfig(**values)
 
 
-PRESETS: dict[str, tuple[str, ContinualConfig | ClassificationConfig]] = {
+PRESETS: dict[str, tuple[str, ContinualConfig | ClassificationConfig | ProgramConfig]] = {
     "split-mnist-domain": ("split MNIST, incremental domain (one shared 2-way head): the R1 protocol",
                            _continual(benchmark="split-mnist", scenario="domain")),
     "split-mnist-task": ("split MNIST, incremental task (a head per task, task id given)",
@@ -36,6 +37,8 @@ PRESETS: dict[str, tuple[str, ContinualConfig | ClassificationConfig]] = {
                        ClassificationConfig(dataset="mnist")),
     "classify-mnist1d": ("MNIST-1D (procedural); --set backbone=mlp|cnn1d",
                          ClassificationConfig(dataset="mnist1d", backbone="cnn1d")),
+    **{f"program-{task}": (f"synthetic programs: {description}; --set model=mlp|nsm|moe|nc-ff|nc-rnn",
+                           ProgramConfig(task=task)) for task, description in PROGRAM_TASKS.items()},
 }
 
 
@@ -61,15 +64,15 @@ def apply_overrides(cfg, overrides: list[str]):
         key, raw = item.split("=", 1)
         value = _parse_value(raw)
         group = key.split(".", 1)[0]
-        if "." in key and group in ("layer_options", "conv_options") and group in names:
-            values[group] = {**values[group], key.split(".", 1)[1]: value}
+        if "." in key and group in ("layer_options", "conv_options", "nc_options") and group in names:
+            values[group] = {**(values[group] or {}), key.split(".", 1)[1]: value}
             continue
         if key not in names:
             raise ValueError(f"--set {key}: unknown key; known keys: {', '.join(sorted(names))}")
         current = values[key]
         if isinstance(current, int) and not isinstance(current, bool) and isinstance(value, float) and value.is_integer():
             value = int(value)
-        if key in ("layer_options", "conv_options") and not isinstance(value, dict):
+        if key in ("layer_options", "conv_options", "nc_options") and not isinstance(value, dict):
             raise ValueError(f"--set {key}: expected a JSON object, e.g. '{{\"least_used\": 5}}'")
         values[key] = value
     cfg = kind(**values)

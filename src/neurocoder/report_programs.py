@@ -1,0 +1,121 @@
+"""Synthetic-program report: tables and figures read from program run folders (no recomputation)."""
+
+from __future__ import annotations
+
+import json
+from collections import defaultdict
+from pathlib import Path
+
+__all__ = ["program_tables", "program_figures"]
+
+MODEL_ORDER = ["mlp", "nsm", "moe", "nc-ff", "nc-rnn"]
+MODEL_LABELS = {"mlp": "MLP (same size)", "nsm": "NSM", "moe": "MoE", "nc-ff": "Neurocoder, feed-forward",
+                "nc-rnn": "Neurocoder, recurrent"}
+COLUMNS = {
+    "modular": [("test_error", "test error (relative MSE)", 4), ("nmi", "NMI(regime, most-read slot)", 3)],
+    "reuse": [("seen_error", "error, seen combinations", 4), ("unseen_error", "error, unseen combinations", 4),
+              ("similarity_sharing_a_piece", "read similarity: pairs sharing a piece", 3),
+              ("similarity_sharing_none", "sharing none", 3)],
+    "shift": [("recovery_first", "recovery steps, first appearance", 1),
+              ("recovery_recurring", "recovery steps, recurring program", 1),
+              ("error_after_switch_first", "error after switch, first", 3),
+              ("error_after_switch_recurring", "error after switch, recurring", 3),
+              ("final_error", "error at the end", 4)],
+    "remember": [("A_error_before_B", "error on A before B", 4), ("A_error_after_B", "error on A after B", 4),
+                 ("B_error", "error on B", 4)],
+}
+TITLES = {"modular": "1. Modular programs", "reuse": "2. Reuse and composition", "shift": "3. Pattern shift",
+          "remember": "4. Remembering"}
+
+
+def _program_runs(runs: list[dict]) -> dict[str, dict[str, dict]]:
+    groups: dict[str, dict[str, dict]] = defaultdict(dict)
+    for run in runs:
+        cfg = run.get("config", {})
+        if cfg.get("kind") == "programs":
+            groups[cfg["task"]][cfg["model"]] = run
+    return groups
+
+
+def program_tables(runs: list[dict]) -> str:
+    """Markdown: per task, a row per model with each figure's mean +- std over seeds."""
+    groups = _program_runs(runs)
+    parts = []
+    for task in [t for t in COLUMNS if t in groups]:
+        members = groups[task]
+        columns = COLUMNS[task]
+        header = ["model", "parameters"] + [label for _, label, _ in columns] + ["seeds"]
+        lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+        for model in sorted(members, key=lambda m: MODEL_ORDER.index(m) if m in MODEL_ORDER else 9):
+            run = members[model]
+            row = [MODEL_LABELS.get(model, model), f"{run['parameters']:,}"]
+            for key, _, digits in columns:
+                stats = run["summary"].get(key)
+                row.append(f"{stats['mean']:.{digits}f} +- {stats['std']:.{digits}f}" if stats else "-")
+            row.append(str(run["seeds"]))
+            lines.append("| " + " | ".join(row) + " |")
+        parts.append(f"### {TITLES[task]}\n\n" + "\n".join(lines) + "\n")
+    return "\n".join(parts)
+
+
+def _seeds(run: dict) -> list[dict]:
+    return [json.loads(p.read_text()) for p in sorted((Path(run["path"]) / "seeds").glob("seed-*.json"))]
+
+
+def program_figures(runs: list[dict], out: Path) -> list[Path]:
+    """Error around the switches (pattern shift), slot usage by hidden program (modular)."""
+    groups = _program_runs(runs)
+    if not groups:
+        return []
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return []
+    import numpy as np
+
+    made = []
+    if "shift" in groups:
+        fig, ax = plt.subplots(figsize=(10, 3.8))
+        switches = []
+        for model in sorted(groups["shift"], key=lambda m: MODEL_ORDER.index(m) if m in MODEL_ORDER else 9):
+            seeds = _seeds(groups["shift"][model])
+            errors = np.array([s["errors"] for s in seeds])                 # (seeds, steps)
+            smooth = np.apply_along_axis(lambda e: np.convolve(e, np.ones(10) / 10, mode="same"), 1, errors)
+            mean = smooth.mean(0)
+            line, = ax.plot(mean, label=MODEL_LABELS.get(model, model), lw=1)
+            ax.fill_between(range(len(mean)), smooth.min(0), smooth.max(0), alpha=0.12, color=line.get_color())
+            switches = seeds[0]["switches"]
+        for s in switches:
+            ax.axvline(s, color="k", lw=0.5, alpha=0.4)
+        ax.set_yscale("log")
+        ax.axhline(0.1, color="r", lw=0.6, ls="--", alpha=0.6)
+        ax.set_xlabel("online step (vertical lines: program switches; programs cycle A, B, C)")
+        ax.set_ylabel("relative error (10-step mean)")
+        ax.set_title("pattern shift: error around switches (mean over seeds, band = min..max)", fontsize=9)
+        ax.legend(fontsize=7, ncol=5)
+        fig.tight_layout()
+        path = out / "programs_shift_errors.png"
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        made.append(path)
+    if "modular" in groups:
+        members = {m: r for m, r in groups["modular"].items() if "usage_by_program" in _seeds(r)[0]}
+        if members:
+            order = sorted(members, key=lambda m: MODEL_ORDER.index(m) if m in MODEL_ORDER else 9)
+            fig, axes = plt.subplots(1, len(order), figsize=(3.6 * len(order), 2.6), squeeze=False)
+            for ax, model in zip(axes[0], order):
+                usage = np.array(_seeds(members[model])[0]["usage_by_program"])
+                image = ax.imshow(usage, aspect="auto", cmap="magma")
+                ax.set_title(MODEL_LABELS.get(model, model), fontsize=8)
+                ax.set_xlabel("slot / stored matrix / expert")
+                ax.set_ylabel("hidden program")
+                fig.colorbar(image, ax=ax)
+            fig.suptitle("modular programs: mean read per hidden program (first seed)", fontsize=9)
+            fig.tight_layout()
+            path = out / "programs_modular_usage.png"
+            fig.savefig(path, dpi=110)
+            plt.close(fig)
+            made.append(path)
+    return made

@@ -1,0 +1,278 @@
+"""The synthetic-program trainer: one task, one model, several seeds, one run folder.
+
+Tasks (``PROGRAM_TASKS``; generators in :mod:`neurocoder.data.programs`):
+
+* ``modular``: K hidden regimes with programs of their own; the regime is inferable from the
+  input only. Measures: relative test error (MSE / mean square of the target), and the normalised
+  mutual information between the hidden regime and the slot each sample read most.
+* ``reuse``: programs are sums of 2 of 6 shared rank-1 pieces named by a cue (the context);
+  5 of the 15 combinations are never trained on. Measures: relative error on seen and unseen
+  combinations; the cosine similarity of the mean reads of combination pairs that share a piece
+  versus pairs that share none.
+* ``shift``: an online stream (one update per step, on a batch of 16 parallel sequences) whose
+  program switches every 300 steps, cycling through 3 programs three times. Input: the current
+  state; context: the last 3 states. Measures: the error just after each switch, the recovery
+  time (steps until the 10-step moving average of the relative error falls below 0.1), for first
+  appearances and for recurrences of a program.
+* ``remember``: learn program A, then B (inputs from separate clusters); the error on A before
+  and after learning B.
+
+Run folder: ``config.json``, ``seeds/seed-NN.json`` (each finished seed; a resumed run skips
+them; each seed takes seconds to a minute, so it is the unit of resumption), ``results.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from neurocoder.data.programs import modular_task, remember_task, reuse_task, shift_stream
+from neurocoder.experiments.program_models import PROGRAM_MODELS, build_program_model, regularization
+from neurocoder.runs import RunFolder, atomic_write_text
+
+__all__ = ["ProgramConfig", "run_programs", "PROGRAM_TASKS", "normalised_mutual_information"]
+
+PROGRAM_TASKS = {
+    "modular": "K hidden regimes, each with its own low-rank program; regime inferable from the input",
+    "reuse": "programs built from shared rank-1 pieces named by a cue; unseen combinations at test",
+    "shift": "online auto-regression whose program switches every 300 steps; programs recur",
+    "remember": "learn program A, then B; error on A afterwards",
+}
+RECOVERY_THRESHOLD = 0.1     # relative error a model must get back under after a switch
+RECOVERY_SMOOTHING = 10      # steps in the moving average
+
+
+@dataclass
+class ProgramConfig:
+    task: str = "modular"
+    model: str = "nc-ff"
+    seeds: int = 5
+    seed: int = 0
+    epochs: int = 60                 # modular, reuse; remember: per program
+    batch_size: int = 64
+    lr: float = 3e-3
+    online_lr: float = 1e-2          # shift: the learning rate of the online updates
+    orthogonality_weight: float = 0.1
+    nc_options: dict | None = None   # Neurocoder layer options (NC_OPTIONS otherwise)
+    threads: int | None = None
+
+    def check(self) -> None:
+        problems = []
+        if self.task not in PROGRAM_TASKS:
+            problems.append(f"task={self.task!r} (choose {sorted(PROGRAM_TASKS)})")
+        if self.model not in PROGRAM_MODELS:
+            problems.append(f"model={self.model!r} (choose {sorted(PROGRAM_MODELS)})")
+        for name in ("seeds", "epochs", "batch_size"):
+            if getattr(self, name) < 1:
+                problems.append(f"{name}={getattr(self, name)} (must be >= 1)")
+        if problems:
+            raise ValueError("bad config: " + "; ".join(problems))
+
+
+def normalised_mutual_information(a: torch.Tensor, b: torch.Tensor) -> float:
+    """NMI of two labelings (N,), arithmetic normalisation: I(a; b) / ((H(a) + H(b)) / 2).
+    1 when each labeling determines the other, 0 when independent."""
+    a = torch.unique(a, return_inverse=True)[1]
+    b = torch.unique(b, return_inverse=True)[1]
+    joint = torch.zeros(int(a.max()) + 1, int(b.max()) + 1, dtype=torch.float64)
+    joint.index_put_((a, b), torch.ones(len(a), dtype=torch.float64), accumulate=True)
+    joint /= joint.sum()
+    pa, pb = joint.sum(1), joint.sum(0)
+    nz = joint > 0
+    mutual = (joint[nz] * (joint[nz] / (pa[:, None] * pb[None, :])[nz]).log()).sum().item()
+    entropy = lambda p: -(p[p > 0] * p[p > 0].log()).sum().item()
+    denominator = (entropy(pa) + entropy(pb)) / 2
+    return mutual / denominator if denominator > 0 else 1.0
+
+
+def _relative_error(model, data) -> float:
+    with torch.no_grad():
+        prediction = model(data.x, data.context)
+        return (F.mse_loss(prediction, data.y) / data.y.pow(2).mean()).item()
+
+
+def _fit(model, data, cfg: ProgramConfig, generator: torch.Generator, optimizer=None):
+    optimizer = optimizer or torch.optim.Adam(model.parameters(), lr=cfg.lr)
+    model.train()
+    for _ in range(cfg.epochs):
+        order = torch.randperm(len(data), generator=generator)
+        for i in range(0, len(order), cfg.batch_size):
+            batch = data.subset(order[i:i + cfg.batch_size])
+            loss = F.mse_loss(model(batch.x, batch.context), batch.y)
+            loss = loss + regularization(model) * (cfg.orthogonality_weight if model.kind.startswith("nc") else 1.0)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+    model.eval()
+    return optimizer
+
+
+def _usage_by(reads: torch.Tensor, labels: torch.Tensor, count: int) -> torch.Tensor:
+    """(count, S): mean read per label."""
+    total = torch.zeros(count, reads.shape[1]).index_add_(0, labels, reads)
+    return total / torch.bincount(labels, minlength=count).clamp_min(1)[:, None]
+
+
+def _modular(cfg, seed, generator) -> dict:
+    task = modular_task(seed)
+    model = build_program_model(cfg.model, 8, 8, None, cfg.nc_options)
+    _fit(model, task["train"], cfg, generator)
+    test = task["test"]
+    out = {"test_error": _relative_error(model, test), "train_error": _relative_error(model, task["train"]),
+           "parameters": sum(p.numel() for p in model.parameters())}
+    reads = model.reads(test.x)
+    if reads is not None:
+        out["nmi"] = normalised_mutual_information(test.program, reads.argmax(-1))
+        out["usage_by_program"] = _usage_by(reads, test.program, 4).tolist()
+    return out
+
+
+def _reuse(cfg, seed, generator) -> dict:
+    task = reuse_task(seed)
+    model = build_program_model(cfg.model, 8, 8, 6, cfg.nc_options)
+    _fit(model, task["train"], cfg, generator)
+    out = {"seen_error": _relative_error(model, task["test_seen"]),
+           "unseen_error": _relative_error(model, task["test_unseen"]),
+           "parameters": sum(p.numel() for p in model.parameters())}
+    # One mean read per combination, from fresh inputs of every combination.
+    combos = task["combinations"]
+    x = torch.randn(len(combos) * 64, 8, generator=generator)
+    which = torch.arange(len(combos)).repeat_interleave(64)
+    reads = model.reads(x, task["cues"][which])
+    if reads is not None:
+        mean = _usage_by(reads, which, len(combos))
+        unit = mean / mean.norm(dim=1, keepdim=True).clamp_min(1e-12)
+        cosine = unit @ unit.T
+        share, disjoint = [], []
+        for i in range(len(combos)):
+            for j in range(i + 1, len(combos)):
+                (share if set(combos[i]) & set(combos[j]) else disjoint).append(cosine[i, j].item())
+        out["similarity_sharing_a_piece"] = sum(share) / len(share)
+        out["similarity_sharing_none"] = sum(disjoint) / len(disjoint)
+        out["usage_by_combination"] = mean.tolist()
+    return out
+
+
+def _recovery(errors: list[float], start: int, segment: int) -> int:
+    """Steps after ``start`` until the moving average of ``errors`` is below the threshold
+    (``segment`` if it never gets there within the segment)."""
+    window = []
+    for offset in range(segment):
+        window.append(errors[start + offset])
+        if len(window) > RECOVERY_SMOOTHING:
+            window.pop(0)
+        if len(window) == RECOVERY_SMOOTHING and sum(window) / len(window) < RECOVERY_THRESHOLD:
+            return offset + 1 - RECOVERY_SMOOTHING + 1
+    return segment
+
+
+def _shift(cfg, seed, generator) -> dict:
+    stream = shift_stream(seed)
+    dim = stream.states.shape[-1]
+    model = build_program_model(cfg.model, dim, dim, dim * stream.history, cfg.nc_options)
+    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.online_lr)
+    errors = []
+    model.train()
+    for t in range(len(stream.program)):
+        context, target = stream.window(t)
+        current = context[:, -dim:]
+        prediction = model(current, context)
+        loss = F.mse_loss(prediction, target)
+        errors.append((loss.detach() / target.pow(2).mean()).item())   # measured before the update
+        loss = loss + regularization(model) * (cfg.orthogonality_weight if model.kind.startswith("nc") else 1.0)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+    starts = [0] + stream.switches
+    seen: set[int] = set()
+    first, recurring, after_first, after_recurring = [], [], [], []
+    for start in starts:
+        program = int(stream.program[start])
+        recovery = _recovery(errors, start, stream.segment)
+        just_after = sum(errors[start:start + 10]) / 10
+        (recurring if program in seen else first).append(recovery)
+        (after_recurring if program in seen else after_first).append(just_after)
+        seen.add(program)
+    return {"errors": errors, "switches": stream.switches, "segment": stream.segment, "order": stream.order,
+            "recovery_first": sum(first) / len(first), "recovery_recurring": sum(recurring) / len(recurring),
+            "error_after_switch_first": sum(after_first) / len(after_first),
+            "error_after_switch_recurring": sum(after_recurring) / len(after_recurring),
+            "final_error": sum(errors[-50:]) / 50, "parameters": sum(p.numel() for p in model.parameters())}
+
+
+def _remember(cfg, seed, generator) -> dict:
+    task = remember_task(seed)
+    model = build_program_model(cfg.model, 8, 8, None, cfg.nc_options)
+    optimizer = _fit(model, task["A"]["train"], cfg, generator)
+    before = _relative_error(model, task["A"]["test"])
+    _fit(model, task["B"]["train"], cfg, generator, optimizer)
+    return {"A_error_before_B": before, "A_error_after_B": _relative_error(model, task["A"]["test"]),
+            "B_error": _relative_error(model, task["B"]["test"]),
+            "parameters": sum(p.numel() for p in model.parameters())}
+
+
+TASK_FUNCTIONS = {"modular": _modular, "reuse": _reuse, "shift": _shift, "remember": _remember}
+# Scalar figures summarised over seeds (mean, std) in results.json, per task.
+SUMMARY_KEYS = {
+    "modular": ["test_error", "train_error", "nmi"],
+    "reuse": ["seen_error", "unseen_error", "similarity_sharing_a_piece", "similarity_sharing_none"],
+    "shift": ["recovery_first", "recovery_recurring", "error_after_switch_first", "error_after_switch_recurring",
+              "final_error"],
+    "remember": ["A_error_before_B", "A_error_after_B", "B_error"],
+}
+
+
+def run_programs(cfg: ProgramConfig, out: str | os.PathLike, resume: bool = False, preset: str | None = None,
+                 quiet: bool = False) -> dict:
+    """Run ``cfg.seeds`` seeds of one (task, model); returns ``results.json``'s dict."""
+    cfg.check()
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    out = Path(out)
+    say = (lambda *a: None) if quiet else print
+    config = {"kind": "programs", "preset": preset, **asdict(cfg)}
+    if resume:
+        if not (out / "config.json").is_file():
+            raise FileNotFoundError(f"--resume: {out} holds no run (no config.json); start it without --resume")
+        saved = json.loads((out / "config.json").read_text())["config"]
+        changed = sorted(k for k in config if k != "threads" and saved.get(k) != config[k])
+        if changed:
+            raise ValueError(f"--resume: the config differs from the one in {out} in {changed}; resume with the "
+                             f"same settings, or start a new run folder")
+        run = RunFolder(out)
+    else:
+        run = RunFolder.create(out, config, cfg.seed)
+    (out / "seeds").mkdir(exist_ok=True)
+    say(f"{cfg.task} / {cfg.model}: {PROGRAM_TASKS[cfg.task]}; {cfg.seeds} seeds")
+    for index in range(cfg.seeds):
+        path = out / "seeds" / f"seed-{index:02d}.json"
+        if path.is_file():
+            continue
+        seed = cfg.seed * 1000 + index
+        torch.manual_seed(seed)
+        generator = torch.Generator().manual_seed(seed + 7)
+        start = time.perf_counter()
+        # The task's data depend on the seed index only, so every model sees the same tasks.
+        result = TASK_FUNCTIONS[cfg.task](cfg, 100 + index, generator)
+        result.update(seed=seed, seconds=time.perf_counter() - start)
+        atomic_write_text(path, json.dumps(result))
+        run.log(seed=index, **{k: result[k] for k in SUMMARY_KEYS[cfg.task] if k in result})
+        say(f"seed {index}: " + ", ".join(f"{k} {result[k]:.3f}" for k in SUMMARY_KEYS[cfg.task] if k in result))
+    seeds = [json.loads(p.read_text()) for p in sorted((out / "seeds").glob("seed-*.json"))]
+    summary = {}
+    for key in SUMMARY_KEYS[cfg.task]:
+        values = torch.tensor([s[key] for s in seeds if key in s], dtype=torch.float64)
+        if len(values):
+            summary[key] = {"mean": values.mean().item(), "std": values.std().item() if len(values) > 1 else 0.0}
+    results = {"config": config, "seeds": len(seeds), "parameters": seeds[0]["parameters"], "summary": summary,
+               "seconds_per_seed": sum(s["seconds"] for s in seeds) / len(seeds)}
+    run.write_results(results)
+    say(f"{cfg.task} / {cfg.model}: " + ", ".join(f"{k} {v['mean']:.3f} +- {v['std']:.3f}" for k, v in summary.items()))
+    return results

@@ -1,0 +1,135 @@
+"""Synthetic program tasks: generators, models of equal size, NMI, recovery, trainer, report."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from neurocoder.data.programs import modular_task, remember_task, reuse_task, shift_stream
+from neurocoder.experiments.program_models import PROGRAM_MODELS, build_program_model
+from neurocoder.report import load_runs, write_report
+from neurocoder.report_programs import program_tables
+from neurocoder.train import programs as program_trainer
+from neurocoder.train.programs import ProgramConfig, normalised_mutual_information, run_programs
+
+
+def test_modular_task_is_seeded_and_the_regime_is_inferable():
+    task, again = modular_task(3), modular_task(3)
+    assert torch.equal(task["train"].x, again["train"].x) and not torch.equal(task["train"].x, modular_task(4)["train"].x)
+    test = task["test"]
+    nearest = torch.cdist(test.x, task["centres"]).argmin(1)
+    assert (nearest == test.program).float().mean() > 0.95                # the input tells the regime
+    expected = torch.einsum("nij,nj->ni", task["programs"][test.program], test.x)
+    assert torch.allclose(test.y, expected)
+    assert all(torch.linalg.matrix_rank(p) == 2 for p in task["programs"])
+
+
+def test_reuse_task_holds_out_combinations_but_no_piece():
+    task = reuse_task(0)
+    combos = task["combinations"]
+    assert len(combos) == 15 and len(task["unseen"]) == 5
+    assert set(task["train"].program.tolist()) == set(task["seen"])
+    assert set(task["test_unseen"].program.tolist()) <= set(task["unseen"])
+    assert {p for i in task["seen"] for p in combos[i]} == set(range(6))
+    assert torch.equal(task["train"].context.sum(1), torch.full((len(task["train"]),), 2.0))
+    expected = torch.einsum("nij,nj->ni", task["programs"][task["test_unseen"].program], task["test_unseen"].x)
+    assert torch.allclose(task["test_unseen"].y, expected)
+
+
+def test_shift_stream_switches_and_follows_its_programs():
+    stream = shift_stream(0, segment=50, cycles=2)
+    assert stream.switches == [50, 100, 150, 200, 250]
+    assert stream.order == [0, 1, 2, 0, 1, 2]
+    for t in (10, 60, 260):
+        context, target = stream.window(t)
+        current = context[:, -4:]
+        predicted = current @ stream.programs[stream.program[t]].T
+        predicted = 2.0 * predicted / predicted.norm(dim=1, keepdim=True)
+        assert (target - predicted).norm(dim=1).mean() < 0.15               # noise 0.05 per coordinate
+        wrong = current @ stream.programs[(stream.program[t] + 1) % 3].T
+        assert (target - wrong).norm(dim=1).mean() > 0.5
+
+
+def test_remember_task_separates_the_two_programs():
+    task = remember_task(0)
+    assert set(task["A"]["train"].program.tolist()) == {0} and set(task["B"]["test"].program.tolist()) == {1}
+
+
+def test_normalised_mutual_information():
+    a = torch.tensor([0, 0, 1, 1, 2, 2] * 50)
+    assert normalised_mutual_information(a, a) == pytest.approx(1.0)
+    assert normalised_mutual_information(a, (a + 1) % 3 + 10) == pytest.approx(1.0)  # names do not matter
+    independent = torch.randint(0, 3, (30000,), generator=torch.Generator().manual_seed(0))
+    other = torch.randint(0, 3, (30000,), generator=torch.Generator().manual_seed(1))
+    assert normalised_mutual_information(independent, other) < 0.01
+    merged = torch.where(a == 2, 1, a)                                       # two regimes on one slot
+    assert 0.4 < normalised_mutual_information(a, merged) < 0.9
+
+
+@pytest.mark.parametrize("context", [None, 6])
+def test_program_models_have_about_the_same_size(context):
+    size = lambda m: sum(p.numel() for p in m.parameters())
+    reference = size(build_program_model("nc-ff", 8, 8, context))
+    x = torch.randn(3, 8)
+    ctx = None if context is None else torch.randn(3, context)
+    for kind in PROGRAM_MODELS:
+        model = build_program_model(kind, 8, 8, context)
+        assert model(x, ctx).shape == (3, 8)
+        if kind != "nc-rnn":
+            assert abs(size(model) - reference) / reference < 0.1, kind
+        reads = model.reads(x, ctx)
+        if kind == "mlp":
+            assert reads is None
+        else:
+            assert torch.allclose(reads.sum(-1), torch.ones(3), atol=1e-5)
+
+
+def test_recovery_time():
+    errors = [1.0] * 20 + [0.05] * 80
+    assert program_trainer._recovery(errors, 0, 100) == 21                  # first step of the good stretch
+    assert program_trainer._recovery([1.0] * 100, 0, 100) == 100            # never: the whole segment
+
+
+@pytest.mark.parametrize("task", ["modular", "reuse", "shift", "remember"])
+def test_trainer_runs_every_task(tmp_path, task, monkeypatch):
+    if task == "shift":   # a short stream keeps the test quick
+        original = program_trainer.shift_stream
+        monkeypatch.setattr(program_trainer, "shift_stream", lambda seed: original(seed, segment=60, cycles=2))
+    cfg = ProgramConfig(task=task, model="nc-ff", seeds=2, epochs=3)
+    results = run_programs(cfg, tmp_path / task, quiet=True)
+    assert results["seeds"] == 2
+    for key in program_trainer.SUMMARY_KEYS[task]:
+        assert key in results["summary"], key
+    seeds = [json.loads(p.read_text()) for p in sorted((tmp_path / task / "seeds").glob("*.json"))]
+    assert seeds[0]["seed"] != seeds[1]["seed"]
+    if task == "modular":
+        assert 0.0 <= results["summary"]["nmi"]["mean"] <= 1.0
+        assert len(seeds[0]["usage_by_program"]) == 4
+    if task == "shift":
+        assert len(seeds[0]["errors"]) == 60 * 6
+    again = run_programs(cfg, tmp_path / task, resume=True, quiet=True)      # finished seeds are kept
+    assert again["summary"] == results["summary"]
+    with pytest.raises(ValueError, match="differs"):
+        run_programs(ProgramConfig(task=task, model="mlp", seeds=2, epochs=3), tmp_path / task, resume=True, quiet=True)
+
+
+def test_report_reads_program_runs(tmp_path, monkeypatch):
+    original = program_trainer.shift_stream
+    monkeypatch.setattr(program_trainer, "shift_stream", lambda seed: original(seed, segment=40, cycles=2))
+    for model in ("mlp", "nc-ff"):
+        run_programs(ProgramConfig(task="shift", model=model, seeds=2), tmp_path / f"shift-{model}", quiet=True)
+        run_programs(ProgramConfig(task="modular", model=model, seeds=1, epochs=2), tmp_path / f"mod-{model}",
+                     quiet=True)
+    runs = load_runs([tmp_path])
+    table = program_tables(runs)
+    assert "3. Pattern shift" in table and "MLP (same size)" in table and "NMI" in table
+    write_report(runs, tmp_path / "report")
+    assert (tmp_path / "report" / "programs_shift_errors.png").is_file()
+    assert (tmp_path / "report" / "programs_modular_usage.png").is_file()
+
+
+def test_bad_program_config():
+    with pytest.raises(ValueError, match="model='transformer'"):
+        ProgramConfig(model="transformer").check()
