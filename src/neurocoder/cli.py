@@ -52,6 +52,10 @@ def _list(args: argparse.Namespace) -> int:
     print("\nprogram-* presets: models (--set model=NAME):")
     for name, description in PROGRAM_MODELS.items():
         print(f"  {name:<22} {description}")
+    from .train.rl.ppo import AGENT_VARIANTS
+    print("\nminatar-*, atari-*, gym presets: agent variants (--set variant=NAME):")
+    for name, description in AGENT_VARIANTS.items():
+        print(f"  {name:<22} {description}")
     return 0
 
 
@@ -61,7 +65,14 @@ def _run(args: argparse.Namespace) -> int:
     from .train.continual import run_continual
     from .train.programs import ProgramConfig, run_programs
 
+    from .train.rl.ppo import PPOConfig, run_ppo
+
     cfg = make_config(args.preset, args.set)
+    if isinstance(cfg, PPOConfig):
+        name = cfg.env.replace(":", "-").replace("/", "-")
+        out = Path(args.out) if args.out else Path("runs") / f"{name}-{cfg.variant}"
+        run_ppo(cfg, out, resume=args.resume, preset=args.preset)
+        return 0
     if isinstance(cfg, ProgramConfig):
         out = Path(args.out) if args.out else Path("runs") / f"{args.preset}-{cfg.model}"
         run_programs(cfg, out, resume=args.resume, preset=args.preset)
@@ -80,9 +91,10 @@ def _report(args: argparse.Namespace) -> int:
     from .report import continual_tables, load_runs, write_report
     from .report_classification import classification_tables
     from .report_programs import program_tables
+    from .report_rl import rl_tables
 
     runs = load_runs(args.runs)
-    print(continual_tables(runs) + classification_tables(runs) + program_tables(runs))
+    print(continual_tables(runs) + classification_tables(runs) + program_tables(runs) + rl_tables(runs))
     if args.out:
         path = write_report(runs, args.out)
         print(f"\nreport with figures: {path}")

@@ -146,6 +146,7 @@ def write_report(runs: list[dict], out: str | Path) -> Path:
     usage by task) and classification runs (accuracy bars, usage by class, composed weights)."""
     from .report_classification import classification_figures, classification_tables
     from .report_programs import program_figures, program_tables
+    from .report_rl import rl_figures, rl_tables
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -153,7 +154,9 @@ def write_report(runs: list[dict], out: str | Path) -> Path:
     text += continual_tables(runs)
     text += classification_tables(runs)
     text += program_tables(runs)
-    figures = _figures(runs, out) + classification_figures(runs, out) + program_figures(runs, out)
+    text += rl_tables(runs)
+    figures = (_figures(runs, out) + classification_figures(runs, out) + program_figures(runs, out)
+               + rl_figures(runs, out))
     if figures:
         text += "\n\n" + "\n".join(f"![{f.stem}]({f.name})" for f in figures) + "\n"
     (out / "report.md").write_text(text)

@@ -8,6 +8,8 @@ from dataclasses import asdict, fields
 from neurocoder.train.classification import ClassificationConfig
 from neurocoder.train.continual import ContinualConfig
 from neurocoder.train.programs import PROGRAM_TASKS, ProgramConfig
+from neurocoder.train.rl.envs import MINATAR_GAMES
+from neurocoder.train.rl.ppo import PPOConfig
 
 __all__ = ["PRESETS", "make_config", "apply_overrides"]
 
@@ -16,7 +18,7 @@ def _continual(**values) -> ContinualConfig:
     return ContinualConfig(**values)
 
 
-PRESETS: dict[str, tuple[str, ContinualConfig | ClassificationConfig | ProgramConfig]] = {
+PRESETS: dict[str, tuple[str, ContinualConfig | ClassificationConfig | ProgramConfig | PPOConfig]] = {
     "split-mnist-domain": ("split MNIST, incremental domain (one shared 2-way head): the R1 protocol",
                            _continual(benchmark="split-mnist", scenario="domain")),
     "split-mnist-task": ("split MNIST, incremental task (a head per task, task id given)",
@@ -39,6 +41,14 @@ PRESETS: dict[str, tuple[str, ContinualConfig | ClassificationConfig | ProgramCo
                          ClassificationConfig(dataset="mnist1d", backbone="cnn1d")),
     **{f"program-{task}": (f"synthetic programs: {description}; --set model=mlp|nsm|moe|nc-ff|nc-rnn",
                            ProgramConfig(task=task)) for task, description in PROGRAM_TASKS.items()},
+    **{f"minatar-{game.replace('_', '-')}": (f"PPO on MinAtar {game}; --set variant=plain|nc-heads|nc-fc",
+                                             PPOConfig(env=f"minatar:{game}")) for game in MINATAR_GAMES},
+    "atari-pong": ("PPO on ALE Pong (frame skip 4, grey 84x84, stack 4): a short run",
+                   PPOConfig(env="atari:pong", total_frames=400_000, seeds=1)),
+    "atari-breakout": ("PPO on ALE Breakout (frame skip 4, grey 84x84, stack 4): a short run",
+                       PPOConfig(env="atari:breakout", total_frames=400_000, seeds=1)),
+    "gym": ("PPO on any gymnasium id with discrete actions: --set env=CartPole-v1",
+            PPOConfig(env="CartPole-v1", total_frames=100_000)),
 }
 
 

@@ -1,0 +1,104 @@
+"""Video-game report: returns and speed read from PPO run folders (nothing is recomputed)."""
+
+from __future__ import annotations
+
+import json
+from collections import defaultdict
+from pathlib import Path
+
+__all__ = ["rl_tables", "rl_figures", "PUBLISHED_MINATAR"]
+
+VARIANT_ORDER = ["plain", "nc-heads", "nc-fc"]
+# R4 of ../shared/REFERENCE_RESULTS.md: returns at 5M frames read off Young & Tian's curves.
+PUBLISHED_MINATAR = {"asterix": ("~17", "~19"), "breakout": ("~10", "~17.5"), "freeway": ("~50", "~47"),
+                     "seaquest": ("~20", "~15.5"), "space_invaders": ("~43", "~185")}
+
+
+def _rl_runs(runs: list[dict]) -> dict[str, dict[str, dict]]:
+    groups: dict[str, dict[str, dict]] = defaultdict(dict)
+    for run in runs:
+        cfg = run.get("config", {})
+        if cfg.get("kind") == "rl":
+            groups[cfg["env"]][cfg["variant"]] = run
+    return groups
+
+
+def rl_tables(runs: list[dict]) -> str:
+    """Markdown: per environment a row per variant: final return (mean of the last 100 episodes,
+    mean +- std over seeds), steps per second and its ratio to the plain agent, and R4's
+    published numbers (at 5M frames) beside MinAtar games."""
+    groups = _rl_runs(runs)
+    if not groups:
+        return ""
+    header = ["environment", "variant", "final return (last 100 episodes)", "seeds", "frames", "steps/s",
+              "vs plain", "parameters", "published DQN / AC at 5M frames (R4)"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    wins, games = 0, 0
+    for env in sorted(groups):
+        members = groups[env]
+        plain = members.get("plain")
+        game = env.split(":", 1)[1] if env.startswith("minatar:") else None
+        for variant in sorted(members, key=lambda v: VARIANT_ORDER.index(v) if v in VARIANT_ORDER else 9):
+            run = members[variant]
+            speed = f"{run['steps_per_second'] / plain['steps_per_second']:.2f}x" if plain and variant != "plain" else ""
+            published = " / ".join(PUBLISHED_MINATAR[game]) if game in PUBLISHED_MINATAR and variant == "plain" else ""
+            lines.append(f"| {env} | {variant} | {run['final_return_mean']:.2f} +- {run['final_return_std']:.2f} | "
+                         f"{run['seeds']} | {run['frames']:,} | {run['steps_per_second']:.0f} | {speed} | "
+                         f"{run['parameters']:,} | {published} |")
+        if game and plain and "nc-heads" in members:
+            games += 1
+            wins += members["nc-heads"]["final_return_mean"] >= plain["final_return_mean"]
+    text = "### Video games (PPO)\n\n" + "\n".join(lines) + "\n"
+    if games:
+        text += (f"\nNeurocoder heads >= plain on {wins} of {games} MinAtar games here (final return, mean over "
+                 f"seeds).\n")
+    return text
+
+
+def rl_figures(runs: list[dict], out: Path) -> list[Path]:
+    """Episodic return against frames, per environment: the mean over seeds of binned returns,
+    with the spread (min..max over seeds)."""
+    groups = _rl_runs(runs)
+    if not groups:
+        return []
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return []
+    import numpy as np
+
+    envs = sorted(groups)
+    fig, axes = plt.subplots(1, len(envs), figsize=(4.2 * len(envs), 3.4), squeeze=False)
+    for ax, env in zip(axes[0], envs):
+        for variant in sorted(groups[env], key=lambda v: VARIANT_ORDER.index(v) if v in VARIANT_ORDER else 9):
+            run = groups[env][variant]
+            path = Path(run["path"]) / "episodes.jsonl"
+            episodes = [json.loads(l) for l in path.read_text().splitlines() if l.strip()] if path.is_file() else []
+            if not episodes:
+                continue
+            frames = run["frames"]
+            edges = np.linspace(0, frames, 21)
+            curves = []
+            for seed in sorted({e["seed"] for e in episodes}):
+                mine = [e for e in episodes if e["seed"] == seed]
+                x = np.array([e["frame"] for e in mine])
+                y = np.array([e["return"] for e in mine])
+                binned = [y[(x > lo) & (x <= hi)].mean() if ((x > lo) & (x <= hi)).any() else np.nan
+                          for lo, hi in zip(edges[:-1], edges[1:])]
+                curves.append(binned)
+            curves = np.array(curves, dtype=float)
+            centres = (edges[:-1] + edges[1:]) / 2
+            line, = ax.plot(centres, np.nanmean(curves, 0), label=variant)
+            ax.fill_between(centres, np.nanmin(curves, 0), np.nanmax(curves, 0), alpha=0.15, color=line.get_color())
+        ax.set_title(env, fontsize=9)
+        ax.set_xlabel("frames")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    axes[0][0].set_ylabel("episodic return (mean over seeds; band min..max)")
+    fig.tight_layout()
+    path = out / "rl_returns.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return [path]

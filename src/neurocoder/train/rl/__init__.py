@@ -1,0 +1,1 @@
+"""Reinforcement learning: vectorised environments and the PPO agent."""

@@ -1,0 +1,353 @@
+"""PPO with vectorised environments and GAE, in one file (after CleanRL's ppo.py), for plain and
+Neurocoder actor-critics with identical settings.
+
+Agent: a small CNN torso (MinAtar: one 3x3 convolution of 16 channels, as Young & Tian's
+networks; Atari: the Nature-DQN torso; vector observations: no convolution), one fully connected
+layer, a policy head and a value head. Variants (``AGENT_VARIANTS``) are that network with
+``neurocoder.convert`` applied by module name:
+
+* ``plain``: nothing converted;
+* ``nc-heads``: the policy and value heads are Neurocoder layers (the paper's figure);
+* ``nc-fc``: every fully connected layer (torso layer and both heads).
+
+Run folder: ``config.json``; ``episodes.jsonl`` (frame, return, length of every finished episode);
+``metrics.jsonl`` (one line per update: frames, steps per second, losses); ``checkpoint.pt``
+(agent, optimiser, counters, RNG states and, for MinAtar, the environments themselves, written
+atomically every ``checkpoint_every`` updates); ``seeds/seed-NN.json`` and ``results.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+import neurocoder
+from neurocoder import presets
+from neurocoder.progress import Progress
+from neurocoder.runs import RunFolder, atomic_torch_save, atomic_write_text
+from neurocoder.train.rl.envs import make_vector_env
+
+__all__ = ["PPOConfig", "ActorCritic", "run_ppo", "AGENT_VARIANTS", "build_agent", "generalized_advantages"]
+
+AGENT_VARIANTS = {
+    "plain": "the plain actor-critic",
+    "nc-heads": "Neurocoder policy and value heads (the paper's figure)",
+    "nc-fc": "Neurocoder in every fully connected layer (torso layer and heads)",
+}
+
+
+@dataclass
+class PPOConfig:
+    env: str = "minatar:breakout"
+    variant: str = "plain"
+    total_frames: int = 500_000        # agent steps summed over environments (Atari: x4 emulator frames)
+    num_envs: int = 8
+    num_steps: int = 128               # rollout length per environment
+    lr: float = 5e-4
+    anneal_lr: bool = True
+    gamma: float = 0.99
+    gae_lambda: float = 0.95
+    num_minibatches: int = 4
+    update_epochs: int = 4
+    clip_coef: float = 0.2
+    ent_coef: float = 0.01
+    vf_coef: float = 0.5
+    max_grad_norm: float = 0.5
+    orthogonality_weight: float = 0.1
+    hidden: int = 128
+    layer_options: dict = field(default_factory=dict)
+    seeds: int = 3
+    seed: int = 0
+    checkpoint_every: int = 20         # updates
+    threads: int | None = None
+
+    def check(self) -> None:
+        problems = []
+        if self.variant not in AGENT_VARIANTS:
+            problems.append(f"variant={self.variant!r} (choose {sorted(AGENT_VARIANTS)})")
+        for name in ("total_frames", "num_envs", "num_steps", "num_minibatches", "update_epochs", "seeds",
+                     "checkpoint_every", "hidden"):
+            if getattr(self, name) < 1:
+                problems.append(f"{name}={getattr(self, name)} (must be >= 1)")
+        if (self.num_envs * self.num_steps) % self.num_minibatches:
+            problems.append(f"num_envs * num_steps = {self.num_envs * self.num_steps} must divide into "
+                            f"num_minibatches={self.num_minibatches}")
+        if problems:
+            raise ValueError("bad config: " + "; ".join(problems))
+
+
+def _orthogonal(layer: nn.Module, gain: float = 2 ** 0.5) -> nn.Module:
+    nn.init.orthogonal_(layer.weight, gain)
+    nn.init.zeros_(layer.bias)
+    return layer
+
+
+class ActorCritic(nn.Module):
+    """observation -> features -> fc (ReLU) -> policy logits (A) and value (1).
+
+    Input shapes: (N, C, H, W) images or (N, D) vectors."""
+
+    def __init__(self, observation_shape: tuple[int, ...], num_actions: int, hidden: int = 128) -> None:
+        super().__init__()
+        if len(observation_shape) == 3 and observation_shape[1] <= 16:           # MinAtar 10x10
+            self.features = nn.Sequential(_orthogonal(nn.Conv2d(observation_shape[0], 16, 3)), nn.ReLU(),
+                                          nn.Flatten())
+            size = 16 * (observation_shape[1] - 2) * (observation_shape[2] - 2)
+        elif len(observation_shape) == 3:                                        # Atari 84x84
+            self.features = nn.Sequential(
+                _orthogonal(nn.Conv2d(observation_shape[0], 32, 8, 4)), nn.ReLU(),
+                _orthogonal(nn.Conv2d(32, 64, 4, 2)), nn.ReLU(),
+                _orthogonal(nn.Conv2d(64, 64, 3, 1)), nn.ReLU(), nn.Flatten())
+            with torch.no_grad():
+                size = self.features(torch.zeros(1, *observation_shape)).shape[1]
+        else:
+            self.features = nn.Flatten()
+            size = int(np.prod(observation_shape))
+        self.fc = nn.Sequential(_orthogonal(nn.Linear(size, hidden)), nn.ReLU())
+        self.policy = _orthogonal(nn.Linear(hidden, num_actions), 0.01)
+        self.value = _orthogonal(nn.Linear(hidden, 1), 1.0)
+
+    def forward(self, observations: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        hidden = self.fc(self.features(observations))
+        return self.policy(hidden), self.value(hidden).squeeze(-1)
+
+
+def build_agent(variant: str, observation_shape, num_actions: int, hidden: int = 128,
+                layer_options: dict | None = None) -> ActorCritic:
+    agent = ActorCritic(observation_shape, num_actions, hidden)
+    options = {**presets.layer_options("default"), **(layer_options or {})}
+    if variant == "nc-heads":
+        neurocoder.convert(agent, ["policy", "value"], **options)
+    elif variant == "nc-fc":
+        neurocoder.convert(agent, ["fc.0", "policy", "value"], **options)
+    elif variant != "plain":
+        raise ValueError(f"unknown variant {variant!r}; choose one of {sorted(AGENT_VARIANTS)}")
+    return agent
+
+
+def generalized_advantages(rewards: torch.Tensor, values: torch.Tensor, dones: torch.Tensor,
+                           next_value: torch.Tensor, gamma: float, lam: float) -> torch.Tensor:
+    """GAE (Schulman et al. 2016). All (T, N) but ``next_value`` (N,), the value of the
+    observation after the last step. ``dones[t]`` = 1 marks that an episode ended with step t
+    (the observation after it starts a new episode), so nothing is bootstrapped across it."""
+    steps = rewards.shape[0]
+    advantages = torch.zeros_like(rewards)
+    last = torch.zeros_like(next_value)
+    for t in reversed(range(steps)):
+        following = next_value if t == steps - 1 else values[t + 1]
+        nonterminal = 1.0 - dones[t]
+        delta = rewards[t] + gamma * following * nonterminal - values[t]
+        last = delta + gamma * lam * nonterminal * last
+        advantages[t] = last
+    return advantages
+
+
+class _Seed:
+    """One seed's agent, optimiser, environments, rollout buffers and counters."""
+
+    def __init__(self, cfg: PPOConfig, seed_index: int) -> None:
+        self.cfg = cfg
+        self.seed = cfg.seed * 1000 + seed_index
+        self.seed_index = seed_index
+        random.seed(self.seed)
+        np.random.seed(self.seed)
+        torch.manual_seed(self.seed)
+        self.envs = make_vector_env(cfg.env, cfg.num_envs, self.seed)
+        self.agent = build_agent(cfg.variant, self.envs.observation_shape, self.envs.num_actions, cfg.hidden,
+                                 cfg.layer_options)
+        self.optimizer = torch.optim.Adam(self.agent.parameters(), lr=cfg.lr, eps=1e-5)
+        self.batch = cfg.num_envs * cfg.num_steps
+        self.num_updates = max(1, cfg.total_frames // self.batch)
+        self.update = 0
+        self.steps = 0
+        self.seconds = 0.0
+        self.observations = self.envs.reset()
+        self.generator = torch.Generator().manual_seed(self.seed)
+
+    def state(self) -> dict:
+        return {"seed_index": self.seed_index, "update": self.update, "steps": self.steps, "seconds": self.seconds,
+                "agent": self.agent.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "observations": self.observations, "envs": self.envs.state(),
+                "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
+                        "generator": self.generator.get_state()}}
+
+    def load(self, state: dict) -> None:
+        self.agent.load_state_dict(state["agent"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.update, self.steps, self.seconds = state["update"], state["steps"], state["seconds"]
+        torch.set_rng_state(state["rng"]["torch"])
+        np.random.set_state(state["rng"]["numpy"])
+        random.setstate(state["rng"]["python"])
+        self.generator.set_state(state["rng"]["generator"])
+        if self.envs.resumable_state:
+            self.envs.load_state(state["envs"])
+            self.observations = state["observations"]
+        else:
+            # Environments that cannot be saved restart with a seed derived from the update count.
+            self.envs.seed = self.seed + 7919 * self.update
+            self.observations = self.envs.reset()
+
+    def train_update(self) -> tuple[dict, list]:
+        cfg, agent, n, t_max = self.cfg, self.agent, self.cfg.num_envs, self.cfg.num_steps
+        if cfg.anneal_lr:
+            for group in self.optimizer.param_groups:
+                group["lr"] = cfg.lr * (1.0 - self.update / self.num_updates)
+        start = time.perf_counter()
+        obs_buffer = torch.empty(t_max, n, *self.envs.observation_shape)
+        actions = torch.empty(t_max, n, dtype=torch.long)
+        log_probs, rewards, dones, values = (torch.empty(t_max, n) for _ in range(4))
+        episodes = []
+        agent.eval()
+        with torch.no_grad():
+            for t in range(t_max):
+                obs_buffer[t] = self.observations
+                logits, value = agent(self.observations)
+                distribution = torch.distributions.Categorical(logits=logits)
+                action = distribution.sample()
+                actions[t], log_probs[t], values[t] = action, distribution.log_prob(action), value
+                self.observations, reward, done, finished = self.envs.step(action.numpy())
+                rewards[t], dones[t] = reward, done.float()
+                self.steps += n
+                episodes += [(self.steps * self.envs.frames_per_step, r, length) for r, length in finished]
+            _, next_value = agent(self.observations)
+            advantages = generalized_advantages(rewards, values, dones, next_value, cfg.gamma, cfg.gae_lambda)
+            returns = advantages + values
+        flat = {"obs": obs_buffer.flatten(0, 1), "actions": actions.flatten(), "log_probs": log_probs.flatten(),
+                "advantages": advantages.flatten(), "returns": returns.flatten(), "values": values.flatten()}
+        agent.train()
+        minibatch = self.batch // cfg.num_minibatches
+        clip_fractions, stats = [], {}
+        for _ in range(cfg.update_epochs):
+            order = torch.randperm(self.batch, generator=self.generator)
+            for i in range(0, self.batch, minibatch):
+                index = order[i:i + minibatch]
+                logits, value = agent(flat["obs"][index])
+                distribution = torch.distributions.Categorical(logits=logits)
+                new_log_prob = distribution.log_prob(flat["actions"][index])
+                ratio = (new_log_prob - flat["log_probs"][index]).exp()
+                advantage = flat["advantages"][index]
+                advantage = (advantage - advantage.mean()) / (advantage.std() + 1e-8)
+                policy_loss = torch.max(-advantage * ratio,
+                                        -advantage * ratio.clamp(1 - cfg.clip_coef, 1 + cfg.clip_coef)).mean()
+                value_loss = 0.5 * (value - flat["returns"][index]).pow(2).mean()
+                entropy = distribution.entropy().mean()
+                loss = (policy_loss + cfg.vf_coef * value_loss - cfg.ent_coef * entropy
+                        + neurocoder.regularization(agent, cfg.orthogonality_weight))
+                self.optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                nn.utils.clip_grad_norm_(agent.parameters(), cfg.max_grad_norm)
+                self.optimizer.step()
+                clip_fractions.append(((ratio - 1).abs() > cfg.clip_coef).float().mean().item())
+                stats = {"policy_loss": policy_loss.item(), "value_loss": value_loss.item(),
+                         "entropy": entropy.item()}
+        seconds = time.perf_counter() - start
+        self.seconds += seconds
+        self.update += 1
+        record = {"seed": self.seed_index, "update": self.update, "frames": self.steps * self.envs.frames_per_step,
+                  "steps_per_second": self.batch / seconds, "clip_fraction": sum(clip_fractions) / len(clip_fractions),
+                  **stats}
+        return record, episodes
+
+
+def run_ppo(cfg: PPOConfig, out: str | os.PathLike, resume: bool = False, preset: str | None = None,
+            quiet: bool = False) -> dict:
+    """Train ``cfg.seeds`` agents on ``cfg.env``; returns ``results.json``'s dict."""
+    cfg.check()
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    out = Path(out)
+    say = (lambda *a: None) if quiet else print
+    config = {"kind": "rl", "preset": preset, **asdict(cfg)}
+    if resume:
+        if not (out / "config.json").is_file():
+            raise FileNotFoundError(f"--resume: {out} holds no run (no config.json); start it without --resume")
+        saved = json.loads((out / "config.json").read_text())["config"]
+        changed = sorted(k for k in config if k != "threads" and saved.get(k) != config[k])
+        if changed:
+            raise ValueError(f"--resume: the config differs from the one in {out} in {changed}; resume with the "
+                             f"same settings, or start a new run folder")
+        run = RunFolder(out)
+    else:
+        run = RunFolder.create(out, config, cfg.seed)
+    (out / "seeds").mkdir(exist_ok=True)
+    checkpoint = out / "checkpoint.pt"
+    for seed_index in range(cfg.seeds):
+        seed_file = out / "seeds" / f"seed-{seed_index:02d}.json"
+        if seed_file.is_file():
+            continue
+        trainer = _Seed(cfg, seed_index)
+        if checkpoint.is_file():
+            try:
+                state = torch.load(checkpoint, map_location="cpu", weights_only=False)
+            except Exception as error:
+                raise ValueError(f"{checkpoint} is not a readable checkpoint ({error}); delete it to restart seed "
+                                 f"{seed_index} from its first update") from error
+            if state.get("seed_index") == seed_index:
+                trainer.load(state)
+                _truncate_logs(out, seed_index, trainer.update, trainer.steps * trainer.envs.frames_per_step)
+                say(f"seed {seed_index}: resumed after update {trainer.update}")
+        if trainer.update == 0:
+            say(f"{cfg.env} / {cfg.variant} / seed {seed_index}: {trainer.num_updates} updates of {trainer.batch} steps; "
+                f"{sum(p.numel() for p in trainer.agent.parameters()):,} parameters")
+        with Progress(trainer.num_updates, f"seed {seed_index}", enabled=None if not quiet else False) as bar:
+            bar.count = trainer.update
+            recent: list[float] = []
+            while trainer.update < trainer.num_updates:
+                record, episodes = trainer.train_update()
+                with open(out / "episodes.jsonl", "a") as handle:
+                    for frame, episode_return, length in episodes:
+                        handle.write(json.dumps({"seed": seed_index, "frame": frame, "return": episode_return,
+                                                 "length": length}) + "\n")
+                recent = (recent + [r for _, r, _ in episodes])[-100:]
+                run.log(**record)
+                bar.update(1, f"return {np.mean(recent) if recent else float('nan'):.1f}, "
+                              f"{record['steps_per_second']:.0f} steps/s")
+                if trainer.update % cfg.checkpoint_every == 0 or trainer.update == trainer.num_updates:
+                    atomic_torch_save(trainer.state(), checkpoint)
+        trainer.envs.close()
+        episodes = [e for e in _read_jsonl(out / "episodes.jsonl") if e["seed"] == seed_index]
+        last = [e["return"] for e in episodes[-100:]]
+        result = {"seed_index": seed_index, "seed": trainer.seed, "episodes": len(episodes),
+                  "final_return": float(np.mean(last)) if last else float("nan"),
+                  "frames": trainer.steps * trainer.envs.frames_per_step, "agent_steps": trainer.steps,
+                  "steps_per_second": trainer.steps / trainer.seconds if trainer.seconds else float("nan"),
+                  "parameters": sum(p.numel() for p in trainer.agent.parameters())}
+        atomic_write_text(seed_file, json.dumps(result, indent=2))
+        checkpoint.unlink(missing_ok=True)
+        say(f"seed {seed_index}: final return (last 100 episodes) {result['final_return']:.2f}, "
+            f"{result['steps_per_second']:.0f} steps/s")
+    seeds = [json.loads(p.read_text()) for p in sorted((out / "seeds").glob("seed-*.json"))]
+    finals = torch.tensor([s["final_return"] for s in seeds], dtype=torch.float64)
+    results = {"config": config, "seeds": len(seeds), "final_return": finals.tolist(),
+               "final_return_mean": finals.mean().item(),
+               "final_return_std": finals.std().item() if len(seeds) > 1 else 0.0,
+               "steps_per_second": float(np.mean([s["steps_per_second"] for s in seeds])),
+               "frames": seeds[0]["frames"], "parameters": seeds[0]["parameters"]}
+    run.write_results(results)
+    say(f"{cfg.env} / {cfg.variant}: final return {results['final_return_mean']:.2f} +- "
+        f"{results['final_return_std']:.2f} over {len(seeds)} seeds; {results['steps_per_second']:.0f} steps/s")
+    return results
+
+
+def _read_jsonl(path: Path) -> list[dict]:
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def _truncate_logs(out: Path, seed_index: int, update: int, frames: int) -> None:
+    """Drop log lines a killed run wrote after its last checkpoint, so a resumed run logs each
+    update and episode once."""
+    for name, keep in (("metrics.jsonl", lambda r: r.get("seed") != seed_index or r["update"] <= update),
+                       ("episodes.jsonl", lambda r: r.get("seed") != seed_index or r["frame"] <= frames)):
+        path = out / name
+        rows = [r for r in _read_jsonl(path) if keep(r)]
+        atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in rows))

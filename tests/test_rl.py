@@ -1,0 +1,138 @@
+"""Video-game agents: environments, GAE, variants, PPO run folders, resume after a kill."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+import neurocoder
+from neurocoder.report import load_runs, write_report
+from neurocoder.report_rl import rl_tables
+from neurocoder.train.rl import ppo as ppo_module
+from neurocoder.train.rl.envs import make_vector_env
+from neurocoder.train.rl.ppo import PPOConfig, build_agent, generalized_advantages, run_ppo
+
+
+def test_minatar_vector_env_steps_and_restores_its_state():
+    env = make_vector_env("minatar:space_invaders", 3, seed=0)
+    obs = env.reset()
+    assert obs.shape == (3, 6, 10, 10) and env.num_actions == 4
+    rng = np.random.default_rng(0)
+    for _ in range(30):
+        env.step(rng.integers(0, env.num_actions, 3))
+    saved = env.state()
+    import pickle
+    copy = make_vector_env("minatar:space_invaders", 3, seed=99)
+    copy.load_state(pickle.loads(pickle.dumps(saved)))
+    actions = rng.integers(0, env.num_actions, (40, 3))
+    a = [env.step(x)[1] for x in actions]
+    b = [copy.step(x)[1] for x in actions]
+    assert all(torch.equal(x, y) for x, y in zip(a, b))
+    with pytest.raises(ValueError, match="unknown MinAtar game 'pacman'"):
+        make_vector_env("minatar:pacman", 1, 0)
+
+
+def test_episodes_are_reported_when_they_end():
+    env = make_vector_env("minatar:breakout", 4, seed=1)
+    env.reset()
+    finished = []
+    for _ in range(400):
+        _, _, dones, done_now = env.step(np.random.default_rng(0).integers(0, env.num_actions, 4))
+        finished += done_now
+        assert len(done_now) == int(dones.sum())
+    assert finished and all(length > 0 for _, length in finished)
+
+
+def test_gym_env_and_errors():
+    env = make_vector_env("CartPole-v1", 2, seed=0)
+    assert env.reset().shape == (2, 4) and env.num_actions == 2
+    with pytest.raises(ValueError, match="discrete actions"):
+        make_vector_env("Pendulum-v1", 1, 0)
+
+
+def test_gae_matches_a_hand_computation():
+    rewards = torch.tensor([[1.0], [0.0], [2.0]])
+    values = torch.tensor([[0.5], [0.4], [0.3]])
+    dones = torch.tensor([[0.0], [1.0], [0.0]])
+    next_value = torch.tensor([0.2])
+    gamma, lam = 0.9, 0.8
+    d2 = 2.0 + gamma * 0.2 - 0.3
+    d1 = 0.0 - 0.4                                   # the episode ended with step 1: no bootstrap
+    d0 = 1.0 + gamma * 0.4 - 0.5
+    expected = torch.tensor([[d0 + gamma * lam * d1], [d1], [d2]])
+    torch.testing.assert_close(generalized_advantages(rewards, values, dones, next_value, gamma, lam), expected)
+
+
+def test_agent_variants_convert_the_named_layers():
+    plain = build_agent("plain", (4, 10, 10), 3)
+    heads = build_agent("nc-heads", (4, 10, 10), 3)
+    every = build_agent("nc-fc", (4, 10, 10), 3)
+    assert not any(isinstance(m, neurocoder.NeurocoderLinear) for m in plain.modules())
+    assert isinstance(heads.policy, neurocoder.NeurocoderLinear) and isinstance(heads.value, neurocoder.NeurocoderLinear)
+    assert type(heads.fc[0]) is torch.nn.Linear and isinstance(every.fc[0], neurocoder.NeurocoderLinear)
+    logits, value = every(torch.rand(5, 4, 10, 10))
+    assert logits.shape == (5, 3) and value.shape == (5,)
+    atari = build_agent("nc-heads", (4, 84, 84), 6)
+    assert atari(torch.rand(2, 4, 84, 84))[0].shape == (2, 6)
+
+
+def _tiny(**overrides) -> PPOConfig:
+    values = dict(env="minatar:breakout", total_frames=1024, num_envs=4, num_steps=32, seeds=1, checkpoint_every=2)
+    values.update(overrides)
+    return PPOConfig(**values)
+
+
+def test_ppo_run_folder_and_resume_after_kill(tmp_path, monkeypatch):
+    straight = run_ppo(_tiny(variant="nc-heads"), tmp_path / "straight", quiet=True)
+    assert straight["frames"] == 1024 and straight["seeds"] == 1
+    metrics = [json.loads(l) for l in (tmp_path / "straight" / "metrics.jsonl").read_text().splitlines()]
+    assert [m["update"] for m in metrics] == list(range(1, 9)) and all(m["steps_per_second"] > 0 for m in metrics)
+    original = ppo_module._Seed.train_update
+    calls = {"n": 0}
+
+    def dies_at_update_6(self):
+        calls["n"] += 1
+        if calls["n"] == 6:                         # after the checkpoint of update 4 and one more update
+            raise KeyboardInterrupt
+        return original(self)
+
+    monkeypatch.setattr(ppo_module._Seed, "train_update", dies_at_update_6)
+    with pytest.raises(KeyboardInterrupt):
+        run_ppo(_tiny(variant="nc-heads"), tmp_path / "killed", quiet=True)
+    monkeypatch.setattr(ppo_module._Seed, "train_update", original)
+    resumed = run_ppo(_tiny(variant="nc-heads"), tmp_path / "killed", resume=True, quiet=True)
+    episodes = lambda d: [(e["frame"], e["return"]) for e in map(json.loads, (d / "episodes.jsonl").read_text().splitlines())]
+    assert episodes(tmp_path / "killed") == episodes(tmp_path / "straight")
+    assert resumed["final_return"] == straight["final_return"]
+    run_ppo(_tiny(), tmp_path / "plain", quiet=True)
+    table = rl_tables(load_runs([tmp_path / "straight", tmp_path / "plain"]))
+    assert "minatar:breakout" in table and "~10 / ~17.5" in table
+    assert "Neurocoder heads >= plain on 1 of 1" in table or "Neurocoder heads >= plain on 0 of 1" in table
+    write_report(load_runs([tmp_path / "straight", tmp_path / "plain"]), tmp_path / "report")
+    assert (tmp_path / "report" / "rl_returns.png").is_file()
+
+
+def test_bad_agent_config():
+    with pytest.raises(ValueError, match="variant='nc-everything'"):
+        _tiny(variant="nc-everything").check()
+    with pytest.raises(ValueError, match="num_minibatches"):
+        _tiny(num_minibatches=3).check()
+
+
+@pytest.mark.slow
+def test_ppo_learns_cartpole(tmp_path):
+    """The agent learns: CartPole's return rises well above a random policy's (~22)."""
+    result = run_ppo(PPOConfig(env="CartPole-v1", total_frames=40_000, num_envs=4, num_steps=128, lr=2.5e-3,
+                               seeds=1), tmp_path / "cartpole", quiet=True)
+    print(f"\nCartPole final return {result['final_return_mean']:.1f}")
+    assert result["final_return_mean"] > 100
+
+
+@pytest.mark.slow
+def test_atari_short_run(tmp_path):
+    result = run_ppo(PPOConfig(env="atari:pong", total_frames=256, num_envs=2, num_steps=32, num_minibatches=2,
+                               update_epochs=1, seeds=1), tmp_path / "pong", quiet=True)
+    assert result["frames"] == 4 * 256            # 4 emulator frames per agent step
