@@ -71,7 +71,7 @@ def test_agent_variants_convert_the_named_layers():
     heads = build_agent("nc-heads", (4, 10, 10), 3)
     every = build_agent("nc-fc", (4, 10, 10), 3)
     assert not any(isinstance(m, neurocoder.NeurocoderLinear) for m in plain.modules())
-    assert isinstance(heads.policy, neurocoder.NeurocoderLinear) and isinstance(heads.value, neurocoder.NeurocoderLinear)
+    assert isinstance(heads.heads, neurocoder.NeurocoderLinear) and type(plain.heads) is torch.nn.Linear
     assert type(heads.fc[0]) is torch.nn.Linear and isinstance(every.fc[0], neurocoder.NeurocoderLinear)
     logits, value = every(torch.rand(5, 4, 10, 10))
     assert logits.shape == (5, 3) and value.shape == (5,)

@@ -1,0 +1,53 @@
+"""Environment steps per second of the PPO agents, plain and Neurocoder, side by side in one process.
+
+    python benchmarks/bench_agents.py [--env minatar:breakout] [--updates 6] [--threads 1] [--set key=value ...]
+
+Builds one trainer per variant with identical settings and alternates their PPO updates
+(rollout + optimisation), so a busy machine slows them alike; prints the median steps per
+second of each and the ratio to the plain agent.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+from neurocoder.experiments.registry import apply_overrides  # noqa: E402
+from neurocoder.train.rl.ppo import AGENT_VARIANTS, PPOConfig, _Seed  # noqa: E402
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--env", default="minatar:breakout")
+    parser.add_argument("--updates", type=int, default=6)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--variants", nargs="*", default=list(AGENT_VARIANTS))
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="PPOConfig overrides")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    cfg = apply_overrides(PPOConfig(env=args.env, total_frames=10**9), args.set)
+    trainers = {v: _Seed(PPOConfig(**{**cfg.__dict__, "variant": v}), 0) for v in args.variants}
+    for trainer in trainers.values():                       # warm-up
+        trainer.train_update()
+    seconds = {v: [] for v in trainers}
+    for _ in range(args.updates):
+        for name, trainer in trainers.items():
+            start = time.perf_counter()
+            trainer.train_update()
+            seconds[name].append(time.perf_counter() - start)
+    batch = cfg.num_envs * cfg.num_steps
+    rate = {v: batch / statistics.median(s) for v, s in seconds.items()}
+    print(f"{args.env}, {cfg.num_envs} envs x {cfg.num_steps} steps per update, {args.threads} thread(s):")
+    for name in trainers:
+        ratio = rate[name] / rate["plain"] if "plain" in rate else float("nan")
+        print(f"  {name:<9} {rate[name]:8.0f} steps/s   {ratio:5.2f}x plain")
+
+
+if __name__ == "__main__":
+    main()
