@@ -5,7 +5,8 @@ PY     := $(VENV)/bin/python
 # The pinned CPU build; pyproject.toml declares the looser range users install against.
 TORCH  := torch==2.13.0
 
-.PHONY: setup data demo demo-reads reproduce-r1 reproduce-classification test test-fast bench clean
+.PHONY: setup data demo demo-reads reproduce-r1 reproduce-classification reproduce-programs reproduce-minatar \
+        test test-fast bench clean
 
 setup: $(VENV)/.installed data
 
@@ -37,6 +38,15 @@ reproduce-r1: setup
 reproduce-classification: setup
 	bash scripts/reproduce_classification.sh 5 runs/classification
 
+# The synthetic program tasks (issue 5): 4 tasks x 5 models, 5 seeds (~45 minutes on one core).
+reproduce-programs: setup
+	bash scripts/reproduce_programs.sh 5 runs/programs
+
+# The MinAtar table (issue 6): 5 games x plain / Neurocoder heads x 3 seeds, 1M frames (~3 hours;
+# resumable: run it again to continue).
+reproduce-minatar: setup
+	bash scripts/reproduce_minatar.sh 3 runs/minatar
+
 test: $(VENV)/.installed
 	$(PY) -m pytest
 
@@ -45,6 +55,8 @@ test-fast: $(VENV)/.installed
 
 bench: $(VENV)/.installed
 	$(PY) benchmarks/bench_layers.py
+	$(PY) benchmarks/bench_classification.py
+	$(PY) benchmarks/bench_agents.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info src/*.egg-info .pytest_cache

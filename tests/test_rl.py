@@ -133,6 +133,7 @@ def test_ppo_learns_cartpole(tmp_path):
 
 @pytest.mark.slow
 def test_atari_short_run(tmp_path):
-    result = run_ppo(PPOConfig(env="atari:pong", total_frames=256, num_envs=2, num_steps=32, num_minibatches=2,
+    result = run_ppo(PPOConfig(env="atari:pong", total_frames=512, num_envs=2, num_steps=32, num_minibatches=2,
                                update_epochs=1, seeds=1), tmp_path / "pong", quiet=True)
-    assert result["frames"] == 4 * 256            # 4 emulator frames per agent step
+    seed = json.loads((tmp_path / "pong" / "seeds" / "seed-00.json").read_text())
+    assert result["frames"] == 512 and seed["agent_steps"] == 128        # 4 emulator frames per agent step

@@ -55,7 +55,7 @@ AGENT_VARIANTS = {
 class PPOConfig:
     env: str = "minatar:breakout"
     variant: str = "plain"
-    total_frames: int = 1_000_000      # agent steps summed over environments (Atari: x4 emulator frames)
+    total_frames: int = 1_000_000      # frames summed over environments (MinAtar: agent steps; Atari: 4 per step)
     num_envs: int = 32
     num_steps: int = 64                # rollout length per environment
     lr: float = 5e-4
@@ -178,7 +178,7 @@ class _Seed:
                                  cfg.layer_options)
         self.optimizer = torch.optim.Adam(self.agent.parameters(), lr=cfg.lr, eps=1e-5)
         self.batch = cfg.num_envs * cfg.num_steps
-        self.num_updates = max(1, cfg.total_frames // self.batch)
+        self.num_updates = max(1, cfg.total_frames // (self.batch * self.envs.frames_per_step))
         self.update = 0
         self.steps = 0
         self.seconds = 0.0
