@@ -145,10 +145,11 @@ class _Seed:
         self.model = build_classifier(cfg.backbone, cfg.variant, data.input_shape, data.num_classes,
                                       cfg.layer_options, cfg.conv_options, cfg.init)
         self.parameters = count_parameters(self.model)
+        self.has_moe = any(isinstance(m, neurocoder.MoELinear) for m in self.model.modules())
         self.net = self.model
         if world > 1:
-            # Some heads leave parameters without a gradient in a step (a MoE's unpicked experts).
-            self.net = nn.parallel.DistributedDataParallel(self.model, find_unused_parameters=True)
+            # A MoE head leaves the experts no sample picked without a gradient in that step.
+            self.net = nn.parallel.DistributedDataParallel(self.model, find_unused_parameters=self.has_moe)
         optimizer = OPTIMIZERS[cfg.optimizer]
         kwargs = {"lr": cfg.lr, "weight_decay": cfg.weight_decay}
         if cfg.optimizer == "sgd":
@@ -157,7 +158,6 @@ class _Seed:
         self.steps_per_epoch = math.ceil(len(data.train_y) / cfg.batch_size)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer,
                                                            _cosine(cfg.epochs * self.steps_per_epoch))
-        self.has_moe = any(isinstance(m, neurocoder.MoELinear) for m in self.model.modules())
         self.epoch = 0
         self.history: list[dict] = []
 
