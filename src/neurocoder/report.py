@@ -163,12 +163,21 @@ def write_report(runs: list[dict], out: str | Path) -> Path:
     return out / "report.md"
 
 
-def _figures(runs: list[dict], out: Path) -> list[Path]:
+def pyplot():
+    """matplotlib's pyplot on the file-only Agg backend, or None when matplotlib is missing
+    (reports then hold tables only)."""
     try:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
+        return None
+    return plt
+
+
+def _figures(runs: list[dict], out: Path) -> list[Path]:
+    plt = pyplot()
+    if plt is None:
         return []
     made = []
     groups = defaultdict(list)

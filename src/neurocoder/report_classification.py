@@ -107,11 +107,10 @@ def classification_figures(runs: list[dict], out: Path) -> list[Path]:
     runs = _classification_runs(runs)
     if not runs:
         return []
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    from .report import pyplot
+
+    plt = pyplot()
+    if plt is None:
         return []
     made = []
     groups: dict[tuple, dict[str, dict]] = defaultdict(dict)

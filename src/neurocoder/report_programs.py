@@ -67,11 +67,10 @@ def program_figures(runs: list[dict], out: Path) -> list[Path]:
     groups = _program_runs(runs)
     if not groups:
         return []
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    from .report import pyplot
+
+    plt = pyplot()
+    if plt is None:
         return []
     import numpy as np
 

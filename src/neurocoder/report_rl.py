@@ -61,11 +61,10 @@ def rl_figures(runs: list[dict], out: Path) -> list[Path]:
     groups = _rl_runs(runs)
     if not groups:
         return []
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    from .report import pyplot
+
+    plt = pyplot()
+    if plt is None:
         return []
     import numpy as np
 

@@ -72,6 +72,25 @@ class RunFolder:
         atomic_write_text(path / "config.json", json.dumps(record, indent=2, default=str))
         return run
 
+    @classmethod
+    def start(cls, path: str | os.PathLike, config: dict, seed: int, resume: bool,
+              ignore: tuple[str, ...] = ("threads",), write: bool = True) -> "RunFolder":
+        """A new run folder (``resume=False``), or the existing one to continue (``resume=True``),
+        after checking that its recorded config equals ``config`` except for the ``ignore`` keys
+        (settings that do not change results, such as thread counts). ``write=False``: only open
+        it (the other processes of a distributed run)."""
+        path = Path(path)
+        if resume:
+            if not (path / "config.json").is_file():
+                raise FileNotFoundError(f"--resume: {path} holds no run (no config.json); start it without --resume")
+            saved = json.loads((path / "config.json").read_text())["config"]
+            changed = sorted(k for k in config if k not in ignore and saved.get(k) != config[k])
+            if changed:
+                raise ValueError(f"--resume: the config differs from the one in {path} in {changed}; resume with "
+                                 f"the same settings, or start a new run folder")
+            return cls(path)
+        return cls.create(path, config, seed) if write else cls(path)
+
     def log(self, **metrics) -> None:
         with open(self.path / "metrics.jsonl", "a") as handle:
             handle.write(json.dumps(metrics, default=float) + "\n")

@@ -33,7 +33,7 @@ import torch.nn.functional as F
 
 import neurocoder
 from neurocoder.data.classification import CLASSIFICATION_DATASETS, augment, load_classification
-from neurocoder.experiments.backbones import BACKBONES, VARIANTS, build_classifier, variants_for
+from neurocoder.experiments.backbones import BACKBONES, build_classifier, variants_for
 from neurocoder.experiments.models import count_parameters
 from neurocoder.progress import Progress
 from neurocoder.runs import RunFolder, atomic_torch_save, atomic_write_text
@@ -230,19 +230,7 @@ def run_classification(cfg: ClassificationConfig, out: str | os.PathLike, resume
         data.train_x, data.train_y = data.train_x[:cfg.train_limit], data.train_y[:cfg.train_limit]
     config = {"kind": "classification", "preset": preset, **asdict(cfg), "world_size": world,
               "data": data.describe()}
-    if resume:
-        if not (out / "config.json").is_file():
-            raise FileNotFoundError(f"--resume: {out} holds no run (no config.json); start it without --resume")
-        saved = json.loads((out / "config.json").read_text())["config"]
-        changed = sorted(k for k in config if k not in ("data", "world_size", "threads") and saved.get(k) != config[k])
-        if changed:
-            raise ValueError(f"--resume: the config differs from the one in {out} in {changed}; resume with the "
-                             f"same settings, or start a new run folder")
-        run = RunFolder(out)
-    elif rank == 0:
-        run = RunFolder.create(out, config, cfg.seed)
-    else:
-        run = RunFolder(out)
+    run = RunFolder.start(out, config, cfg.seed, resume, ignore=("data", "world_size", "threads"), write=rank == 0)
     if world > 1:
         dist.barrier()
     say(f"{cfg.dataset} / {cfg.backbone} / {cfg.variant}: {data.source}; train {len(data.train_y):,}, "

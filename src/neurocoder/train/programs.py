@@ -24,7 +24,6 @@ them; each seed takes seconds to a minute, so it is the unit of resumption), ``r
 from __future__ import annotations
 
 import json
-import math
 import os
 import time
 from dataclasses import asdict, dataclass
@@ -238,17 +237,7 @@ def run_programs(cfg: ProgramConfig, out: str | os.PathLike, resume: bool = Fals
     out = Path(out)
     say = (lambda *a: None) if quiet else print
     config = {"kind": "programs", "preset": preset, **asdict(cfg)}
-    if resume:
-        if not (out / "config.json").is_file():
-            raise FileNotFoundError(f"--resume: {out} holds no run (no config.json); start it without --resume")
-        saved = json.loads((out / "config.json").read_text())["config"]
-        changed = sorted(k for k in config if k != "threads" and saved.get(k) != config[k])
-        if changed:
-            raise ValueError(f"--resume: the config differs from the one in {out} in {changed}; resume with the "
-                             f"same settings, or start a new run folder")
-        run = RunFolder(out)
-    else:
-        run = RunFolder.create(out, config, cfg.seed)
+    run = RunFolder.start(out, config, cfg.seed, resume)
     (out / "seeds").mkdir(exist_ok=True)
     say(f"{cfg.task} / {cfg.model}: {PROGRAM_TASKS[cfg.task]}; {cfg.seeds} seeds")
     for index in range(cfg.seeds):

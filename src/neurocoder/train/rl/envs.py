@@ -29,6 +29,8 @@ MINATAR_GAMES = ("breakout", "space_invaders", "freeway", "asterix", "seaquest")
 
 
 class VectorEnv:
+    """The interface; subclasses keep per-environment running returns and lengths."""
+
     observation_shape: tuple[int, ...]
     num_actions: int
     frames_per_step: int = 1           # emulator frames per agent step (Atari: the frame skip)
@@ -48,6 +50,16 @@ class VectorEnv:
 
     def close(self) -> None:
         pass
+
+    def _account(self, rewards: np.ndarray, dones: np.ndarray) -> list[tuple[float, int]]:
+        """Add a step's rewards to the running episodes; return and restart those that ended."""
+        self.returns += rewards
+        self.lengths += 1
+        finished = []
+        for index in np.nonzero(dones)[0]:
+            finished.append((float(self.returns[index]), int(self.lengths[index])))
+            self.returns[index], self.lengths[index] = 0, 0
+        return finished
 
 
 class MinAtarVector(VectorEnv):
@@ -131,12 +143,7 @@ class AtariVector(VectorEnv):
     def step(self, actions: np.ndarray):
         observations, rewards, terminated, truncated, _ = self.env.step(np.asarray(actions))
         dones = np.logical_or(terminated, truncated)
-        self.returns += rewards
-        self.lengths += 1
-        finished = []
-        for index in np.nonzero(dones)[0]:
-            finished.append((float(self.returns[index]), int(self.lengths[index])))
-            self.returns[index], self.lengths[index] = 0, 0
+        finished = self._account(rewards, dones)
         return (torch.from_numpy(np.asarray(observations)).float() / 255.0,
                 torch.from_numpy(np.sign(rewards).astype(np.float32)), torch.from_numpy(dones), finished)
 
@@ -170,12 +177,7 @@ class GymVector(VectorEnv):
     def step(self, actions: np.ndarray):
         observations, rewards, terminated, truncated, _ = self.env.step(np.asarray(actions))
         dones = np.logical_or(terminated, truncated)
-        self.returns += rewards
-        self.lengths += 1
-        finished = []
-        for index in np.nonzero(dones)[0]:
-            finished.append((float(self.returns[index]), int(self.lengths[index])))
-            self.returns[index], self.lengths[index] = 0, 0
+        finished = self._account(rewards, dones)
         return (torch.as_tensor(np.asarray(observations), dtype=torch.float32),
                 torch.as_tensor(rewards, dtype=torch.float32), torch.from_numpy(dones), finished)
 

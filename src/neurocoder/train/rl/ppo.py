@@ -279,17 +279,7 @@ def run_ppo(cfg: PPOConfig, out: str | os.PathLike, resume: bool = False, preset
     out = Path(out)
     say = (lambda *a: None) if quiet else print
     config = {"kind": "rl", "preset": preset, **asdict(cfg)}
-    if resume:
-        if not (out / "config.json").is_file():
-            raise FileNotFoundError(f"--resume: {out} holds no run (no config.json); start it without --resume")
-        saved = json.loads((out / "config.json").read_text())["config"]
-        changed = sorted(k for k in config if k != "threads" and saved.get(k) != config[k])
-        if changed:
-            raise ValueError(f"--resume: the config differs from the one in {out} in {changed}; resume with the "
-                             f"same settings, or start a new run folder")
-        run = RunFolder(out)
-    else:
-        run = RunFolder.create(out, config, cfg.seed)
+    run = RunFolder.start(out, config, cfg.seed, resume)
     (out / "seeds").mkdir(exist_ok=True)
     checkpoint = out / "checkpoint.pt"
     for seed_index in range(cfg.seeds):
