@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import warnings
 from collections import defaultdict
 from pathlib import Path
 
@@ -89,13 +90,18 @@ def rl_figures(runs: list[dict], out: Path) -> list[Path]:
                 curves.append(binned)
             curves = np.array(curves, dtype=float)
             centres = (edges[:-1] + edges[1:]) / 2
-            line, = ax.plot(centres, np.nanmean(curves, 0), label=variant)
-            ax.fill_between(centres, np.nanmin(curves, 0), np.nanmax(curves, 0), alpha=0.15, color=line.get_color())
+            with warnings.catch_warnings():   # bins where no episode ended stay gaps (NaN)
+                warnings.simplefilter("ignore", RuntimeWarning)
+                mean, low, high = np.nanmean(curves, 0), np.nanmin(curves, 0), np.nanmax(curves, 0)
+            line, = ax.plot(centres, mean, label=variant)
+            ax.fill_between(centres, low, high, alpha=0.15, color=line.get_color())
         ax.set_title(env, fontsize=9)
         ax.set_xlabel("frames")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
-    axes[0][0].set_ylabel("episodic return (mean over seeds; band min..max)")
+    axes[0][0].set_ylabel("episodic return")
+    fig.suptitle("mean over seeds of the returns of episodes ending in each frame bin; band: min..max over seeds",
+                 fontsize=8)
     fig.tight_layout()
     path = out / "rl_returns.png"
     fig.savefig(path, dpi=110)
