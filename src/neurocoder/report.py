@@ -144,7 +144,7 @@ def continual_tables(runs: list[dict]) -> str:
 def write_report(runs: list[dict], out: str | Path) -> Path:
     """report.md and its figures in ``out``: continual-learning runs (accuracy after each task,
     usage by task) and classification runs (accuracy bars, usage by class, composed weights)."""
-    from .report_classification import classification_figures, classification_tables
+    from .report_classification import classification_figures, classification_summary, classification_tables
     from .report_programs import program_figures, program_tables
     from .report_rl import rl_figures, rl_tables
 
@@ -152,6 +152,9 @@ def write_report(runs: list[dict], out: str | Path) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     text = "# Neurocoder report\n\nRuns: " + ", ".join(str(r["path"]) for r in runs) + "\n\n"
     text += continual_tables(runs)
+    summary = classification_summary(runs)
+    if summary:
+        text += "### Object recognition: test accuracy (%), bold = beats plain by more than the seed std\n\n" + summary + "\n"
     text += classification_tables(runs)
     text += program_tables(runs)
     text += rl_tables(runs)

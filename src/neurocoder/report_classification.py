@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["classification_tables", "classification_figures", "PUBLISHED_MNIST1D"]
+__all__ = ["classification_tables", "classification_summary", "classification_figures", "PUBLISHED_MNIST1D"]
 
 VARIANT_ORDER = ["plain", "nc-head", "nc-fc", "nc-conv", "nsm-head", "moe-head"]
 VARIANT_LABELS = {"plain": "plain", "nc-head": "Neurocoder head", "nc-fc": "Neurocoder in every FC layer",
@@ -31,6 +31,45 @@ def _analysis(run: dict) -> dict | None:
     if not path.is_file():
         return None
     return torch.load(path, map_location="cpu", weights_only=False)
+
+
+def classification_summary(runs: list[dict]) -> str:
+    """Markdown: one row per (data set, backbone), one column per variant: test accuracy mean +-
+    std over seeds, bold where it beats the plain backbone by more than the larger of the two
+    standard deviations."""
+    runs = _classification_runs(runs)
+    if not runs:
+        return ""
+    groups: dict[tuple, dict[str, dict]] = defaultdict(dict)
+    for run in runs:
+        cfg = run["config"]
+        groups[(cfg["dataset"], cfg["backbone"])][cfg["variant"]] = run
+    variants = [v for v in VARIANT_ORDER if any(v in g for g in groups.values())]
+    lines = ["| data set | backbone | epochs | seeds | " + " | ".join(variants) + " | R3 |",
+             "|" + "---|" * (len(variants) + 5)]
+    order = sorted(groups, key=lambda k: (DATASET_ORDER.index(k[0]) if k[0] in DATASET_ORDER else 9,
+                                          BACKBONE_ORDER.index(k[1]) if k[1] in BACKBONE_ORDER else 9))
+    for dataset, backbone in order:
+        members = groups[(dataset, backbone)]
+        plain = members.get("plain")
+        cells = []
+        for variant in variants:
+            run = members.get(variant)
+            if run is None:
+                cells.append("")
+                continue
+            text = f"{run['test_accuracy_mean']:.2f} +- {run['test_accuracy_std']:.2f}"
+            if plain is not None and variant != "plain":
+                delta = run["test_accuracy_mean"] - plain["test_accuracy_mean"]
+                if delta > max(run["test_accuracy_std"], plain["test_accuracy_std"]):
+                    text = f"**{text}**"
+            cells.append(text)
+        first = next(iter(members.values()))
+        seeds = sorted({r["seeds"] for r in members.values()})
+        published = PUBLISHED_MNIST1D.get(backbone, "") if dataset == "mnist1d" else ""
+        lines.append(f"| {dataset} | {backbone} | {first['config']['epochs']} | {'/'.join(map(str, seeds))} | "
+                     + " | ".join(cells) + f" | {published} |")
+    return "\n".join(lines) + "\n"
 
 
 def classification_tables(runs: list[dict]) -> str:
