@@ -26,6 +26,17 @@ def _classification_runs(runs: list[dict]) -> list[dict]:
     return [r for r in runs if r.get("config", {}).get("kind") == "classification"]
 
 
+def _grouped(runs: list[dict]) -> dict[tuple[str, str], dict[str, dict]]:
+    """(data set, backbone) -> variant -> run, in report order (data sets, then backbones)."""
+    groups: dict[tuple, dict[str, dict]] = defaultdict(dict)
+    for run in _classification_runs(runs):
+        cfg = run["config"]
+        groups[(cfg["dataset"], cfg["backbone"])][cfg["variant"]] = run
+    order = sorted(groups, key=lambda k: (DATASET_ORDER.index(k[0]) if k[0] in DATASET_ORDER else 9,
+                                          BACKBONE_ORDER.index(k[1]) if k[1] in BACKBONE_ORDER else 9))
+    return {key: groups[key] for key in order}
+
+
 def _analysis(run: dict) -> dict | None:
     path = Path(run["path"]) / "analysis.pt"
     if not path.is_file():
@@ -37,20 +48,13 @@ def classification_summary(runs: list[dict]) -> str:
     """Markdown: one row per (data set, backbone), one column per variant: test accuracy mean +-
     std over seeds, bold where it beats the plain backbone by more than the larger of the two
     standard deviations."""
-    runs = _classification_runs(runs)
-    if not runs:
+    groups = _grouped(runs)
+    if not groups:
         return ""
-    groups: dict[tuple, dict[str, dict]] = defaultdict(dict)
-    for run in runs:
-        cfg = run["config"]
-        groups[(cfg["dataset"], cfg["backbone"])][cfg["variant"]] = run
     variants = [v for v in VARIANT_ORDER if any(v in g for g in groups.values())]
     lines = ["| data set | backbone | epochs | seeds | " + " | ".join(variants) + " | R3 |",
              "|" + "---|" * (len(variants) + 5)]
-    order = sorted(groups, key=lambda k: (DATASET_ORDER.index(k[0]) if k[0] in DATASET_ORDER else 9,
-                                          BACKBONE_ORDER.index(k[1]) if k[1] in BACKBONE_ORDER else 9))
-    for dataset, backbone in order:
-        members = groups[(dataset, backbone)]
+    for (dataset, backbone), members in groups.items():
         plain = members.get("plain")
         cells = []
         for variant in variants:
@@ -76,18 +80,11 @@ def classification_tables(runs: list[dict]) -> str:
     """Markdown: per (data set, backbone) a row per variant with test accuracy mean +- std over
     seeds, the difference to the plain backbone (and whether it exceeds the larger of the two
     seed standard deviations), parameters and seconds per epoch; then the read analysis."""
-    runs = _classification_runs(runs)
-    if not runs:
+    groups = _grouped(runs)
+    if not groups:
         return ""
-    groups: dict[tuple, dict[str, dict]] = defaultdict(dict)
-    for run in runs:
-        cfg = run["config"]
-        groups[(cfg["dataset"], cfg["backbone"])][cfg["variant"]] = run
     parts = []
-    order = sorted(groups, key=lambda k: (DATASET_ORDER.index(k[0]) if k[0] in DATASET_ORDER else 9,
-                                          BACKBONE_ORDER.index(k[1]) if k[1] in BACKBONE_ORDER else 9))
-    for dataset, backbone in order:
-        members = groups[(dataset, backbone)]
+    for (dataset, backbone), members in groups.items():
         first = next(iter(members.values()))
         cfg, data = first["config"], first["data"]
         parts.append(f"### {dataset}, {backbone}: test accuracy (%)\n")
@@ -143,8 +140,8 @@ def classification_tables(runs: list[dict]) -> str:
 def classification_figures(runs: list[dict], out: Path) -> list[Path]:
     """Accuracy bars per (data set, backbone); slot usage by class and composed-weight similarity
     for each Neurocoder run that has an analysis."""
-    runs = _classification_runs(runs)
-    if not runs:
+    groups = _grouped(runs)
+    if not groups:
         return []
     from .report import pyplot
 
@@ -152,11 +149,7 @@ def classification_figures(runs: list[dict], out: Path) -> list[Path]:
     if plt is None:
         return []
     made = []
-    groups: dict[tuple, dict[str, dict]] = defaultdict(dict)
-    for run in runs:
-        groups[(run["config"]["dataset"], run["config"]["backbone"])][run["config"]["variant"]] = run
-    keys = sorted(groups, key=lambda k: (DATASET_ORDER.index(k[0]) if k[0] in DATASET_ORDER else 9,
-                                         BACKBONE_ORDER.index(k[1]) if k[1] in BACKBONE_ORDER else 9))
+    keys = list(groups)
     fig, axes = plt.subplots(1, len(keys), figsize=(3.3 * len(keys), 3.6), squeeze=False)
     for ax, key in zip(axes[0], keys):
         members = groups[key]
