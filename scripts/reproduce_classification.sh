@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # Object recognition (issue 4): every (data set, backbone, variant) of the table, SEEDS seeds each.
 #   bash scripts/reproduce_classification.sh [SEEDS] [OUT]
-#   env: DATASETS (default "mnist1d mnist fashion-mnist"), RESNET_SEEDS (default 3: ResNet-20 costs
-#        ~40 s per MNIST epoch here), EXTRA_SET (more --set flags for every run), DRY_RUN=1 (list the
-#        runs and stop)
-# Runs two at a time with one thread each (2 cores); resumes any run an earlier call left
+#   env: DATASETS (default "mnist1d mnist fashion-mnist"), BACKBONES (default all: "mlp cnn1d lenet
+#        resnet20"), RESNET_SEEDS (default 3: ResNet-20 costs ~40 s per MNIST epoch on this CPU),
+#        WORKERS (runs at a time, default 2), EXTRA_SET (more --set flags for every run, e.g.
+#        "--set device=cuda"), DRY_RUN=1 (list the runs and stop)
+# Runs WORKERS at a time with one thread each (2 cores); resumes any run an earlier call left
 # unfinished (skips finished ones), then writes OUT/report (tables + figures).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -12,14 +13,14 @@ seeds="${1:-5}"
 out="${2:-runs/classification}"
 neurocoder="${NEUROCODER:-.venv/bin/neurocoder}"
 mkdir -p "$out"
-declare -A backbones=([mnist1d]="mlp cnn1d" [mnist]="mlp lenet resnet20" [fashion-mnist]="mlp lenet")
+declare -A backbones=([mnist1d]="mlp cnn1d" [mnist]="mlp lenet resnet20" [fashion-mnist]="mlp lenet resnet20")
 declare -A variants=([mlp]="plain nc-head nc-fc nsm-head moe-head" [cnn1d]="plain nc-head nc-conv nsm-head moe-head"
-                     [lenet]="plain nc-head nc-fc nc-conv nsm-head moe-head" [resnet20]="plain nc-head nc-conv")
+                     [lenet]="plain nc-head nc-fc nc-conv nsm-head moe-head" [resnet20]="plain nc-head nc-conv nsm-head moe-head")
 # Cheap, central comparisons first (plain and Neurocoder head everywhere), the costly ones
 # (convolutions, ResNet-20) last, so a run cut short still leaves the core of the table.
 jobs=()
 for stage in "plain nc-head" "nc-fc nsm-head moe-head" "nc-conv"; do
-  for backbone in mlp cnn1d lenet resnet20; do
+  for backbone in ${BACKBONES:-mlp cnn1d lenet resnet20}; do
     for dataset in ${DATASETS:-mnist1d mnist fashion-mnist}; do
       case " ${backbones[$dataset]} " in *" $backbone "*) ;; *) continue ;; esac
       n=$seeds; [ "$backbone" = resnet20 ] && n="${RESNET_SEEDS:-3}"
@@ -40,5 +41,5 @@ run_one() {
       --set threads=1 "$@" --out "$dir" $resume > "$dir.log" 2>&1 && tail -n 1 "$dir.log"
 }
 export -f run_one; export out neurocoder
-printf '%s\n' "${jobs[@]}" | xargs -P 2 -I{} bash -c 'run_one {}'
+printf '%s\n' "${jobs[@]}" | xargs -P "${WORKERS:-2}" -I{} bash -c 'run_one {}'
 "$neurocoder" report "$out" --out "$out/report"

@@ -169,6 +169,21 @@ def test_bad_configs_name_the_problem():
     result = subprocess.run([sys.executable, "-m", "neurocoder.cli", "run", "classify-mnist1d", "--set", "backbone=vgg"],
                             capture_output=True, text=True)
     assert result.returncode == 2 and "backbone='vgg'" in result.stderr
+    with pytest.raises(ValueError, match="device='tpu'"):
+        _tiny(variant="plain", device="tpu").check()
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="sees no CUDA device"):
+            _tiny(variant="plain", device="cuda").check()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_trains_on_cuda_with_the_same_batches(tmp_path):
+    """device=cuda: the model trains on the GPU (batches drawn on the CPU, so the same order), the
+    run records the device, and the accuracy is close to the CPU run's."""
+    cpu = run_classification(_tiny(variant="nc-head", seeds=1, device="cpu"), tmp_path / "cpu", quiet=True)
+    gpu = run_classification(_tiny(variant="nc-head", seeds=1, device="cuda"), tmp_path / "gpu", quiet=True)
+    assert gpu["config"]["device_used"].startswith("cuda") and cpu["config"]["device_used"] == "cpu"
+    assert abs(gpu["test_accuracy_mean"] - cpu["test_accuracy_mean"]) < 10.0
 
 
 @pytest.mark.slow

@@ -74,6 +74,7 @@ class ClassificationConfig:
     analysis_samples: int = 2000         # test samples the read analysis looks at
     threads: int | None = None
     data_dir: str | None = None
+    device: str = "auto"                 # 'auto' (CUDA when there is one), 'cpu', 'cuda', 'cuda:1', ...
 
     def resolved(self) -> "ClassificationConfig":
         cfg = ClassificationConfig(**asdict(self))
@@ -106,8 +107,31 @@ class ClassificationConfig:
             problems.append(f"epochs={self.epochs} (must be >= 1)")
         if self.lr is not None and self.lr <= 0:
             problems.append(f"lr={self.lr} (must be > 0)")
+        if self.device != "auto":
+            try:
+                device = torch.device(self.device)
+            except (RuntimeError, TypeError):
+                device = None
+            if device is None or device.type not in ("cpu", "cuda"):
+                problems.append(f"device={self.device!r} (choose auto, cpu, cuda or cuda:N)")
+            elif device.type == "cuda" and not torch.cuda.is_available():
+                problems.append(f"device={self.device!r} but this PyTorch sees no CUDA device "
+                                f"(use device=cpu, or auto)")
         if problems:
             raise ValueError("bad config: " + "; ".join(problems))
+
+
+def _device(name: str, world: int) -> torch.device:
+    """The training device: ``auto`` takes CUDA when there is one; under torchrun each process
+    takes the GPU of its ``LOCAL_RANK``."""
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(name)
+    if device.type == "cuda" and world > 1 and device.index is None:
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    return device
 
 
 def _distributed() -> tuple[int, int]:
@@ -120,12 +144,14 @@ def _distributed() -> tuple[int, int]:
 
 @torch.no_grad()
 def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 1000) -> float:
-    """Accuracy in percent."""
+    """Accuracy in percent; batches go to the model's device."""
     was_training = model.training
     model.eval()
+    device = next(model.parameters()).device
     correct = 0
     for i in range(0, len(y), batch_size):
-        correct += (model(x[i:i + batch_size]).argmax(-1) == y[i:i + batch_size]).sum().item()
+        logits = model(x[i:i + batch_size].to(device))
+        correct += (logits.argmax(-1).cpu() == y[i:i + batch_size]).sum().item()
     model.train(was_training)
     return 100.0 * correct / max(len(y), 1)
 
@@ -137,19 +163,22 @@ def _cosine(total_steps: int):
 class _Seed:
     """One seed: model, optimiser and schedule, trained epoch after epoch."""
 
-    def __init__(self, cfg: ClassificationConfig, data, seed_index: int, rank: int, world: int) -> None:
-        self.cfg, self.data, self.rank, self.world = cfg, data, rank, world
+    def __init__(self, cfg: ClassificationConfig, data, seed_index: int, rank: int, world: int,
+                 device: torch.device = torch.device("cpu")) -> None:
+        self.cfg, self.data, self.rank, self.world, self.device = cfg, data, rank, world, device
         self.seed = cfg.seed * 1000 + seed_index
         self.seed_index = seed_index
         torch.manual_seed(self.seed)
         self.model = build_classifier(cfg.backbone, cfg.variant, data.input_shape, data.num_classes,
-                                      cfg.layer_options, cfg.conv_options, cfg.init)
+                                      cfg.layer_options, cfg.conv_options, cfg.init).to(device)
         self.parameters = count_parameters(self.model)
         self.has_moe = any(isinstance(m, neurocoder.MoELinear) for m in self.model.modules())
         self.net = self.model
         if world > 1:
             # A MoE head leaves the experts no sample picked without a gradient in that step.
-            self.net = nn.parallel.DistributedDataParallel(self.model, find_unused_parameters=self.has_moe)
+            self.net = nn.parallel.DistributedDataParallel(
+                self.model, device_ids=[device.index] if device.type == "cuda" else None,
+                find_unused_parameters=self.has_moe)
         optimizer = OPTIMIZERS[cfg.optimizer]
         kwargs = {"lr": cfg.lr, "weight_decay": cfg.weight_decay}
         if cfg.optimizer == "sgd":
@@ -187,6 +216,9 @@ class _Seed:
             y = data.train_y[index]
             # This process's share of the global batch (all of it in one process).
             x, y = x[self.rank::self.world], y[self.rank::self.world]
+            # Batches are drawn and augmented on the CPU (the seeded generator lives there), so the
+            # order and augmentation are the same on every device.
+            x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
             logits = self.net(x)
             loss = F.cross_entropy(logits, y)
             total = loss + neurocoder.regularization(self.model, cfg.orthogonality_weight)
@@ -203,7 +235,7 @@ class _Seed:
                 bar.update(1, f"loss {loss.item():.3f}")
         seconds = time.perf_counter() - start
         if self.world > 1:  # the epoch's figures over all processes' shares
-            totals = torch.tensor([loss_sum, correct, seen], dtype=torch.float64)
+            totals = torch.tensor([loss_sum, correct, seen], dtype=torch.float64, device=self.device)
             dist.all_reduce(totals)
             loss_sum, correct, seen = totals[0].item(), int(totals[1].item()), int(totals[2].item())
         self.epoch += 1
@@ -221,6 +253,7 @@ def run_classification(cfg: ClassificationConfig, out: str | os.PathLike, resume
     cfg.check()
     cfg = cfg.resolved()
     rank, world = _distributed()
+    device = _device(cfg.device, world)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     out = Path(out)
@@ -229,13 +262,15 @@ def run_classification(cfg: ClassificationConfig, out: str | os.PathLike, resume
     if cfg.train_limit:
         data.train_x, data.train_y = data.train_x[:cfg.train_limit], data.train_y[:cfg.train_limit]
     config = {"kind": "classification", "preset": preset, **asdict(cfg), "world_size": world,
-              "data": data.describe()}
-    run = RunFolder.start(out, config, cfg.seed, resume, ignore=("data", "world_size", "threads"), write=rank == 0)
+              "data": data.describe(), "device_used": str(device)}
+    # Where it ran is recorded, not checked: a run may be resumed on another device.
+    run = RunFolder.start(out, config, cfg.seed, resume, write=rank == 0,
+                          ignore=("data", "world_size", "threads", "device", "device_used"))
     if world > 1:
         dist.barrier()
     say(f"{cfg.dataset} / {cfg.backbone} / {cfg.variant}: {data.source}; train {len(data.train_y):,}, "
         f"validation {len(data.val_y):,}, test {len(data.test_y):,}; {cfg.epochs} epochs x {cfg.seeds} seeds"
-        + (f"; {world} processes (DDP)" if world > 1 else ""))
+        + (f"; {world} processes (DDP)" if world > 1 else "") + f"; on {device}")
     seed_dir = out / "seeds"
     if rank == 0:
         seed_dir.mkdir(exist_ok=True)
@@ -245,7 +280,7 @@ def run_classification(cfg: ClassificationConfig, out: str | os.PathLike, resume
         if seed_file.is_file():
             say(f"seed {seed_index}: done earlier, skipped")
             continue
-        trainer = _Seed(cfg, data, seed_index, rank, world)
+        trainer = _Seed(cfg, data, seed_index, rank, world, device)
         checkpoint = out / "checkpoint.pt"
         if checkpoint.is_file():
             try:
@@ -273,7 +308,8 @@ def run_classification(cfg: ClassificationConfig, out: str | os.PathLike, resume
         if rank == 0:
             if seed_index == 0 and any(isinstance(m, neurocoder.NeurocoderLayer) for m in trainer.model.modules()):
                 from neurocoder.experiments.analysis import analyse_reads
-                analysis = analyse_reads(trainer.model, data.test_x[:cfg.analysis_samples],
+                # On the CPU, where the test tensors live (the model is done training).
+                analysis = analyse_reads(trainer.model.cpu(), data.test_x[:cfg.analysis_samples],
                                          data.test_y[:cfg.analysis_samples], data.num_classes)
                 atomic_torch_save(analysis, out / "analysis.pt")
             atomic_write_text(seed_file, json.dumps(result, indent=2))
