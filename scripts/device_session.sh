@@ -16,6 +16,7 @@ cd "$(dirname "$0")/.."
 out="${OUT:?set OUT to the folder that collects the results}"
 deadline="${DEADLINE:-480}"
 device="${DEVICE:-cuda}"
+parts=" ${PARTS:-checks bench resnet minatar} "   # a later call can redo a part alone, e.g. PARTS=resnet
 mkdir -p "$out"
 if compgen -G ".whl/*.whl" > /dev/null; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
@@ -29,28 +30,38 @@ export NEUROCODER=/tmp/nc-bin/neurocoder
 { nproc; python3 -c "import torch; print(torch.__version__, torch.cuda.is_available() and torch.cuda.get_device_name(0))"; } 2>&1 | tee "$out/machine.txt"
 
 # 3. MinAtar on CPU cores, in its own process group so that the deadline can stop all of it.
-setsid env WORKERS="${MINATAR_WORKERS:-10}" FRAMES="${FRAMES:-1000000}" \
-  bash scripts/reproduce_minatar.sh 3 runs/minatar > "$out/minatar.log" 2>&1 &
-minatar=$!
+minatar=0 resnet=0
+if [[ $parts == *" minatar "* ]]; then
+  setsid env WORKERS="${MINATAR_WORKERS:-10}" FRAMES="${FRAMES:-1000000}" \
+    bash scripts/reproduce_minatar.sh 3 runs/minatar > "$out/minatar.log" 2>&1 &
+  minatar=$!
+fi
 # 2. ResNet-20 on the GPU.
-setsid env WORKERS="${RESNET_WORKERS:-5}" BACKBONES=resnet20 RESNET_SEEDS=5 DATASETS="mnist fashion-mnist" \
-  EXTRA_SET="--set device=$device ${RESNET_EXTRA_SET:-}" \
-  bash scripts/reproduce_classification.sh 5 runs/classification-gpu > "$out/resnet.log" 2>&1 &
-resnet=$!
+if [[ $parts == *" resnet "* ]]; then
+  setsid env WORKERS="${RESNET_WORKERS:-5}" BACKBONES=resnet20 RESNET_SEEDS=5 DATASETS="mnist fashion-mnist" \
+    EXTRA_SET="--set device=$device ${RESNET_EXTRA_SET:-}" \
+    bash scripts/reproduce_classification.sh 5 runs/classification-gpu > "$out/resnet.log" 2>&1 &
+  resnet=$!
+fi
 # 1. The CUDA checks, in the foreground.
-timeout 240 python3 -m pytest -q -p no:cacheprovider tests/test_cuda.py tests/test_layers.py tests/test_classification.py -k cuda \
-  > "$out/cuda-tests.log" 2>&1
-echo "cuda tests: exit $? after $SECONDS s" | tee -a "$out/machine.txt"
-timeout 150 python3 benchmarks/bench_layers.py --device "$device" --repeats 30 --out "$out/layers-cuda.json" \
-  > "$out/bench-cuda.log" 2>&1
-echo "layer benchmark: exit $? after $SECONDS s" | tee -a "$out/machine.txt"
+if [[ $parts == *" checks "* ]]; then
+  timeout 240 python3 -m pytest -q -p no:cacheprovider tests/test_cuda.py tests/test_layers.py \
+    tests/test_classification.py -k "${CHECKS_K:-cuda}" > "$out/cuda-tests.log" 2>&1
+  echo "cuda tests: exit $? after $SECONDS s" | tee -a "$out/machine.txt"
+fi
+if [[ $parts == *" bench "* ]]; then
+  timeout 150 python3 benchmarks/bench_layers.py --device "$device" --repeats 30 --out "$out/layers-cuda.json" \
+    > "$out/bench-cuda.log" 2>&1
+  echo "layer benchmark: exit $? after $SECONDS s" | tee -a "$out/machine.txt"
+fi
 
-while [ "$SECONDS" -lt "$deadline" ] && { kill -0 "$minatar" 2>/dev/null || kill -0 "$resnet" 2>/dev/null; }; do
+running() { [ "$1" != 0 ] && kill -0 "$1" 2>/dev/null; }
+while [ "$SECONDS" -lt "$deadline" ] && { running "$minatar" || running "$resnet"; }; do
   sleep 5
 done
-for group in "$minatar" "$resnet"; do kill -TERM -- "-$group" 2>/dev/null; done
+for group in "$minatar" "$resnet"; do [ "$group" != 0 ] && kill -TERM -- "-$group" 2>/dev/null; done
 sleep 3
-for group in "$minatar" "$resnet"; do kill -KILL -- "-$group" 2>/dev/null; done
+for group in "$minatar" "$resnet"; do [ "$group" != 0 ] && kill -KILL -- "-$group" 2>/dev/null; done
 echo "stopped after $SECONDS s" | tee -a "$out/machine.txt"
 # Checkpoints are written atomically, so a run stopped mid-way resumes from its last one.
 # ResNet runs: with the checkpoints of unfinished seeds when the archive stays under 15 MB.
@@ -65,6 +76,6 @@ for game in breakout space-invaders freeway asterix seaquest; do
   tar czf "$out/minatar-$game.tgz" runs/minatar/$game-* 2>/dev/null
 done
 tail -n 3 "$out/cuda-tests.log"; tail -n 25 "$out/bench-cuda.log"; tail -n 12 "$out/resnet.log" "$out/minatar.log"
-(cd "$out" && tar czf logs.tgz machine.txt cuda-tests.log bench-cuda.log layers-cuda.json minatar.log resnet.log \
-  2>/dev/null && rm -f machine.txt cuda-tests.log bench-cuda.log layers-cuda.json minatar.log resnet.log)
+(cd "$out" && { logs=$(ls machine.txt cuda-tests.log bench-cuda.log layers-cuda.json minatar.log resnet.log 2>/dev/null); } \
+  ; tar czf logs.tgz $logs && rm -f $logs)
 ls -la "$out"

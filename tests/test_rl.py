@@ -137,3 +137,19 @@ def test_atari_short_run(tmp_path):
                                update_epochs=1, seeds=1), tmp_path / "pong", quiet=True)
     seed = json.loads((tmp_path / "pong" / "seeds" / "seed-00.json").read_text())
     assert result["frames"] == 512 and seed["agent_steps"] == 128        # 4 emulator frames per agent step
+
+
+def test_report_reads_gzipped_episodes(tmp_path):
+    """Archived results keep episodes.jsonl gzipped; the report reads either form alike."""
+    import gzip
+
+    from neurocoder.report_rl import read_episodes
+
+    lines = [{"seed": 0, "frame": 64 * i, "return": float(i), "length": 3} for i in range(5)]
+    text = "\n".join(json.dumps(line) for line in lines) + "\n"
+    (tmp_path / "plain").mkdir()
+    (tmp_path / "plain" / "episodes.jsonl").write_text(text)
+    (tmp_path / "packed").mkdir()
+    (tmp_path / "packed" / "episodes.jsonl.gz").write_bytes(gzip.compress(text.encode()))
+    assert read_episodes(tmp_path / "plain") == read_episodes(tmp_path / "packed") == lines
+    assert read_episodes(tmp_path / "missing") == []

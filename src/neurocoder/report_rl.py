@@ -7,7 +7,7 @@ import warnings
 from collections import defaultdict
 from pathlib import Path
 
-__all__ = ["rl_tables", "rl_figures", "PUBLISHED_MINATAR"]
+__all__ = ["rl_tables", "rl_figures", "read_episodes", "PUBLISHED_MINATAR"]
 
 VARIANT_ORDER = ["plain", "nc-heads", "nc-fc"]
 # R4 of ../shared/REFERENCE_RESULTS.md: returns at 5M frames read off Young & Tian's curves.
@@ -56,6 +56,21 @@ def rl_tables(runs: list[dict]) -> str:
     return text
 
 
+def read_episodes(folder: Path) -> list[dict]:
+    """The episodes of a run folder: ``episodes.jsonl``, or ``episodes.jsonl.gz`` (how archived
+    results keep it small); [] when neither is there."""
+    import gzip
+
+    plain, packed = folder / "episodes.jsonl", folder / "episodes.jsonl.gz"
+    if plain.is_file():
+        text = plain.read_text()
+    elif packed.is_file():
+        text = gzip.decompress(packed.read_bytes()).decode()
+    else:
+        return []
+    return [json.loads(line) for line in text.splitlines() if line.strip()]
+
+
 def rl_figures(runs: list[dict], out: Path) -> list[Path]:
     """Episodic return against frames, per environment: the mean over seeds of binned returns,
     with the spread (min..max over seeds)."""
@@ -70,12 +85,15 @@ def rl_figures(runs: list[dict], out: Path) -> list[Path]:
     import numpy as np
 
     envs = sorted(groups)
-    fig, axes = plt.subplots(1, len(envs), figsize=(4.2 * len(envs), 3.4), squeeze=False)
-    for ax, env in zip(axes[0], envs):
+    columns = min(3, len(envs))
+    rows = -(-len(envs) // columns)
+    fig, axes = plt.subplots(rows, columns, figsize=(4.4 * columns, 3.3 * rows), squeeze=False)
+    for ax in axes.flat[len(envs):]:
+        ax.axis("off")
+    for ax, env in zip(axes.flat, envs):
         for variant in sorted(groups[env], key=lambda v: VARIANT_ORDER.index(v) if v in VARIANT_ORDER else 9):
             run = groups[env][variant]
-            path = Path(run["path"]) / "episodes.jsonl"
-            episodes = [json.loads(l) for l in path.read_text().splitlines() if l.strip()] if path.is_file() else []
+            episodes = read_episodes(Path(run["path"]))
             if not episodes:
                 continue
             frames = run["frames"]
@@ -93,13 +111,17 @@ def rl_figures(runs: list[dict], out: Path) -> list[Path]:
             with warnings.catch_warnings():   # bins where no episode ended stay gaps (NaN)
                 warnings.simplefilter("ignore", RuntimeWarning)
                 mean, low, high = np.nanmean(curves, 0), np.nanmin(curves, 0), np.nanmax(curves, 0)
-            line, = ax.plot(centres, mean, label=variant)
-            ax.fill_between(centres, low, high, alpha=0.15, color=line.get_color())
+            # Games whose episodes all end together (Freeway: 2,500 frames) leave bins empty:
+            # draw through them rather than break the curve.
+            ok = ~np.isnan(mean)
+            line, = ax.plot(centres[ok], mean[ok], marker=".", label=variant)
+            ax.fill_between(centres[ok], low[ok], high[ok], alpha=0.15, color=line.get_color())
         ax.set_title(env, fontsize=9)
         ax.set_xlabel("frames")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
-    axes[0][0].set_ylabel("episodic return")
+    for row in axes:
+        row[0].set_ylabel("episodic return")
     fig.suptitle("mean over seeds of the returns of episodes ending in each frame bin; band: min..max over seeds",
                  fontsize=8)
     fig.tight_layout()

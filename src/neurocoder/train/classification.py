@@ -129,7 +129,7 @@ def _device(name: str, world: int) -> torch.device:
     device = torch.device(name)
     if device.type == "cuda" and world > 1 and device.index is None:
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-    if device.type == "cuda":
+    if device.type == "cuda" and device.index is not None:
         torch.cuda.set_device(device)
     return device
 
