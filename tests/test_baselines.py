@@ -50,6 +50,28 @@ def test_moe_balance_loss_is_one_when_uniform():
     torch.testing.assert_close(layer.balance_loss, torch.tensor(1.0))
 
 
+def test_moe_dense_and_sparse_dispatch_agree():
+    """The dense dispatch (every expert on every row, zero gates drop the rest) gives the sparse
+    dispatch's output and gradients."""
+    torch.manual_seed(0)
+    sparse = MoELinear(8, 3, num_experts=5, top_k=2, noisy_gating=False, dispatch="sparse", dtype=torch.float64)
+    dense = MoELinear(8, 3, num_experts=5, top_k=2, noisy_gating=False, dispatch="dense", dtype=torch.float64)
+    dense.load_state_dict(sparse.state_dict())
+    with torch.no_grad():
+        sparse.gate.weight.normal_()
+        dense.gate.weight.copy_(sparse.gate.weight)
+    x = torch.randn(6, 8, dtype=torch.float64)
+    y_sparse, y_dense = sparse(x), dense(x)
+    torch.testing.assert_close(y_dense, y_sparse)
+    y_sparse.square().sum().backward()
+    y_dense.square().sum().backward()
+    torch.testing.assert_close(dense.experts.grad, sparse.experts.grad)
+    torch.testing.assert_close(dense.gate.weight.grad, sparse.gate.weight.grad)
+    assert sparse.experts.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="dispatch"):
+        MoELinear(8, 3, dispatch="fast")
+
+
 def test_moe_errors():
     with pytest.raises(ValueError, match="top_k=5 exceeds num_experts=4"):
         MoELinear(8, 3, num_experts=4, top_k=5)

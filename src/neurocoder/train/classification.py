@@ -304,7 +304,7 @@ def run_classification(cfg: ClassificationConfig, out: str | os.PathLike, resume
         result = {"seed_index": seed_index, "seed": trainer.seed, "test_accuracy": test_accuracy,
                   "val_accuracy": trainer.history[-1]["val_accuracy"], "parameters": trainer.parameters,
                   "seconds_per_epoch": sum(h["seconds"] for h in trainer.history) / len(trainer.history),
-                  "history": trainer.history}
+                  "device": str(device), "history": trainer.history}
         if rank == 0:
             if seed_index == 0 and any(isinstance(m, neurocoder.NeurocoderLayer) for m in trainer.model.modules()):
                 from neurocoder.experiments.analysis import analyse_reads
