@@ -3,7 +3,7 @@
     python scripts/diagnose_conv_gain.py [--variants plain nc-conv] [--batch 128]
 
 For one batch of MNIST digits and a freshly built ResNet-20 (plain, and with every convolution a
-NeurocoderConv2d), prints the cross-entropy, the gradient-to-parameter norm ratio of the first and
+NeurocoderConv2d), prints the cross-entropy and the orthogonality loss at weight 1, the gradient-to-parameter norm ratio of the first and
 last layers, and, for each convolution, how much the per-sample channel means of its output vary
 across the batch relative to the output's overall std. Composed filters give each input its own
 gain per channel, which batch normalisation (batch statistics) does not remove; the README's
@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+import neurocoder  # noqa: E402
 from neurocoder.data.classification import load_classification  # noqa: E402
 from neurocoder.experiments.backbones import build_classifier  # noqa: E402
 
@@ -42,7 +43,8 @@ def main() -> None:
                 module.register_forward_hook(lambda m, i, o, name=name: outputs.__setitem__(name, o.detach()))
         loss = F.cross_entropy(model(x), y)
         loss.backward()
-        print(f"{variant}: cross-entropy {loss.item():.3f}")
+        print(f"{variant}: cross-entropy {loss.item():.3f}; orthogonality loss summed over its Neurocoder "
+              f"layers {neurocoder.regularization(model, 1.0).item():.1f}")
         parameters = [(n, p) for n, p in model.named_parameters() if p.grad is not None and p.dim() > 1]
         for name, p in parameters[:1] + parameters[-2:-1]:
             print(f"  grad/param norm {name:<45} {(p.grad.norm() / p.norm().clamp_min(1e-12)).item():.2e}")

@@ -110,6 +110,9 @@ def test_ppo_run_folder_and_resume_after_kill(tmp_path, monkeypatch):
     run_ppo(_tiny(), tmp_path / "plain", quiet=True)
     table = rl_tables(load_runs([tmp_path / "straight", tmp_path / "plain"]))
     assert "minatar:breakout" in table and "~10 / ~17.5" in table
+    seed_rate = lambda d: json.loads((d / "seeds" / "seed-00.json").read_text())["steps_per_second"]
+    ratio = seed_rate(tmp_path / "straight") / seed_rate(tmp_path / "plain")
+    assert f"{seed_rate(tmp_path / 'straight'):.0f} ({ratio:.2f}x)" in table   # per seed, vs plain's same seed
     assert "Neurocoder heads >= plain on 1 of 1" in table or "Neurocoder heads >= plain on 0 of 1" in table
     write_report(load_runs([tmp_path / "straight", tmp_path / "plain"]), tmp_path / "report")
     assert (tmp_path / "report" / "rl_returns.png").is_file()

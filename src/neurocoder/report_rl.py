@@ -24,6 +24,12 @@ def _rl_runs(runs: list[dict]) -> dict[str, dict[str, dict]]:
     return groups
 
 
+def _seed_speeds(run: dict) -> list[float]:
+    """Environment steps per second of each finished seed of a run folder, in seed order."""
+    files = sorted((Path(run["path"]) / "seeds").glob("seed-*.json"))
+    return [json.loads(f.read_text())["steps_per_second"] for f in files]
+
+
 def rl_tables(runs: list[dict]) -> str:
     """Markdown: per environment a row per variant: final return (mean of the last 100 episodes,
     mean +- std over seeds), steps per second and its ratio to the plain agent, and R4's
@@ -32,7 +38,8 @@ def rl_tables(runs: list[dict]) -> str:
     if not groups:
         return ""
     header = ["environment", "variant", "final return (last 100 episodes)", "seeds", "frames", "steps/s",
-              "vs plain", "parameters", "published DQN / AC at 5M frames (R4)"]
+              "vs plain", "steps/s by seed (vs plain's same seed)", "parameters",
+              "published DQN / AC at 5M frames (R4)"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     wins, games = 0, 0
     for env in sorted(groups):
@@ -43,9 +50,14 @@ def rl_tables(runs: list[dict]) -> str:
             run = members[variant]
             speed = f"{run['steps_per_second'] / plain['steps_per_second']:.2f}x" if plain and variant != "plain" else ""
             published = " / ".join(PUBLISHED_MINATAR[game]) if game in PUBLISHED_MINATAR and variant == "plain" else ""
+            # Per seed, because seeds of one run may have run on different machines (a resumed run):
+            # only seeds that ran side by side compare fairly.
+            mine, theirs = _seed_speeds(run), _seed_speeds(plain) if plain and variant != "plain" else []
+            by_seed = ", ".join(f"{rate:.0f}" + (f" ({rate / theirs[i]:.2f}x)" if i < len(theirs) else "")
+                                for i, rate in enumerate(mine))
             lines.append(f"| {env} | {variant} | {run['final_return_mean']:.2f} +- {run['final_return_std']:.2f} | "
                          f"{run['seeds']} | {run['frames']:,} | {run['steps_per_second']:.0f} | {speed} | "
-                         f"{run['parameters']:,} | {published} |")
+                         f"{by_seed} | {run['parameters']:,} | {published} |")
         if game and plain and "nc-heads" in members:
             games += 1
             wins += members["nc-heads"]["final_return_mean"] >= plain["final_return_mean"]
