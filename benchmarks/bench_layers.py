@@ -14,6 +14,7 @@ the batch), counted by a saved-tensors hook; on CUDA also the peak allocated mem
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import platform
 import statistics
@@ -124,7 +125,10 @@ def main() -> None:
     dense = nn.Linear(d_in, d_out).to(device)
     layer = NeurocoderLinear(d_in, d_out, bias=False, **released).to(device)
     x = torch.randn(B, d_in, device=device)
+    composable = copy.deepcopy(layer)
+    composable.fused = False
     contenders = {"nn.Linear(1024, 400)": dense, "NeurocoderLinear (fast path)": layer,
+                  "fast path, composable (fused=False)": composable,
                   "composed weight + bmm (released)": layer.forward_explicit}
     if not args.no_compile:
         contenders["NeurocoderLinear, torch.compile"] = torch.compile(layer, fullgraph=True)
@@ -137,6 +141,12 @@ def main() -> None:
         compiled_speedup = times["composed weight + bmm (released)"] / times["NeurocoderLinear, torch.compile"]
         results["cases"][next(reversed(results["cases"]))]["compiled_over_explicit_speedup"] = compiled_speedup
         print(f"  compiled fast path is {compiled_speedup:.1f}x faster than composing each sample's weight")
+
+    # The same layer in a hidden position: the input needs its gradient too.
+    hidden_x = x.clone().requires_grad_(True)
+    times = time_side_by_side({"nn.Linear(1024, 400)": dense, "NeurocoderLinear (fast path)": layer,
+                               "fast path, composable (fused=False)": composable}, hidden_x, args.repeats, device)
+    report("linear, released shape, input requiring grad (a hidden layer)", times, "nn.Linear(1024, 400)")
 
     # Memory: saved activations at several batch sizes, fast against explicit.
     memory_rows = []

@@ -71,7 +71,16 @@ class _Head(nn.Module):
 
     def forward(self, hidden: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """hidden: (B, S, in_features) -> raw parts, each (B, S, ...) with S steps."""
-        return torch.split(self.linear(hidden), self.sizes, dim=-1)
+        return self.split(self.linear(hidden))
+
+    def split(self, raw: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """(B, S, out) raw output -> its parts: queries, gates, sharpness, residual gate."""
+        return torch.split(raw, self.sizes, dim=-1)
+
+    @property
+    def extra_outputs(self) -> bool:
+        """Whether the raw output holds anything besides the queries."""
+        return any(self.sizes[1:])
 
     def assemble(self, parts: tuple[torch.Tensor, ...]) -> ComposerOutput:
         raw_queries, raw_gates, raw_sharpness, raw_residual = parts
@@ -114,7 +123,11 @@ class FeedForwardComposer(nn.Module):
 
     def forward(self, context: torch.Tensor) -> ComposerOutput:
         """context: (B, context_features)."""
-        return self.head.assemble(self.head(context.unsqueeze(1)))
+        return self.head.assemble(self.head.split(self.raw(context)))
+
+    def raw(self, context: torch.Tensor) -> torch.Tensor:
+        """(B, context_features) -> (B, 1, out) the head's raw output, before splitting."""
+        return self.head.linear(context.unsqueeze(1))
 
 
 class RecurrentComposer(nn.Module):
@@ -138,11 +151,22 @@ class RecurrentComposer(nn.Module):
 
     def forward(self, context: torch.Tensor) -> ComposerOutput:
         """context: (B, context_features)."""
+        return self.head.assemble(self.head.split(self.raw(context)))
+
+    def raw(self, context: torch.Tensor) -> torch.Tensor:
+        """(B, context_features) -> (B, T, out) the head's raw output at every step."""
         B = context.shape[0]
         hidden = self.initial_hidden.expand(B, -1)
         cell = self.initial_cell.expand(B, -1)
         states = []
+        # The context is the same at every step, so its part of the gates is computed once
+        # (nn.LSTMCell would redo that context_features x 4H product T times). Gate order and
+        # parameters are nn.LSTMCell's: input, forget, cell, output.
+        from_context = F.linear(context, self.cell.weight_ih, self.cell.bias_ih)      # (B, 4H)
         for _ in range(self.steps):
-            hidden, cell = self.cell(context, (hidden, cell))
+            gates = from_context + F.linear(hidden, self.cell.weight_hh, self.cell.bias_hh)
+            i, f, g, o = gates.chunk(4, dim=1)
+            cell = torch.sigmoid(f) * cell + torch.sigmoid(i) * torch.tanh(g)
+            hidden = torch.sigmoid(o) * torch.tanh(cell)
             states.append(hidden)
-        return self.head.assemble(self.head(torch.stack(states, dim=1)))
+        return self.head.linear(torch.stack(states, dim=1))

@@ -24,6 +24,7 @@ from torch.nn.modules.utils import _pair
 
 from ._checks import check_positive_int
 from .composer import COMPOSERS, ComposerOutput, FeedForwardComposer, RecurrentComposer
+from .fused import fused_read_apply
 from .memory import KEY_MODES, ProgramMemory
 from .reading import content_attention, read_with_least_used
 from .trace import BANK_NAMES, Trace
@@ -275,6 +276,10 @@ class NeurocoderLinear(NeurocoderLayer):
     """
 
     _label = "NeurocoderLinear"
+    #: Run the common case (no least-used reading, no trace, no autocast or torch.func) through
+    #: the fused read-and-apply of :mod:`neurocoder.fused`; set False on an instance to use the
+    #: composable path everywhere (same values and gradients, slower).
+    fused = True
 
     def __init__(self, in_features: int, out_features: int, num_programs: int = 50, rank: int = 10,
                  key_dim: int = 8, steps: int = 1, composer: str = "feedforward", key_mode: str = "content",
@@ -317,8 +322,48 @@ class NeurocoderLinear(NeurocoderLayer):
                              f"the input's {tuple(x.shape[:-1])}")
         return flat, context.reshape(-1, self.context_features)
 
+    def _can_fuse(self, flat: torch.Tensor, return_trace: bool) -> bool:
+        """Whether the fused read-and-apply (:mod:`neurocoder.fused`) covers this call."""
+        return (self.fused and self.least_used == 0 and not return_trace and self._trace_sink is None
+                and flat.shape[0] > 0 and flat.dtype in (torch.float32, torch.float64)
+                and not _autocast_enabled(flat.device.type)
+                and not _under_functorch(flat))
+
+    def _fused_forward(self, flat: torch.Tensor, context: torch.Tensor | None) -> torch.Tensor:
+        """(B, d_in) -> (B, d_out) through :func:`~neurocoder.fused.fused_read_apply`."""
+        memory, head = self.memory, self.composer.head
+        if isinstance(self.composer, FeedForwardComposer) and context is None:
+            # The composer's linear map and x M_U^T read the same input: one GEMM does both, and
+            # the fused read takes x M_U^T from its last P columns.
+            P = memory.num_programs
+            weight = torch.cat([head.linear.weight, memory.u])
+            bias = torch.cat([head.linear.bias, head.linear.bias.new_zeros(P)])
+            head_out = torch.addmm(bias, flat, weight.T).unsqueeze(1)             # (B, 1, C + P)
+            through_memory, raw = None, head_out[..., :head_out.shape[-1] - P]
+        else:
+            raw = head_out = self.composer.raw(flat if context is None else context)   # (B, T, C)
+            through_memory = flat @ memory.u.T                                     # (B, P)
+        # Sharpness and the residual gate (when the composer makes them) come from the same raw output.
+        plan = head.assemble(head.split(raw)) if head.extra_outputs else None
+        sharpness = plan.sharpness if plan is not None else float(self.sharpness)
+        if isinstance(sharpness, torch.Tensor):
+            sharpness = sharpness.permute(0, 3, 2, 1)                              # (3, 1, R, B)
+        y, sigma, usage = fused_read_apply(head_out, through_memory, self.rank, self.key_dim, memory.keys(),
+                                           sharpness, memory.slot_bias, memory.s, memory.v,
+                                           want_usage=self.training)
+        if self.training:
+            memory.update_usage(usage)
+        if self.residual_weight is not None:
+            y = y + self._residual_scale(sigma, plan).unsqueeze(-1) * (flat @ self.residual_weight)
+        return y
+
     def forward(self, x: torch.Tensor, context: torch.Tensor | None = None, return_trace: bool = False):
         flat, ctx = self._inputs(x, context)
+        if self._can_fuse(flat, return_trace):
+            y = self._fused_forward(flat, None if context is None else ctx)
+            if self.bias is not None:
+                y = y + self.bias
+            return y.reshape(*x.shape[:-1], self.out_features)
         sigma, weights, plan, attention, usage = self.read(ctx)
         memory_u, memory_v = self.memory.u, self.memory.v
         read_u, read_v = weights[0].to(flat.dtype), weights[1].to(flat.dtype)      # (B, R, P) each

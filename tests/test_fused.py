@@ -1,0 +1,155 @@
+"""The fused read-and-apply (neurocoder.fused) against the composable path and the explicit
+per-sample composition: same values, same gradients, taken exactly when it should be."""
+
+import copy
+
+import pytest
+import torch
+
+import neurocoder.layers as layers_module
+from neurocoder import NeurocoderLinear, presets, record
+from neurocoder.fused import fused_read_apply
+
+from conftest import OPTION_GRID, option_id
+
+FUSABLE = [o for o in OPTION_GRID if o["least_used"] == 0]
+
+
+def _perturb(module):
+    with torch.no_grad():
+        for p in module.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+
+
+def _gradients(layer, x, context=None):
+    """Output and d(loss)/d(every parameter and the inputs) of one forward+backward."""
+    layer.zero_grad(set_to_none=True)
+    x = x.detach().requires_grad_(True)
+    inputs = [x]
+    if context is not None:
+        context = context.detach().requires_grad_(True)
+        inputs.append(context)
+    y = layer(x, context=context)
+    (y * torch.linspace(-1, 1, y.shape[-1], dtype=y.dtype)).square().sum().backward()
+    grads = {name: p.grad for name, p in layer.named_parameters() if p.requires_grad}
+    grads.update({f"input{i}": t.grad for i, t in enumerate(inputs)})
+    return y.detach(), grads
+
+
+def _assert_paths_agree(layer, x, context=None):
+    composable = copy.deepcopy(layer)
+    composable.fused = False
+    y_fused, g_fused = _gradients(layer, x, context)
+    y_plain, g_plain = _gradients(composable, x, context)
+    torch.testing.assert_close(y_fused, y_plain, rtol=1e-9, atol=1e-10)
+    assert g_fused.keys() == g_plain.keys()
+    for name in g_plain:
+        assert (g_fused[name] is None) == (g_plain[name] is None), name
+        if g_plain[name] is not None:
+            torch.testing.assert_close(g_fused[name], g_plain[name], rtol=1e-7, atol=1e-9, msg=name)
+    torch.testing.assert_close(layer.memory.usage_average, composable.memory.usage_average)
+    return y_fused
+
+
+@pytest.mark.parametrize("options", FUSABLE, ids=option_id)
+def test_fused_path_matches_composable_path_and_explicit_weight(options):
+    layer = NeurocoderLinear(12, 7, num_programs=9, rank=4, key_dim=5, dtype=torch.float64, **options)
+    _perturb(layer)
+    x = torch.randn(2, 5, 12, dtype=torch.float64)
+    y = _assert_paths_agree(layer, x)
+    torch.testing.assert_close(y, layer.forward_explicit(x).detach(), rtol=1e-9, atol=1e-10)
+
+
+@pytest.mark.parametrize("composer,steps", [("feedforward", 1), ("recurrent", 2)])
+def test_fused_path_with_separate_context(composer, steps):
+    layer = NeurocoderLinear(6, 5, num_programs=7, rank=3, key_dim=4, composer=composer, steps=steps,
+                             context_features=9, dtype=torch.float64)
+    _perturb(layer)
+    _assert_paths_agree(layer, torch.randn(8, 6, dtype=torch.float64), torch.randn(8, 9, dtype=torch.float64))
+
+
+def test_fused_path_with_grown_memory_and_frozen_slots():
+    layer = NeurocoderLinear(10, 6, num_programs=8, rank=3, key_dim=4, sharpness="learned", dtype=torch.float64)
+    _perturb(layer)
+    layer.memory.freeze([0, 2, 5])
+    layer.memory.grow(4)
+    _perturb(layer)
+    assert layer.memory.slot_bias is not None
+    _assert_paths_agree(layer, torch.randn(16, 10, dtype=torch.float64))
+
+
+def test_fused_path_at_the_released_preset_in_float32():
+    layer = NeurocoderLinear(64, 32, **presets.layer_options("released"))
+    x = torch.randn(32, 64)
+    composable = copy.deepcopy(layer)
+    composable.fused = False
+    y, g = _gradients(layer, x)
+    y_plain, g_plain = _gradients(composable, x)
+    torch.testing.assert_close(y, y_plain, rtol=1e-5, atol=1e-6)
+    for name in g_plain:
+        torch.testing.assert_close(g[name], g_plain[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_fused_path_is_taken_exactly_where_it_applies(monkeypatch):
+    calls = []
+
+    def spy(*args, **kwargs):
+        calls.append(1)
+        return fused_read_apply(*args, **kwargs)
+
+    monkeypatch.setattr(layers_module, "fused_read_apply", spy)
+    x = torch.randn(4, 12)
+    layer = NeurocoderLinear(12, 5, num_programs=6, rank=2, key_dim=3)
+    layer(x)
+    assert len(calls) == 1
+    layer(x, return_trace=True)                   # traces need the composable path's tensors
+    with record(layer):                           # nor does recording
+        layer(x)
+    NeurocoderLinear(12, 5, num_programs=6, rank=2, key_dim=3, least_used=2)(x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        layer(x)
+    off = copy.deepcopy(layer)
+    off.fused = False
+    off(x)
+    assert len(calls) == 1
+
+
+@pytest.mark.parametrize("learned_sharpness", [False, True])
+@pytest.mark.parametrize("packed", [False, True])
+@pytest.mark.parametrize("slot_bias", [False, True])
+def test_fused_function_gradcheck(learned_sharpness, packed, slot_bias):
+    torch.manual_seed(1)
+    B, T, rank, k, P, d_out = 3, 1 if packed else 2, 2, 3, 5, 4
+    J = 3
+    C = J * rank * k + 2 + (P if packed else 0)        # two extra columns the read ignores
+    f64 = dict(dtype=torch.float64, requires_grad=True)
+    head_out = torch.randn(B, T, C, **f64)
+    through_memory = None if packed else torch.randn(B, P, **f64)
+    keys = torch.randn(J, P, k, **f64)
+    sharpness = torch.rand(J, 1, T * rank, B, **f64) + 0.5 if learned_sharpness else 1.7
+    bias = torch.randn(J, P, **f64) if slot_bias else None
+    s_values = torch.randn(P, **f64)
+    v_values = torch.randn(P, d_out, **f64)
+
+    def run(head_out, through_memory, keys, sharpness, bias, s_values, v_values):
+        y, sigma, _ = fused_read_apply(head_out, through_memory, rank, k, keys, sharpness, bias, s_values,
+                                       v_values)
+        return y, sigma
+
+    assert torch.autograd.gradcheck(run, (head_out, through_memory, keys, sharpness, bias, s_values, v_values))
+
+
+def test_recurrent_composer_steps_equal_nn_lstmcell():
+    """The composer computes the context's share of the gates once; the steps must still be
+    exactly nn.LSTMCell's."""
+    from neurocoder.composer import RecurrentComposer
+    composer = RecurrentComposer(7, key_dim=3, rank=2, steps=3, hidden_size=5, dtype=torch.float64)
+    _perturb(composer)
+    context = torch.randn(4, 7, dtype=torch.float64)
+    hidden = composer.initial_hidden.expand(4, -1)
+    cell = composer.initial_cell.expand(4, -1)
+    states = []
+    for _ in range(3):
+        hidden, cell = composer.cell(context, (hidden, cell))
+        states.append(hidden)
+    torch.testing.assert_close(composer.raw(context), composer.head.linear(torch.stack(states, dim=1)))
