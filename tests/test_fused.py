@@ -111,7 +111,13 @@ def test_fused_path_is_taken_exactly_where_it_applies(monkeypatch):
     off = copy.deepcopy(layer)
     off.fused = False
     off(x)
+    NeurocoderLinear(12, 5, num_programs=6, rank=2, key_dim=3, fused=False)(x)
     assert len(calls) == 1
+
+
+def test_fused_option_is_validated():
+    with pytest.raises(TypeError, match="fused must be True or False"):
+        NeurocoderLinear(4, 3, fused="yes")
 
 
 @pytest.mark.parametrize("learned_sharpness", [False, True])

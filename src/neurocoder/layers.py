@@ -269,6 +269,10 @@ class NeurocoderLinear(NeurocoderLayer):
         context_features: size of a separate context given as ``forward(x, context=c)``;
             default in_features (the context is x).
         composer_hidden: LSTM width of the recurrent composer.
+        fused: run the common case (no least-used reading, no trace, float32/float64 outside
+            autocast and torch.func) through the fused read-and-apply of :mod:`neurocoder.fused`;
+            False uses the composable path everywhere (same values and gradients up to rounding,
+            slower). Also settable later as ``layer.fused``.
 
     Shapes:
         x: (..., in_features) -> y: (..., out_features); context: (..., context_features) with
@@ -276,18 +280,17 @@ class NeurocoderLinear(NeurocoderLayer):
     """
 
     _label = "NeurocoderLinear"
-    #: Run the common case (no least-used reading, no trace, no autocast or torch.func) through
-    #: the fused read-and-apply of :mod:`neurocoder.fused`; set False on an instance to use the
-    #: composable path everywhere (same values and gradients, slower).
-    fused = True
 
     def __init__(self, in_features: int, out_features: int, num_programs: int = 50, rank: int = 10,
                  key_dim: int = 8, steps: int = 1, composer: str = "feedforward", key_mode: str = "content",
                  least_used: int = 0, sharpness: float | str = "learned", residual: bool = False,
                  bias: bool = True, context_features: int | None = None, composer_hidden: int = 64,
-                 device=None, dtype=None) -> None:
+                 fused: bool = True, device=None, dtype=None) -> None:
         super().__init__()
         check_positive_int("NeurocoderLinear", "in_features", in_features)
+        if not isinstance(fused, bool):
+            raise TypeError(f"NeurocoderLinear: fused must be True or False, got {fused!r}")
+        self.fused = fused
         check_positive_int("NeurocoderLinear", "out_features", out_features)
         self._label = f"NeurocoderLinear(in_features={in_features}, out_features={out_features})"
         factory = {"device": device, "dtype": dtype}
@@ -413,7 +416,8 @@ class NeurocoderConv2d(NeurocoderLayer):
     The composer reads from the globally average-pooled input (B, in_channels) unless a
     context (B, context_features) is given. Other arguments as :class:`NeurocoderLinear`
     (default ``num_programs=32, rank=8``), plus ``kernel_size``, ``stride``, ``padding`` and
-    ``dilation`` as in ``nn.Conv2d`` (zero padding, groups=1).
+    ``dilation`` as in ``nn.Conv2d`` (zero padding, groups=1). ``fused`` is accepted for options
+    shared with :class:`NeurocoderLinear` and changes nothing here.
 
     Shapes:
         x: (B, in_channels, H, W) -> y: (B, out_channels, H_out, W_out).
@@ -425,9 +429,13 @@ class NeurocoderConv2d(NeurocoderLayer):
                  num_programs: int = 32, rank: int = 8, key_dim: int = 8, steps: int = 1,
                  composer: str = "feedforward", key_mode: str = "content", least_used: int = 0,
                  sharpness: float | str = "learned", residual: bool = False, bias: bool = True,
-                 context_features: int | None = None, composer_hidden: int = 64, device=None, dtype=None) -> None:
+                 context_features: int | None = None, composer_hidden: int = 64, fused: bool = True,
+                 device=None, dtype=None) -> None:
         super().__init__()
         check_positive_int("NeurocoderConv2d", "in_channels", in_channels)
+        # The convolution has one path (already a single conv plus a 1x1 mix); ``fused`` is
+        # accepted so that one set of options can configure linear and convolutional layers.
+        self.fused = fused
         check_positive_int("NeurocoderConv2d", "out_channels", out_channels)
         self._label = f"NeurocoderConv2d(in_channels={in_channels}, out_channels={out_channels})"
         self.kernel_size, self.stride, self.dilation = _pair(kernel_size), _pair(stride), _pair(dilation)
