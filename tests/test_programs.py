@@ -133,3 +133,15 @@ def test_report_reads_program_runs(tmp_path, monkeypatch):
 def test_bad_program_config():
     with pytest.raises(ValueError, match="model='transformer'"):
         ProgramConfig(model="transformer").check()
+    with pytest.raises(ValueError, match="online_optimizer='rmsprop'"):
+        ProgramConfig(online_optimizer="rmsprop").check()
+
+
+def test_shift_runs_with_plain_sgd(monkeypatch):
+    original = program_trainer.shift_stream
+    monkeypatch.setattr(program_trainer, "shift_stream", lambda seed: original(seed, segment=30, cycles=2))
+    cfg = ProgramConfig(task="shift", model="nc-ff", seeds=1, online_optimizer="sgd", online_lr=0.1)
+    result = program_trainer._shift(cfg, 100, torch.Generator().manual_seed(0))
+    errors = torch.tensor(result["errors"])
+    assert len(errors) == 30 * 6 and torch.isfinite(errors).all()
+    assert errors[-10:].mean() < errors[:10].mean()          # it learns

@@ -44,6 +44,7 @@ PROGRAM_TASKS = {
     "shift": "online auto-regression whose program switches every 300 steps; programs recur",
     "remember": "learn program A, then B; error on A afterwards",
 }
+ONLINE_OPTIMIZERS = {"adam": torch.optim.Adam, "sgd": torch.optim.SGD}
 RECOVERY_THRESHOLD = 0.1     # relative error a model must get back under after a switch
 RECOVERY_SMOOTHING = 10      # steps in the moving average
 
@@ -58,6 +59,7 @@ class ProgramConfig:
     batch_size: int = 64
     lr: float = 3e-3
     online_lr: float = 1e-2          # shift: the learning rate of the online updates
+    online_optimizer: str = "adam"   # shift: 'adam' or 'sgd' (plain SGD: a slot nobody reads gets ~no update)
     orthogonality_weight: float = 0.1
     nc_options: dict | None = None   # Neurocoder layer options (NC_OPTIONS otherwise)
     threads: int | None = None
@@ -68,6 +70,8 @@ class ProgramConfig:
             problems.append(f"task={self.task!r} (choose {sorted(PROGRAM_TASKS)})")
         if self.model not in PROGRAM_MODELS:
             problems.append(f"model={self.model!r} (choose {sorted(PROGRAM_MODELS)})")
+        if self.online_optimizer not in ONLINE_OPTIMIZERS:
+            problems.append(f"online_optimizer={self.online_optimizer!r} (choose {sorted(ONLINE_OPTIMIZERS)})")
         for name in ("seeds", "epochs", "batch_size"):
             if getattr(self, name) < 1:
                 problems.append(f"{name}={getattr(self, name)} (must be >= 1)")
@@ -176,7 +180,7 @@ def _shift(cfg, seed, generator) -> dict:
     stream = shift_stream(seed)
     dim = stream.states.shape[-1]
     model = build_program_model(cfg.model, dim, dim, dim * stream.history, cfg.nc_options)
-    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.online_lr)
+    optimizer = ONLINE_OPTIMIZERS[cfg.online_optimizer](model.parameters(), lr=cfg.online_lr)
     errors = []
     model.train()
     for t in range(len(stream.program)):
