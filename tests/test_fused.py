@@ -159,3 +159,18 @@ def test_recurrent_composer_steps_equal_nn_lstmcell():
         hidden, cell = composer.cell(context, (hidden, cell))
         states.append(hidden)
     torch.testing.assert_close(composer.raw(context), composer.head.linear(torch.stack(states, dim=1)))
+
+
+def test_double_backward_refuses_on_the_fused_path_and_works_on_the_composable_one():
+    """A gradient penalty (create_graph=True) differentiates a backward pass. The fused backward
+    cannot be differentiated correctly, so autograd must refuse rather than return wrong numbers;
+    fused=False gives the second derivative."""
+    layer = NeurocoderLinear(6, 4, num_programs=5, rank=2, key_dim=3, dtype=torch.float64)
+    x = torch.randn(7, 6, dtype=torch.float64).requires_grad_(True)
+    (grad_x,) = torch.autograd.grad(layer(x).square().sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError, match="once_differentiable"):
+        grad_x.square().sum().backward()
+    layer.fused = False
+    (grad_x,) = torch.autograd.grad(layer(x).square().sum(), x, create_graph=True)
+    grad_x.square().sum().backward()
+    assert layer.memory.u_values.grad is not None and layer.memory.u_values.grad.abs().sum() > 0

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
 
 __all__ = ["fused_read_apply"]
 
@@ -82,7 +83,12 @@ class _FusedReadApply(torch.autograd.Function):
         return y, sigma.T, usage
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad_y, grad_sigma, _grad_usage):
+        # once_differentiable: the tensors saved above were computed without a graph, so a second
+        # differentiation through this backward would silently miss their dependence on the
+        # inputs. Higher-order gradients need the composable path (fused=False); autograd then
+        # says so instead of returning wrong numbers.
         (unit_queries, query_norm, unit_keys, key_norm, weights, through_memory, s_values, v_values,
          raw_sigma, sigma, projected, per_component, mixed, reverse_cumsum, sharpness) = ctx.saved_tensors
         B, T, C, rank, packed = ctx.layout
@@ -108,9 +114,10 @@ class _FusedReadApply(torch.autograd.Function):
         grad_u = (through_memory.T.unsqueeze(1), grad_projected)
         grad_v = (grad_mixed.unsqueeze(1), per_component)
         grad_s = (s_values.unsqueeze(-1), grad_raw_sigma.reshape(1, N))
-        compiling = torch.compiler.is_compiling()
-        if compiling:
-            # The compiler fuses these itself, and its functional graphs reject writes into views.
+        # Writes into preallocated views (out=) save copies; the compiler's functional graphs
+        # reject them.
+        functional = torch.compiler.is_compiling()
+        if functional:
             grad_read = torch.stack([(a * b).reshape(P, N) for a, b in (grad_u, grad_v, grad_s)])
         else:
             # Writing each product into its slice saves a copy of the whole buffer.
@@ -132,10 +139,10 @@ class _FusedReadApply(torch.autograd.Function):
         # Backward of x / |x|: (g - x_hat (g . x_hat)) / |x|, written straight into the gradient of
         # the head's raw output (B, T, C), whose query columns are laid out (J, r, k).
         grad_queries = (grad_unit_queries - unit_queries * (grad_unit_queries * unit_queries).sum(1, keepdim=True))
-        grad_queries = grad_queries.view(J, k, T, rank, B) / query_norm if compiling else \
+        grad_queries = grad_queries.view(J, k, T, rank, B) / query_norm if functional else \
             grad_queries.view(J, k, T, rank, B)
         Q = J * rank * k
-        if compiling:
+        if functional:
             pieces = [grad_queries.permute(4, 2, 0, 3, 1).reshape(B, T, Q)]
             if C > Q + (P if packed else 0):
                 pieces.append(grad_queries.new_zeros(B, T, C - Q - (P if packed else 0)))
