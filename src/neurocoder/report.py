@@ -46,6 +46,11 @@ PUBLISHED = {
 }
 
 
+def _row_order(label: str) -> int:
+    """Position of a method's row (ROW_ORDER first, anything else after)."""
+    return ROW_ORDER.index(label) if label in ROW_ORDER else len(ROW_ORDER)
+
+
 def load_runs(paths: list[str | Path]) -> list[dict]:
     """Every finished run under the given folders (a run folder, or a folder of run folders)."""
     runs = []
@@ -188,20 +193,28 @@ def _figures(runs: list[dict], out: Path) -> list[Path]:
         if run.get("config", {}).get("benchmark"):
             groups[(run["config"]["benchmark"], run["config"]["scenario"])].append(run)
     for (benchmark, scenario), members in groups.items():
-        fig, ax = plt.subplots(figsize=(7, 4.2))
-        for run in sorted(members, key=lambda r: (_row_label(r["config"]), r["config"]["model"])):
+        # Colour names the method, line style the model, so many runs stay readable.
+        methods = sorted({_row_label(r["config"]) for r in members}, key=_row_order)
+        colours = {m: plt.get_cmap("tab10")(i % 10) for i, m in enumerate(methods)}
+        styles = ["-", "--", ":", "-.", (0, (5, 1)), (0, (1, 1))]
+        models = sorted({r["config"]["model"] for r in members}, key=lambda m: list(MODEL_LABELS).index(m)
+                        if m in MODEL_LABELS else len(MODEL_LABELS))
+        fig, ax = plt.subplots(figsize=(10, 4.8))
+        for run in sorted(members, key=lambda r: (_row_order(_row_label(r["config"])), r["config"]["model"])):
             curve = run["average_accuracy_after_each_task"]
             xs = list(range(1, len(curve["mean"]) + 1))
-            label = f"{_row_label(run['config'])}, {MODEL_LABELS.get(run['config']['model'], run['config']['model'])}"
-            line, = ax.plot(xs, curve["mean"], marker="o", label=label)
+            method, model = _row_label(run["config"]), run["config"]["model"]
+            label = f"{method}, {MODEL_LABELS.get(model, model)}"
+            ax.plot(xs, curve["mean"], marker="o", markersize=3, label=label, color=colours[method],
+                    linestyle=styles[models.index(model) % len(styles)])
             low = [m - s for m, s in zip(curve["mean"], curve["std"])]
             high = [m + s for m, s in zip(curve["mean"], curve["std"])]
-            ax.fill_between(xs, low, high, alpha=0.15, color=line.get_color())
+            ax.fill_between(xs, low, high, alpha=0.08, color=colours[method])
         ax.set_xticks(range(1, max(len(r["average_accuracy_after_each_task"]["mean"]) for r in members) + 1))
         ax.set_xlabel("tasks learnt")
         ax.set_ylabel("average accuracy on tasks so far (%)")
         ax.set_title(f"{benchmark}, incremental {scenario}")
-        ax.legend(fontsize=7)
+        ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
         ax.grid(alpha=0.3)
         fig.tight_layout()
         path = out / f"accuracy_after_each_task_{benchmark}_{scenario}.png"
