@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Split MNIST, incremental domain: the R1 table (../shared/REFERENCE_RESULTS.md), like for like.
 #   bash scripts/reproduce_r1.sh [REPEATS] [OUT]
-#   env: MODELS (default "mlp neurocoder-released neurocoder"; also nsm, moe), STRATEGIES (default "adam-naive adagrad-naive
+#   env: PRESET (default split-mnist-domain; any continual preset of `neurocoder list`, e.g.
+#        split-fashion-task, permuted-mnist), MODELS (default "mlp neurocoder-released neurocoder"; also nsm, moe), STRATEGIES (default "adam-naive adagrad-naive
 #        ewc online-ewc"), EXTRA_SET (more --set flags, e.g. "--set freeze_programs=5")
 # Runs every (strategy, model) pair into OUT/<strategy>-<model>, two at a time with one thread each
 # (2 cores), resumes any that an earlier call left unfinished, then writes OUT/report.
@@ -12,6 +13,7 @@ cd "$(dirname "$0")/.."
 repeats="${1:-10}"
 out="${2:-runs/r1}"
 neurocoder="${NEUROCODER:-.venv/bin/neurocoder}"
+preset="${PRESET:-split-mnist-domain}"
 mkdir -p "$out"
 strategies="${STRATEGIES:-adam-naive adagrad-naive ewc online-ewc}"
 declare -A flags=(
@@ -32,10 +34,10 @@ run_one() {
   dir="$out/$name-$model"
   [ -f "$dir/results.json" ] && { echo "done: $dir"; return 0; }
   resume=""; [ -f "$dir/config.json" ] && resume="--resume"
-  "$neurocoder" run split-mnist-domain "$@" --set model="$model" --set repeats="$repeats" --set threads=1 \
+  "$neurocoder" run "$preset" "$@" --set model="$model" --set repeats="$repeats" --set threads=1 \
       --set importance_with_orthogonality=true --out "$dir" $resume > "$out/$name-$model.log" 2>&1 \
     && tail -n 1 "$out/$name-$model.log"
 }
-export -f run_one; export out repeats neurocoder
+export -f run_one; export out repeats neurocoder preset
 printf '%s\n' "${jobs[@]}" | xargs -P 2 -I{} bash -c 'run_one {}'
 "$neurocoder" report "$out" --out "$out/report"

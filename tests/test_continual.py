@@ -261,3 +261,24 @@ def test_project_model_freezes_programs_by_default():
     assert ContinualConfig(model="neurocoder", freeze_programs=0).resolved().freeze_programs == 0
     with pytest.raises(ValueError, match="freeze_programs=-1"):
         ContinualConfig(freeze_programs=-1).check()
+
+
+def test_task_incremental_leaves_unused_neurocoder_heads_untouched(isolated):  # noqa: F811
+    # Each task has its own head; the orthogonality loss of a head no sample of the batch uses is left
+    # out, so training task 2 cannot move task 1's head (the body may move: that is forgetting proper).
+    make_idx_folder(isolated / "mnist", n_train=200, n_test=50)
+    cfg = _tiny_config(isolated / "mnist", repeats=1, scenario="task", model="neurocoder-released").resolved()
+    from neurocoder.train.continual import _Repeat, build_stream
+    stream, _ = build_stream(cfg, 0)
+    state = _Repeat(cfg, stream, 0)
+    state.train_task(0, 4, None)
+    head = {k: v.clone() for k, v in state.model.heads[0].state_dict().items()}
+    body = state.model.body[0].memory.u.detach().clone()
+    state.next_task = 1
+    state.train_task(1, 4, None)
+    assert all(torch.equal(state.model.heads[0].state_dict()[k], v) for k, v in head.items())
+    assert not torch.equal(state.model.body[0].memory.u, body)
+    # The regulariser of a batch that uses heads 0 and 1 covers both heads and the body.
+    both = state.regularization(torch.tensor([0, 1]))
+    one = state.regularization(torch.tensor([1]))
+    assert both > one > 0

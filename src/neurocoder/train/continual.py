@@ -167,6 +167,22 @@ class _Repeat:
     def heads_for(self, task_index: int, n: int) -> torch.Tensor:
         return torch.full((n,), task_index if self.stream.scenario == "task" else 0, dtype=torch.long)
 
+    def regularization(self, heads: torch.Tensor) -> torch.Tensor:
+        """The orthogonality loss of the body and of the heads this batch uses.
+
+        A head no sample of the batch uses has no task loss; regularising it anyway would move an
+        earlier task's head while a later task trains (Adam turns even a tiny gradient into a full
+        step), which is forgetting the protocol does not cause. With one shared head (domain, class)
+        this is the whole model's loss.
+        """
+        weight = self.cfg.orthogonality_weight
+        if self.stream.num_heads == 1:
+            return neurocoder.regularization(self.model, weight)
+        total = neurocoder.regularization(self.model.body, weight)
+        for index in heads.unique().tolist():
+            total = total + neurocoder.regularization(self.model.heads[index], weight)
+        return total
+
     def loss(self, x, y, heads, targets=None) -> torch.Tensor:
         logits = self.model(x, heads)
         if self.stream.scenario == "class" and not self.strategy.joint:
@@ -189,7 +205,7 @@ class _Repeat:
         self.strategy.before_task(task_index)
         for x, y, heads in _batches(xs, ys, hs, cfg.batch_size, steps, generator):
             x, y, heads = self.strategy.training_batch(x, y, heads)
-            loss = self.loss(x, y, heads) + neurocoder.regularization(self.model, cfg.orthogonality_weight)
+            loss = self.loss(x, y, heads) + self.regularization(heads)
             if self.has_moe:
                 loss = loss + cfg.moe_balance_weight * neurocoder.load_balancing_loss(self.model)
             loss = loss + self.strategy.penalty()
@@ -212,7 +228,7 @@ class _Repeat:
         loss_fn = self.loss
         if cfg.importance_with_orthogonality:
             def loss_fn(x, y, heads, targets=None):
-                return self.loss(x, y, heads, targets) + neurocoder.regularization(self.model, cfg.orthogonality_weight)
+                return self.loss(x, y, heads, targets) + self.regularization(heads)
         self.strategy.after_task(task_index, task_batches, loss_fn)
 
     @torch.no_grad()
