@@ -174,3 +174,39 @@ def test_double_backward_refuses_on_the_fused_path_and_works_on_the_composable_o
     (grad_x,) = torch.autograd.grad(layer(x).square().sum(), x, create_graph=True)
     grad_x.square().sum().backward()
     assert layer.memory.u_values.grad is not None and layer.memory.u_values.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("key_mode", ["content", "learned"])
+def test_reuse_programs_computes_parameter_constants_once_and_changes_nothing(key_mode, monkeypatch):
+    import neurocoder
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(NeurocoderLinear(12, 9, num_programs=6, rank=3, key_dim=4, key_mode=key_mode),
+                                torch.nn.ReLU(), NeurocoderLinear(9, 5, num_programs=6, rank=2, key_dim=4,
+                                                                  composer="recurrent", steps=2))
+    _perturb(model)
+    model.eval()
+    x = torch.randn(7, 12)
+    with torch.no_grad():
+        expected = model(x)
+    calls = []
+    original = neurocoder.ProgramMemory.keys
+    monkeypatch.setattr(neurocoder.ProgramMemory, "keys", lambda self: calls.append(self) or original(self))
+    with torch.no_grad(), neurocoder.reuse_programs(model):
+        outputs = [model(x) for _ in range(4)]
+    assert len(calls) == 2                       # once per layer, not once per call
+    for y in outputs:
+        assert torch.equal(y, expected)
+    assert all(layer._reused is None for layer in model if isinstance(layer, NeurocoderLinear))
+    # With gradients on, nothing is reused (the parameters may change between calls) and they flow.
+    calls.clear()
+    with neurocoder.reuse_programs(model):
+        model(x).sum().backward()
+        model(x)
+    assert len(calls) == 4
+    assert model[0].memory.u_values.grad is not None and model[0].memory.u_values.grad.abs().sum() > 0
+    # A parameter changed after the block is seen by the next block.
+    with torch.no_grad():
+        model[2].memory.v_values.mul_(2.0)
+        with neurocoder.reuse_programs(model):
+            changed = model(x)
+    assert not torch.allclose(changed, expected)

@@ -17,7 +17,7 @@ from ._version import __version__
 from .baselines import MoELinear, NSMLinear, load_balancing_loss
 from .composer import ComposerOutput, FeedForwardComposer, RecurrentComposer
 from .convert import convert, seed_from_weight
-from .layers import NeurocoderConv2d, NeurocoderLayer, NeurocoderLinear, singular_values
+from .layers import NeurocoderConv2d, NeurocoderLayer, NeurocoderLinear, reuse_programs, singular_values
 from .memory import ProgramMemory
 from .trace import Trace, record, usage_by_label
 
@@ -25,7 +25,7 @@ __all__ = [
     "__version__", "ProgramMemory", "FeedForwardComposer", "RecurrentComposer", "ComposerOutput",
     "NeurocoderLayer", "NeurocoderLinear", "NeurocoderConv2d", "singular_values", "convert",
     "seed_from_weight", "regularization", "neurocoder_layers", "NSMLinear", "MoELinear",
-    "load_balancing_loss", "Trace", "record", "usage_by_label", "presets", "trace",
+    "load_balancing_loss", "Trace", "record", "usage_by_label", "presets", "trace", "reuse_programs",
 ]
 
 

@@ -60,7 +60,7 @@ class _FusedReadApply(torch.autograd.Function):
         read_u, read_v, read_s = weights.view(J, P, R, B).unbind(0)          # (P, R, B) each
 
         raw_sigma = (s_values @ read_s.reshape(P, N)).view(R, B)
-        reverse_cumsum = torch.ones(R, R, device=keys.device, dtype=keys.dtype).triu()
+        reverse_cumsum = _reverse_cumsum(R, keys)
         sigma = reverse_cumsum @ F.softplus(raw_sigma)                       # (R, B), descending in R
         projected = (read_u * through_memory.T.unsqueeze(1)).sum(0)           # (R, B): u_n . x
         per_component = projected * sigma
@@ -159,6 +159,21 @@ class _FusedReadApply(torch.autograd.Function):
                 grad_head_out[:, 0, C - P:] = grad_through_memory
         return (grad_head_out, None if packed else grad_through_memory, None, None, grad_keys, grad_sharpness,
                 grad_slot_bias, grad_s_values, grad_v_values, None)
+
+
+_REVERSE_CUMSUMS: dict = {}
+
+
+def _reverse_cumsum(R: int, like: torch.Tensor) -> torch.Tensor:
+    """(R, R) upper-triangular ones: ``M @ a`` sums each entry of ``a`` with those after it.
+    Kept per (R, device, dtype) and never written to; built afresh under torch.compile."""
+    if torch.compiler.is_compiling():
+        return torch.ones(R, R, device=like.device, dtype=like.dtype).triu()
+    key = (R, like.device, like.dtype)
+    matrix = _REVERSE_CUMSUMS.get(key)
+    if matrix is None:
+        matrix = _REVERSE_CUMSUMS[key] = torch.ones(R, R, device=like.device, dtype=like.dtype).triu()
+    return matrix
 
 
 def _scale(tensor: torch.Tensor, sharpness: torch.Tensor | float, J: int, N: int) -> torch.Tensor:

@@ -119,6 +119,9 @@ class NeurocoderLayer(nn.Module):
             self.composer = RecurrentComposer(context_features, key_dim, rank, steps,
                                               hidden_size=composer_hidden, **options)
         self._trace_sink = None
+        # Set by neurocoder.reuse_programs: a dict while the block runs (parameters promised not to
+        # change), filled by the first no-grad call with the tensors that depend only on parameters.
+        self._reused: dict | None = None
 
     @property
     def num_programs(self) -> int:
@@ -332,15 +335,35 @@ class NeurocoderLinear(NeurocoderLayer):
                 and not _autocast_enabled(flat.device.type)
                 and not _under_functorch(flat))
 
+    def _parameter_constants(self, joined: bool):
+        """The keys (3, P, k) and, for the joined GEMM, its weight (C + P, d_in) and bias (C + P,).
+
+        They depend on parameters only. Inside ``neurocoder.reuse_programs`` a no-grad call
+        computes them once and later calls reuse them (a rollout's many small forward passes
+        between two optimiser steps); otherwise they are recomputed every call.
+        """
+        reuse = self._reused is not None and not torch.is_grad_enabled() and not torch.compiler.is_compiling()
+        if reuse and joined in self._reused:
+            return self._reused[joined]
+        memory, linear = self.memory, self.composer.head.linear
+        weight = bias = None
+        if joined:
+            weight = torch.cat([linear.weight, memory.u])
+            bias = F.pad(linear.bias, (0, memory.num_programs))
+        constants = (memory.keys(), weight, bias)
+        if reuse:
+            self._reused[joined] = constants
+        return constants
+
     def _fused_forward(self, flat: torch.Tensor, context: torch.Tensor | None) -> torch.Tensor:
         """(B, d_in) -> (B, d_out) through :func:`~neurocoder.fused.fused_read_apply`."""
         memory, head = self.memory, self.composer.head
-        if isinstance(self.composer, FeedForwardComposer) and context is None:
+        joined = isinstance(self.composer, FeedForwardComposer) and context is None
+        keys, weight, bias = self._parameter_constants(joined)
+        if joined:
             # The composer's linear map and x M_U^T read the same input: one GEMM does both, and
             # the fused read takes x M_U^T from its last P columns.
             P = memory.num_programs
-            weight = torch.cat([head.linear.weight, memory.u])
-            bias = torch.cat([head.linear.bias, head.linear.bias.new_zeros(P)])
             head_out = torch.addmm(bias, flat, weight.T).unsqueeze(1)             # (B, 1, C + P)
             through_memory, raw = None, head_out[..., :head_out.shape[-1] - P]
         else:
@@ -351,7 +374,7 @@ class NeurocoderLinear(NeurocoderLayer):
         sharpness = plan.sharpness if plan is not None else float(self.sharpness)
         if isinstance(sharpness, torch.Tensor):
             sharpness = sharpness.permute(0, 3, 2, 1)                              # (3, 1, R, B)
-        y, sigma, usage = fused_read_apply(head_out, through_memory, self.rank, self.key_dim, memory.keys(),
+        y, sigma, usage = fused_read_apply(head_out, through_memory, self.rank, self.key_dim, keys,
                                            sharpness, memory.slot_bias, memory.s, memory.v,
                                            want_usage=self.training)
         if self.training:
@@ -529,3 +552,29 @@ class NeurocoderConv2d(NeurocoderLayer):
         if self.bias is not None:
             y = y + self.bias[None, :, None, None]
         return y
+
+
+@contextlib.contextmanager
+def reuse_programs(model: nn.Module):
+    """Within this block, no-grad forward passes of ``model``'s Neurocoder linear layers compute
+    what depends only on parameters (the keys, and the feed-forward composer's weight joined with
+    the U programs) once, and reuse it.
+
+    For many small no-grad calls between two parameter updates, such as an agent's rollout::
+
+        with torch.no_grad(), neurocoder.reuse_programs(agent):
+            for t in range(steps):
+                logits, value = agent(observations)
+
+    The promise is the caller's: do not change the model's parameters inside the block (the
+    reused tensors would be stale). Calls with gradients enabled are unaffected. Leaving the block
+    drops what was kept. Blocks may nest; the outer one owns the reuse.
+    """
+    layers = [m for m in model.modules() if isinstance(m, NeurocoderLinear) and m._reused is None]
+    for layer in layers:
+        layer._reused = {}
+    try:
+        yield model
+    finally:
+        for layer in layers:
+            layer._reused = None

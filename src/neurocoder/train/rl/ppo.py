@@ -219,7 +219,9 @@ class _Seed:
         log_probs, rewards, dones, values = (torch.empty(t_max, n) for _ in range(4))
         episodes = []
         agent.eval()
-        with torch.no_grad():
+        # The parameters stay fixed through the rollout: Neurocoder layers compute their keys and
+        # joined composer weight once instead of at each of the t_max small forward passes.
+        with torch.no_grad(), neurocoder.reuse_programs(agent):
             for t in range(t_max):
                 obs_buffer[t] = self.observations
                 logits, value = agent(self.observations)
