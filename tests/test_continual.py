@@ -282,3 +282,14 @@ def test_task_incremental_leaves_unused_neurocoder_heads_untouched(isolated):  #
     both = state.regularization(torch.tensor([0, 1]))
     one = state.regularization(torch.tensor([1]))
     assert both > one > 0
+
+
+def test_partial_neurocoder_variants_convert_only_their_layers():
+    import neurocoder
+    hidden = build_mlp("neurocoder-hidden", 64, 3, 2, hidden=16)
+    head = build_mlp("neurocoder-head", 64, 3, 2, hidden=16)
+    assert [n for n, _ in neurocoder.neurocoder_layers(hidden)] == ["body.0", "body.2"]
+    assert all(isinstance(h, torch.nn.Linear) and h.bias is not None for h in hidden.heads)
+    assert [n for n, _ in neurocoder.neurocoder_layers(head)] == ["heads.0", "heads.1", "heads.2"]
+    assert all(isinstance(head.body[i], torch.nn.Linear) for i in (0, 2))
+    assert hidden(torch.randn(5, 64), 1).shape == head(torch.randn(5, 64), 2).shape == (5, 2)

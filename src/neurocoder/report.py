@@ -14,7 +14,9 @@ STRATEGY_LABELS = {"sgd": "SGD", "adam": "Adam", "adagrad": "Adagrad", "l2": "L2
 ROW_ORDER = ["Adam", "SGD", "Adagrad", "L2", "EWC", "Online EWC", "SI", "MAS", "Naive rehearsal",
              "Offline (all tasks jointly)"]
 MODEL_LABELS = {"mlp": "MLP", "neurocoder-released": "Neurocoder MLP (released config)",
-                "neurocoder": "Neurocoder MLP (project config)", "nsm": "NSM MLP", "moe": "MoE MLP"}
+                "neurocoder": "Neurocoder MLP (project config)", "nsm": "NSM MLP", "moe": "MoE MLP",
+                "neurocoder-hidden": "Neurocoder hidden layers, plain heads",
+                "neurocoder-head": "Neurocoder heads, plain hidden layers"}
 
 # ../shared/REFERENCE_RESULTS.md: R1 (authors' released logs) and R2 (Hsu et al. 2018), mean +- std.
 PUBLISHED = {

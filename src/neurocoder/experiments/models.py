@@ -24,6 +24,8 @@ MODEL_VARIANTS = {
     "mlp": "plain MLP (hidden layers without bias, as in the protocol)",
     "neurocoder-released": "every linear layer a Neurocoder layer, the authors' released configuration",
     "neurocoder": "released layers + the 10 most-read programs per layer frozen after each task (project config)",
+    "neurocoder-hidden": "released Neurocoder layers in the two hidden layers only; plain linear heads",
+    "neurocoder-head": "released Neurocoder layers in the heads only (the paper's figure); plain hidden layers",
     "nsm": "hidden layers as NSM layers (4 whole stored matrices), width 96: comparable parameter count",
     "moe": "hidden layers as mixtures of 4 experts (top-2), width 96: comparable parameter count",
 }
@@ -62,14 +64,16 @@ def build_mlp(variant: str, input_size: int, num_heads: int, head_size: int, hid
     """Build one of :data:`MODEL_VARIANTS`. ``layer_options`` overrides Neurocoder options."""
     if variant not in MODEL_VARIANTS:
         raise ValueError(f"unknown model {variant!r}; choose one of {sorted(MODEL_VARIANTS)}")
-    targets = ["body.0", "body.2", "heads.*"]
+    targets = {"neurocoder-hidden": ["body.0", "body.2"], "neurocoder-head": ["heads.*"]}.get(
+        variant, ["body.0", "body.2", "heads.*"])
     if variant == "mlp":
         return MultiHeadMLP(input_size, hidden, num_heads, head_size)
     if variant.startswith("neurocoder"):
-        options = presets.layer_options("released") if variant == "neurocoder-released" else dict(PROJECT_CONTINUAL)
+        options = dict(PROJECT_CONTINUAL) if variant == "neurocoder" else presets.layer_options("released")
         options.update(layer_options or {})
-        # No layer of the released Neurocoder MLP applies a bias, the heads included.
-        model = MultiHeadMLP(input_size, hidden, num_heads, head_size, head_bias=False)
+        # No layer of the released Neurocoder MLP applies a bias, the heads included; plain heads
+        # (neurocoder-hidden) keep theirs, as the MLP's.
+        model = MultiHeadMLP(input_size, hidden, num_heads, head_size, head_bias=variant == "neurocoder-hidden")
         return neurocoder.convert(model, targets, **options)
     width = 96
     model = MultiHeadMLP(input_size, width, num_heads, head_size)
