@@ -342,9 +342,10 @@ class NeurocoderLinear(NeurocoderLayer):
         computes them once and later calls reuse them (a rollout's many small forward passes
         between two optimiser steps); otherwise they are recomputed every call.
         """
-        reuse = self._reused is not None and not torch.is_grad_enabled() and not torch.compiler.is_compiling()
-        if reuse and joined in self._reused:
-            return self._reused[joined]
+        reused = getattr(self, "_reused", None)          # absent on modules pickled by older versions
+        reuse = reused is not None and not torch.is_grad_enabled() and not torch.compiler.is_compiling()
+        if reuse and joined in reused:
+            return reused[joined]
         memory, linear = self.memory, self.composer.head.linear
         weight = bias = None
         if joined:
@@ -352,7 +353,7 @@ class NeurocoderLinear(NeurocoderLayer):
             bias = F.pad(linear.bias, (0, memory.num_programs))
         constants = (memory.keys(), weight, bias)
         if reuse:
-            self._reused[joined] = constants
+            reused[joined] = constants
         return constants
 
     def _fused_forward(self, flat: torch.Tensor, context: torch.Tensor | None) -> torch.Tensor:
@@ -570,7 +571,7 @@ def reuse_programs(model: nn.Module):
     reused tensors would be stale). Calls with gradients enabled are unaffected. Leaving the block
     drops what was kept. Blocks may nest; the outer one owns the reuse.
     """
-    layers = [m for m in model.modules() if isinstance(m, NeurocoderLinear) and m._reused is None]
+    layers = [m for m in model.modules() if isinstance(m, NeurocoderLinear) and getattr(m, "_reused", None) is None]
     for layer in layers:
         layer._reused = {}
     try:
