@@ -202,6 +202,7 @@ def test_resume_after_kill_gives_the_same_result(isolated):  # noqa: F811
     resumed = json.loads((isolated / "killed" / "results.json").read_text())
     assert resumed["accuracy_matrices"] == whole["accuracy_matrices"]
     assert resumed["final_average_accuracy"] == whole["final_average_accuracy"]
+    assert resumed["first_task_feature_drift"] == whole["first_task_feature_drift"]
 
 
 def test_resume_refuses_a_different_config(isolated):  # noqa: F811
@@ -293,3 +294,18 @@ def test_partial_neurocoder_variants_convert_only_their_layers():
     assert [n for n, _ in neurocoder.neurocoder_layers(head)] == ["heads.0", "heads.1", "heads.2"]
     assert all(isinstance(head.body[i], torch.nn.Linear) for i in (0, 2))
     assert hidden(torch.randn(5, 64), 1).shape == head(torch.randn(5, 64), 2).shape == (5, 2)
+
+
+def test_feature_drift_is_zero_after_the_first_task_and_grows_after(isolated):  # noqa: F811
+    make_idx_folder(isolated / "mnist", n_train=300, n_test=100)
+    results = run_continual(_tiny_config(isolated / "mnist", steps_per_task=10), isolated / "run", quiet=True)
+    drift = results["first_task_feature_drift"]
+    assert len(drift["mean"]) == 5 and drift["mean"][0] == 0.0
+    assert all(d > 0 for d in drift["mean"][1:])
+    lines = [json.loads(line) for line in (isolated / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [round(line["feature_drift"], 9) for line in lines if line.get("repeat") == 0] == \
+        [round(d, 9) for d in results_repeat_drift(isolated / "run", 0)]
+
+
+def results_repeat_drift(run, repeat):
+    return json.loads((run / "repeats" / f"repeat-{repeat:02d}.json").read_text())["feature_drift"]

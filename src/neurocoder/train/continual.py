@@ -161,6 +161,10 @@ class _Repeat:
         self.strategy = STRATEGIES[cfg.strategy](self.model, cfg.coef, memory_size=cfg.memory_size, seed=self.seed)
         self.has_moe = any(isinstance(m, neurocoder.MoELinear) for m in self.model.modules())
         self.accuracy: list[list[float]] = []
+        # Relative change of the hidden features of task 1's test images since task 1 was learnt,
+        # after each task: how far later tasks move the shared representation.
+        self.feature_drift: list[float] = []
+        self._reference_features: torch.Tensor | None = None
         self.next_task = 0
         self.seconds = 0.0
 
@@ -268,8 +272,24 @@ class _Repeat:
         self.model.train()
         return row
 
+    @torch.no_grad()
+    def measure_feature_drift(self) -> float | None:
+        """||h - h_1|| / ||h_1|| over task 1's first 1,000 test images, h the last hidden layer's
+        output now and h_1 right after task 1; appended to ``feature_drift`` and returned."""
+        if self.feature_drift is None:
+            return None
+        self.model.eval()
+        features = self.model.body(self.stream.tasks[0].test_x[:1000])
+        self.model.train()
+        if self._reference_features is None:
+            self._reference_features = features
+        drift = ((features - self._reference_features).norm() / self._reference_features.norm().clamp_min(1e-12)).item()
+        self.feature_drift.append(drift)
+        return drift
+
     def state(self) -> dict:
         return {"repeat": self.repeat, "next_task": self.next_task, "accuracy": self.accuracy,
+                "feature_drift": self.feature_drift, "reference_features": self._reference_features,
                 "seconds": self.seconds, "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
                 "strategy": self.strategy.state_dict()}
 
@@ -278,6 +298,11 @@ class _Repeat:
         self.optimizer.load_state_dict(state["optimizer"])
         self.strategy.load_state_dict(state["strategy"])
         self.accuracy, self.next_task, self.seconds = state["accuracy"], state["next_task"], state["seconds"]
+        # A checkpoint written before the drift measurement existed lacks the reference features:
+        # the drift of that repeat is then unknown (None), not measured against a later state.
+        self._reference_features = state.get("reference_features")
+        known = self._reference_features is not None or not self.accuracy
+        self.feature_drift = state.get("feature_drift", []) if known else None
 
 
 def _usage_by_task(model: nn.Module, stream: Stream) -> dict[str, list]:
@@ -305,7 +330,13 @@ def summarise(repeats: list[dict]) -> dict:
         return {"mean": t.mean().item(), "std": t.std().item() if len(values) > 1 else 0.0, "values": values}
 
     curve = torch.tensor(curves, dtype=torch.float64)
+    drifts = [rep["feature_drift"] for rep in repeats if rep.get("feature_drift")]
+    drift = None
+    if drifts and all(len(d) == len(drifts[0]) for d in drifts):
+        d = torch.tensor(drifts, dtype=torch.float64)
+        drift = {"mean": d.mean(0).tolist(), "std": (d.std(0) if len(drifts) > 1 else d[0] * 0).tolist()}
     return {"final_average_accuracy": stats(finals), "backward_transfer": stats(bwts) if bwts else None,
+            "first_task_feature_drift": drift,
             "average_accuracy_after_each_task": {"mean": curve.mean(0).tolist(),
                                                  "std": (curve.std(0) if len(curves) > 1 else curve[0] * 0).tolist()},
             "accuracy_matrices": [rep["accuracy"] for rep in repeats], "repeats": len(repeats)}
@@ -387,10 +418,12 @@ def run_continual(cfg: ContinualConfig, out: str | Path, resume: bool = False, p
                     continue   # the joint model is evaluated once, at the end
                 row = state.evaluate()
                 state.accuracy.append(row)
+                drift = state.measure_feature_drift()
                 run.log(repeat=repeat, task=task_index, accuracy=row, average=sum(row[:task_index + 1]) / (task_index + 1),
-                        seconds=state.seconds)
+                        feature_drift=drift, seconds=state.seconds)
                 atomic_torch_save(state.state(), checkpoint_path)
-        result = {"repeat": repeat, "seed": state.seed, "accuracy": state.accuracy, "seconds": state.seconds,
+        result = {"repeat": repeat, "seed": state.seed, "accuracy": state.accuracy,
+                  "feature_drift": state.feature_drift, "seconds": state.seconds,
                   "parameters": count_parameters(state.model)}
         if repeat == 0:
             result["usage_by_task"] = _usage_by_task(state.model, stream_r)
