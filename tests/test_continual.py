@@ -309,3 +309,12 @@ def test_feature_drift_is_zero_after_the_first_task_and_grows_after(isolated):  
 
 def results_repeat_drift(run, repeat):
     return json.loads((run / "repeats" / f"repeat-{repeat:02d}.json").read_text())["feature_drift"]
+
+
+def test_report_shows_feature_drift_where_measured(isolated):  # noqa: F811
+    make_idx_folder(isolated / "mnist", n_train=100, n_test=50)
+    results = run_continual(_tiny_config(isolated / "mnist", repeats=1), isolated / "runs" / "mlp", quiet=True)
+    table = continual_tables(load_runs([isolated / "runs"]))
+    section = table[table.index("Drift of the first task's hidden features"):]
+    adam_row = next(line for line in section.splitlines() if line.startswith("| Adam |"))
+    assert f"{results['first_task_feature_drift']['mean'][-1]:.3f} +- 0.000" in adam_row

@@ -81,6 +81,13 @@ def _cell(stats: dict | None) -> str:
     return f"{stats['mean']:.2f} +- {stats['std']:.2f}"
 
 
+def _last_drift(run: dict) -> str:
+    drift = run.get("first_task_feature_drift")
+    if not drift:
+        return ""
+    return f"{drift['mean'][-1]:.3f} +- {drift['std'][-1]:.3f}"
+
+
 def continual_tables(runs: list[dict]) -> str:
     """Markdown: per (benchmark, scenario), final average accuracy laid out like R1/R2, with the
     published numbers beside ours, then forgetting and time."""
@@ -143,6 +150,15 @@ def continual_tables(runs: list[dict]) -> str:
                 (f"{cells[label][m]['wall_seconds_total'] / cells[label][m]['repeats']:.0f} s, "
                  f"{cells[label][m]['parameters']:,} params") if m in cells[label] else "" for m in models) + " |")
         parts.append("\nForgetting (backward transfer, points; negative = forgotten):\n\n" + "\n".join(bwt_lines))
+        drift_lines = [line for line in bwt_lines[:2]]
+        for label in sorted(cells, key=lambda l: ROW_ORDER.index(l) if l in ROW_ORDER else 99):
+            values = [_last_drift(cells[label][m]) if m in cells[label] else "" for m in models]
+            if any(values):
+                drift_lines.append("| " + label + " | " + " | ".join(values) + " |")
+        if len(drift_lines) > 2:
+            parts.append("\nDrift of the first task's hidden features after the last task (||h - h_1|| / ||h_1||, "
+                         "h_1 right after task 1; mean +- std over repeats; runs made before this was measured "
+                         "are blank):\n\n" + "\n".join(drift_lines))
         parts.append("\nTraining time per repeat (this machine) and parameters:\n\n" + "\n".join(time_lines))
         parts.append("")
     return "\n\n".join(parts)
