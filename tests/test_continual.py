@@ -85,7 +85,10 @@ def test_regularisers_change_the_loss_and_resist_moving_important_weights(name):
             yield from [(a.train_x[i:i + 50], a.train_y[i:i + 50], heads[i:i + 50]) for i in range(0, 150, 50)]
 
         def loss_fn(x, y, h, targets=None):
-            return F.cross_entropy(model(x, h), y if targets is None else targets)
+            logits = model(x, h)
+            if isinstance(targets, str):       # "predicted": the model's own labels (EWC's Fisher)
+                targets = logits.detach().argmax(-1)
+            return F.cross_entropy(logits, y if targets is None else targets)
 
         assert strategy.penalty() == 0.0  # nothing to protect before the first task ends
         strategy.after_task(0, batches, loss_fn)
@@ -318,3 +321,22 @@ def test_report_shows_feature_drift_where_measured(isolated):  # noqa: F811
     section = table[table.index("Drift of the first task's hidden features"):]
     adam_row = next(line for line in section.splitlines() if line.startswith("| Adam |"))
     assert f"{results['first_task_feature_drift']['mean'][-1]:.3f} +- 0.000" in adam_row
+
+
+def test_class_incremental_ewc_fisher_uses_only_the_classes_seen(isolated):  # noqa: F811
+    # The Fisher's "predicted" labels come from the logits the loss covers: with an untrained
+    # model an unseen class can have the largest output, which used to crash the cross-entropy.
+    make_idx_folder(isolated / "mnist", n_train=200, n_test=50)
+    cfg = _tiny_config(isolated / "mnist", repeats=1, scenario="class", strategy="ewc").resolved()
+    from neurocoder.train.continual import _Repeat, build_stream
+    stream, _ = build_stream(cfg, 0)
+    state = _Repeat(cfg, stream, 0)
+    with torch.no_grad():
+        state.model.heads[0].bias.zero_()
+        state.model.heads[0].bias[9] = 100.0          # class 9 wins every argmax over all outputs
+    x, y = stream.tasks[0].train_x[:8], stream.tasks[0].train_y[:8]
+    heads = torch.zeros(8, dtype=torch.long)
+    loss = state.loss(x, y, heads, targets="predicted")
+    assert torch.isfinite(loss)
+    state.train_task(0, 2, None)                       # EWC's Fisher after the task runs through
+    assert state.strategy.terms and all(torch.isfinite(v).all() for v in state.strategy.terms[0]["importance"].values())

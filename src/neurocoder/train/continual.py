@@ -193,6 +193,10 @@ class _Repeat:
             # Incremental class (as Hsu et al.): only the outputs of classes seen so far compete.
             seen = max(max(t.classes) for t in self.stream.tasks[:self.next_task + 1]) + 1
             logits = logits[:, :seen]
+        if isinstance(targets, str) and targets == "predicted":
+            # The model's own label among the outputs this loss covers (EWC's Fisher): an argmax
+            # over all ten outputs could name a class not seen yet, outside these logits.
+            targets = logits.detach().argmax(-1)
         return F.cross_entropy(logits, y if targets is None else targets)
 
     def train_task(self, task_index: int, steps: int, bar: Progress | None) -> None:

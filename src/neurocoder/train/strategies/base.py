@@ -44,7 +44,9 @@ class Strategy:
 
     def after_task(self, task_index: int, batches: Callable, loss_fn: Callable) -> None:
         """``batches()`` yields (x, y, heads) over the task's training data (batch 128);
-        ``loss_fn(x, y, heads, targets=None)`` is the task loss (targets replace y)."""
+        ``loss_fn(x, y, heads, targets=None)`` is the task loss; ``targets`` replace y: a tensor of
+        labels, or ``"predicted"`` for the model's own most likely labels among the outputs the
+        loss covers (in class-incremental training, the classes seen so far)."""
 
     def state_dict(self) -> dict:
         return {}

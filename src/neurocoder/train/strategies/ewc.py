@@ -19,10 +19,8 @@ def diagonal_fisher(model, batches, loss_fn) -> dict[str, torch.Tensor]:
     batch_list = list(batches())
     total = sum(len(b[0]) for b in batch_list)
     for x, y, heads in batch_list:
-        with torch.no_grad():
-            predicted = model(x, heads).argmax(-1)
         model.zero_grad(set_to_none=True)
-        loss_fn(x, y, heads, targets=predicted).backward()
+        loss_fn(x, y, heads, targets="predicted").backward()
         for n, p in params.items():
             if p.grad is not None:
                 fisher[n] += p.grad.detach() ** 2 * len(x) / total
