@@ -47,6 +47,38 @@ def main() -> None:
     for name in trainers:
         ratio = rate[name] / rate["plain"] if "plain" in rate else float("nan")
         print(f"  {name:<9} {rate[name]:8.0f} steps/s   {ratio:5.2f}x plain")
+    if "plain" in trainers and "nc-heads" in trainers:
+        head_costs(trainers["plain"].agent.heads, trainers["nc-heads"].agent.heads, cfg)
+
+
+def head_costs(plain: torch.nn.Module, neurocoder_head: torch.nn.Module, cfg: PPOConfig, rounds: int = 200) -> None:
+    """Per-call time of the output layer alone, plain vs Neurocoder, interleaved: a rollout call
+    (batch = num_envs, no grad, inside reuse_programs) and a training minibatch (forward+backward)."""
+    import neurocoder
+
+    hidden = plain.in_features
+    minibatch = cfg.num_envs * cfg.num_steps // cfg.num_minibatches
+    x_roll, x_train = torch.randn(cfg.num_envs, hidden), torch.randn(minibatch, hidden)
+
+    def rollout(layer):
+        with torch.no_grad(), neurocoder.reuse_programs(layer):
+            for _ in range(8):
+                layer(x_roll)
+
+    def train(layer):
+        layer(x_train).square().sum().backward()
+
+    for label, fn, per in (("rollout call, batch %d, no grad" % cfg.num_envs, rollout, 8),
+                           ("training minibatch %d, fwd+bwd" % minibatch, train, 1)):
+        times = {"plain": [], "nc-heads": []}
+        for _ in range(rounds // per):
+            for name, layer in (("plain", plain), ("nc-heads", neurocoder_head)):
+                start = time.perf_counter()
+                fn(layer)
+                times[name].append((time.perf_counter() - start) / per)
+        plain_ms, nc_ms = (1e3 * statistics.median(times[n]) for n in ("plain", "nc-heads"))
+        print(f"  output layer alone, {label}: nn.Linear {plain_ms:.3f} ms, Neurocoder {nc_ms:.3f} ms "
+              f"({nc_ms / plain_ms:.0f}x)")
 
 
 if __name__ == "__main__":
