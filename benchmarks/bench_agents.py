@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+import neurocoder  # noqa: E402
 from neurocoder.experiments.registry import apply_overrides  # noqa: E402
 from neurocoder.train.rl.ppo import AGENT_VARIANTS, PPOConfig, _Seed  # noqa: E402
 
@@ -48,14 +49,18 @@ def main() -> None:
         ratio = rate[name] / rate["plain"] if "plain" in rate else float("nan")
         print(f"  {name:<9} {rate[name]:8.0f} steps/s   {ratio:5.2f}x plain")
     if "plain" in trainers and "nc-heads" in trainers:
-        head_costs(trainers["plain"].agent.heads, trainers["nc-heads"].agent.heads, cfg)
+        extra = head_costs(trainers["plain"].agent.heads, trainers["nc-heads"].agent.heads, cfg)
+        update_ms = {v: 1e3 * batch / rate[v] for v in ("plain", "nc-heads")}
+        print(f"  per update: the Neurocoder agent takes {update_ms['nc-heads'] - update_ms['plain']:.0f} ms more "
+              f"({update_ms['nc-heads']:.0f} vs {update_ms['plain']:.0f} ms); its output layer alone accounts "
+              f"for ~{extra:.0f} ms ({cfg.num_steps + 1} rollout calls, "
+              f"{cfg.update_epochs * cfg.num_minibatches} minibatches)")
 
 
-def head_costs(plain: torch.nn.Module, neurocoder_head: torch.nn.Module, cfg: PPOConfig, rounds: int = 200) -> None:
+def head_costs(plain: torch.nn.Module, neurocoder_head: torch.nn.Module, cfg: PPOConfig, rounds: int = 200) -> float:
     """Per-call time of the output layer alone, plain vs Neurocoder, interleaved: a rollout call
-    (batch = num_envs, no grad, inside reuse_programs) and a training minibatch (forward+backward)."""
-    import neurocoder
-
+    (batch = num_envs, no grad, inside reuse_programs) and a training minibatch (forward+backward).
+    Prints both; returns the Neurocoder layer's extra milliseconds per PPO update."""
     hidden = plain.in_features
     minibatch = cfg.num_envs * cfg.num_steps // cfg.num_minibatches
     x_roll, x_train = torch.randn(cfg.num_envs, hidden), torch.randn(minibatch, hidden)
@@ -68,8 +73,10 @@ def head_costs(plain: torch.nn.Module, neurocoder_head: torch.nn.Module, cfg: PP
     def train(layer):
         layer(x_train).square().sum().backward()
 
-    for label, fn, per in (("rollout call, batch %d, no grad" % cfg.num_envs, rollout, 8),
-                           ("training minibatch %d, fwd+bwd" % minibatch, train, 1)):
+    extra = 0.0
+    calls_per_update = (cfg.num_steps + 1, cfg.update_epochs * cfg.num_minibatches)
+    for (label, fn, per), calls in zip((("rollout call, batch %d, no grad" % cfg.num_envs, rollout, 8),
+                                        ("training minibatch %d, fwd+bwd" % minibatch, train, 1)), calls_per_update):
         times = {"plain": [], "nc-heads": []}
         for _ in range(rounds // per):
             for name, layer in (("plain", plain), ("nc-heads", neurocoder_head)):
@@ -79,6 +86,8 @@ def head_costs(plain: torch.nn.Module, neurocoder_head: torch.nn.Module, cfg: PP
         plain_ms, nc_ms = (1e3 * statistics.median(times[n]) for n in ("plain", "nc-heads"))
         print(f"  output layer alone, {label}: nn.Linear {plain_ms:.3f} ms, Neurocoder {nc_ms:.3f} ms "
               f"({nc_ms / plain_ms:.0f}x)")
+        extra += calls * (nc_ms - plain_ms)
+    return extra
 
 
 if __name__ == "__main__":

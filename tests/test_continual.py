@@ -306,12 +306,9 @@ def test_feature_drift_is_zero_after_the_first_task_and_grows_after(isolated):  
     assert len(drift["mean"]) == 5 and drift["mean"][0] == 0.0
     assert all(d > 0 for d in drift["mean"][1:])
     lines = [json.loads(line) for line in (isolated / "run" / "metrics.jsonl").read_text().splitlines()]
+    repeat_0 = json.loads((isolated / "run" / "repeats" / "repeat-00.json").read_text())["feature_drift"]
     assert [round(line["feature_drift"], 9) for line in lines if line.get("repeat") == 0] == \
-        [round(d, 9) for d in results_repeat_drift(isolated / "run", 0)]
-
-
-def results_repeat_drift(run, repeat):
-    return json.loads((run / "repeats" / f"repeat-{repeat:02d}.json").read_text())["feature_drift"]
+        [round(d, 9) for d in repeat_0]
 
 
 def test_report_shows_feature_drift_where_measured(isolated):  # noqa: F811
