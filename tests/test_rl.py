@@ -123,6 +123,23 @@ def test_bad_agent_config():
         _tiny(variant="nc-everything").check()
     with pytest.raises(ValueError, match="num_minibatches"):
         _tiny(num_minibatches=3).check()
+    with pytest.raises(ValueError, match="target_kl=0"):
+        _tiny(target_kl=0).check()
+
+
+def test_target_kl_stops_the_update_epochs_early():
+    """Without a target every update runs all its epochs; a target below any KL a step makes
+    stops each update after its first epoch (the KL of the epoch's last minibatch is checked).
+    The estimate is logged either way, and is >= 0 (it is a sum of x - 1 - log x >= 0)."""
+    records = {}
+    for target in (None, 1e-12):
+        trainer = ppo_module._Seed(_tiny(variant="nc-heads", target_kl=target, update_epochs=3), 0)
+        records[target] = [trainer.train_update()[0] for _ in range(3)]
+    assert [r["epochs"] for r in records[None]] == [3, 3, 3]
+    assert [r["epochs"] for r in records[1e-12]] == [1, 1, 1]
+    for r in records[None] + records[1e-12]:
+        assert 0 <= r["approx_kl"] <= r["max_approx_kl"]
+    assert records[None][0]["max_approx_kl"] > 1e-12
 
 
 @pytest.mark.slow

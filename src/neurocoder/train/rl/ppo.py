@@ -68,6 +68,9 @@ class PPOConfig:
     ent_coef: float = 0.01
     vf_coef: float = 0.5
     max_grad_norm: float = 0.5
+    # Stop an update's epochs early once the approximate KL between the rollout policy and the
+    # updated one passes this (CleanRL's target_kl); None: always run every epoch.
+    target_kl: float | None = None
     orthogonality_weight: float = 0.1
     hidden: int = 128
     # Neurocoder layer options over the 'default' preset: a smaller memory than the classifiers'
@@ -86,6 +89,8 @@ class PPOConfig:
                      "checkpoint_every", "hidden"):
             if getattr(self, name) < 1:
                 problems.append(f"{name}={getattr(self, name)} (must be >= 1)")
+        if self.target_kl is not None and not self.target_kl > 0:
+            problems.append(f"target_kl={self.target_kl} (must be > 0, or None to run every epoch)")
         if (self.num_envs * self.num_steps) % self.num_minibatches:
             problems.append(f"num_envs * num_steps = {self.num_envs * self.num_steps} must divide into "
                             f"num_minibatches={self.num_minibatches}")
@@ -239,15 +244,17 @@ class _Seed:
                 "advantages": advantages.flatten(), "returns": returns.flatten(), "values": values.flatten()}
         agent.train()
         minibatch = self.batch // cfg.num_minibatches
-        clip_fractions, stats = [], {}
+        clip_fractions, kls, stats, epochs = [], [], {}, 0
         for _ in range(cfg.update_epochs):
+            epochs += 1
             order = torch.randperm(self.batch, generator=self.generator)
             for i in range(0, self.batch, minibatch):
                 index = order[i:i + minibatch]
                 logits, value = agent(flat["obs"][index])
                 distribution = torch.distributions.Categorical(logits=logits)
                 new_log_prob = distribution.log_prob(flat["actions"][index])
-                ratio = (new_log_prob - flat["log_probs"][index]).exp()
+                log_ratio = new_log_prob - flat["log_probs"][index]
+                ratio = log_ratio.exp()
                 advantage = flat["advantages"][index]
                 advantage = (advantage - advantage.mean()) / (advantage.std() + 1e-8)
                 policy_loss = torch.max(-advantage * ratio,
@@ -261,13 +268,18 @@ class _Seed:
                 nn.utils.clip_grad_norm_(agent.parameters(), cfg.max_grad_norm)
                 self.optimizer.step()
                 clip_fractions.append(((ratio - 1).abs() > cfg.clip_coef).float().mean().item())
+                with torch.no_grad():           # Schulman's low-variance estimator of KL(old || new)
+                    kls.append(((ratio - 1) - log_ratio).mean().item())
                 stats = {"policy_loss": policy_loss.item(), "value_loss": value_loss.item(),
                          "entropy": entropy.item()}
+            if cfg.target_kl is not None and kls[-1] > cfg.target_kl:
+                break
         seconds = time.perf_counter() - start
         self.seconds += seconds
         self.update += 1
         record = {"seed": self.seed_index, "update": self.update, "frames": self.steps * self.envs.frames_per_step,
                   "steps_per_second": self.batch / seconds, "clip_fraction": sum(clip_fractions) / len(clip_fractions),
+                  "approx_kl": sum(kls) / len(kls), "max_approx_kl": max(kls), "epochs": epochs,
                   **stats}
         return record, episodes
 
