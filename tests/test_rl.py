@@ -173,3 +173,17 @@ def test_report_reads_gzipped_episodes(tmp_path):
     (tmp_path / "packed" / "episodes.jsonl.gz").write_bytes(gzip.compress(text.encode()))
     assert read_episodes(tmp_path / "plain") == read_episodes(tmp_path / "packed") == lines
     assert read_episodes(tmp_path / "missing") == []
+
+
+def test_report_keeps_a_row_for_each_run_of_the_same_game_and_variant(tmp_path):
+    """Two folders of one game and variant (another setting, say) are two rows, neither dropped."""
+    runs = []
+    for name, value in (("first", 1.5), ("second", 2.5)):
+        (tmp_path / name / "seeds").mkdir(parents=True)
+        runs.append({"path": str(tmp_path / name), "config": {"kind": "rl", "env": "minatar:asterix",
+                                                              "variant": "nc-heads"},
+                     "final_return_mean": value, "final_return_std": 0.0, "seeds": 1, "frames": 10,
+                     "steps_per_second": 100.0, "parameters": 7})
+    table = rl_tables(runs)
+    assert "| nc-heads | 1.50 +- 0.00" in table
+    assert "| nc-heads (second) | 2.50 +- 0.00" in table

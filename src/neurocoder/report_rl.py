@@ -16,12 +16,23 @@ PUBLISHED_MINATAR = {"asterix": ("~17", "~19"), "breakout": ("~10", "~17.5"), "f
 
 
 def _rl_runs(runs: list[dict]) -> dict[str, dict[str, dict]]:
+    """{env: {variant label: run}}. A second run of the same environment and variant (another
+    setting, another seed range) keeps a row of its own, labelled with its folder's name."""
     groups: dict[str, dict[str, dict]] = defaultdict(dict)
     for run in runs:
         cfg = run.get("config", {})
         if cfg.get("kind") == "rl":
-            groups[cfg["env"]][cfg["variant"]] = run
+            label = cfg["variant"]
+            if label in groups[cfg["env"]]:
+                label = f"{label} ({Path(run['path']).name})"
+            groups[cfg["env"]][label] = run
     return groups
+
+
+def _variant_order(label: str) -> tuple[int, str]:
+    """Plain first, then the Neurocoder variants; a labelled repeat after its variant."""
+    variant = label.split(" (")[0]
+    return VARIANT_ORDER.index(variant) if variant in VARIANT_ORDER else len(VARIANT_ORDER), label
 
 
 def _seed_speeds(run: dict) -> list[float]:
@@ -46,7 +57,7 @@ def rl_tables(runs: list[dict]) -> str:
         members = groups[env]
         plain = members.get("plain")
         game = env.split(":", 1)[1] if env.startswith("minatar:") else None
-        for variant in sorted(members, key=lambda v: VARIANT_ORDER.index(v) if v in VARIANT_ORDER else 9):
+        for variant in sorted(members, key=_variant_order):
             run = members[variant]
             speed = f"{run['steps_per_second'] / plain['steps_per_second']:.2f}x" if plain and variant != "plain" else ""
             published = " / ".join(PUBLISHED_MINATAR[game]) if game in PUBLISHED_MINATAR and variant == "plain" else ""
@@ -103,7 +114,7 @@ def rl_figures(runs: list[dict], out: Path) -> list[Path]:
     for ax in axes.flat[len(envs):]:
         ax.axis("off")
     for ax, env in zip(axes.flat, envs):
-        for variant in sorted(groups[env], key=lambda v: VARIANT_ORDER.index(v) if v in VARIANT_ORDER else 9):
+        for variant in sorted(groups[env], key=_variant_order):
             run = groups[env][variant]
             episodes = read_episodes(Path(run["path"]))
             if not episodes:
