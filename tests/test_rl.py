@@ -79,6 +79,25 @@ def test_agent_variants_convert_the_named_layers():
     assert atari(torch.rand(2, 4, 84, 84))[0].shape == (2, 6)
 
 
+def test_svd_layer_init_starts_the_neurocoder_agent_as_the_plain_agent():
+    """layer_init='svd': the Neurocoder head is seeded from the plain head it replaces, so at the
+    start both agents compute nearly the same policy and value (a random head does not)."""
+    observations = torch.rand(64, 4, 10, 10)
+    outputs = {}
+    for name, variant, init in (("plain", "plain", "random"), ("svd", "nc-heads", "svd"),
+                                ("random", "nc-heads", "random")):
+        torch.manual_seed(0)                                   # the same torso for all three
+        with torch.no_grad():
+            outputs[name] = build_agent(variant, (4, 10, 10), 3, init=init)(observations)
+    (logits, value), (plain_logits, plain_value) = outputs["svd"], outputs["plain"]
+    svd_error = (value - plain_value).abs().max()
+    assert svd_error < 0.2 * plain_value.abs().mean()
+    assert (logits - plain_logits).abs().max() < 0.01
+    assert (outputs["random"][1] - plain_value).abs().max() > 3 * svd_error
+    with pytest.raises(ValueError, match="layer_init='orthogonal'"):
+        _tiny(layer_init="orthogonal").check()
+
+
 def _tiny(**overrides) -> PPOConfig:
     values = dict(env="minatar:breakout", total_frames=1024, num_envs=4, num_steps=32, seeds=1, checkpoint_every=2)
     values.update(overrides)

@@ -76,6 +76,9 @@ class PPOConfig:
     # Neurocoder layer options over the 'default' preset: a smaller memory than the classifiers'
     # (16 slots, rank 4), chosen for speed (benchmarks/bench_agents.py; see README).
     layer_options: dict = field(default_factory=lambda: dict(num_programs=16, rank=4))
+    # How the Neurocoder layers start: 'random', or 'svd' (seeded from the plain layer they replace,
+    # so the agent starts as the plain agent's function: see neurocoder.convert).
+    layer_init: str = "random"
     seeds: int = 3
     seed: int = 0
     checkpoint_every: int = 20         # updates
@@ -89,6 +92,8 @@ class PPOConfig:
                      "checkpoint_every", "hidden"):
             if getattr(self, name) < 1:
                 problems.append(f"{name}={getattr(self, name)} (must be >= 1)")
+        if self.layer_init not in ("random", "svd"):
+            problems.append(f"layer_init={self.layer_init!r} (choose 'random' or 'svd')")
         if self.target_kl is not None and not self.target_kl > 0:
             problems.append(f"target_kl={self.target_kl} (must be > 0, or None to run every epoch)")
         if (self.num_envs * self.num_steps) % self.num_minibatches:
@@ -139,13 +144,13 @@ class ActorCritic(nn.Module):
 
 
 def build_agent(variant: str, observation_shape, num_actions: int, hidden: int = 128,
-                layer_options: dict | None = None) -> ActorCritic:
+                layer_options: dict | None = None, init: str = "random") -> ActorCritic:
     agent = ActorCritic(observation_shape, num_actions, hidden)
     options = {**presets.layer_options("default"), **(layer_options or {})}
     if variant == "nc-heads":
-        neurocoder.convert(agent, ["heads"], **options)
+        neurocoder.convert(agent, ["heads"], init=init, **options)
     elif variant == "nc-fc":
-        neurocoder.convert(agent, ["fc.0", "heads"], **options)
+        neurocoder.convert(agent, ["fc.0", "heads"], init=init, **options)
     elif variant != "plain":
         raise ValueError(f"unknown variant {variant!r}; choose one of {sorted(AGENT_VARIANTS)}")
     return agent
@@ -180,7 +185,7 @@ class _Seed:
         torch.manual_seed(self.seed)
         self.envs = make_vector_env(cfg.env, cfg.num_envs, self.seed)
         self.agent = build_agent(cfg.variant, self.envs.observation_shape, self.envs.num_actions, cfg.hidden,
-                                 cfg.layer_options)
+                                 cfg.layer_options, cfg.layer_init)
         self.optimizer = torch.optim.Adam(self.agent.parameters(), lr=cfg.lr, eps=1e-5)
         self.batch = cfg.num_envs * cfg.num_steps
         self.num_updates = max(1, cfg.total_frames // (self.batch * self.envs.frames_per_step))
