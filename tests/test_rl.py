@@ -98,6 +98,21 @@ def test_svd_layer_init_starts_the_neurocoder_agent_as_the_plain_agent():
         _tiny(layer_init="orthogonal").check()
 
 
+def test_neurocoder_lr_scale_sets_the_neurocoder_layers_learning_rate():
+    trainer = ppo_module._Seed(_tiny(variant="nc-heads", neurocoder_lr_scale=0.25), 0)
+    rest, layer = trainer.optimizer.param_groups
+    head = {id(p) for p in trainer.agent.heads.parameters()}
+    assert {id(p) for p in layer["params"]} == head and not head & {id(p) for p in rest["params"]}
+    assert layer["lr"] == 0.25 * rest["lr"] == 0.25 * trainer.cfg.lr
+    trainer.train_update()
+    trainer.train_update()                       # annealed from the second update on; the ratio stays
+    assert layer["lr"] == pytest.approx(0.25 * rest["lr"]) and rest["lr"] < trainer.cfg.lr
+    same = ppo_module._Seed(_tiny(variant="nc-heads"), 0)
+    assert len(same.optimizer.param_groups) == 1   # scale 1: one group, as before the option
+    with pytest.raises(ValueError, match="neurocoder_lr_scale=0"):
+        _tiny(neurocoder_lr_scale=0).check()
+
+
 def _tiny(**overrides) -> PPOConfig:
     values = dict(env="minatar:breakout", total_frames=1024, num_envs=4, num_steps=32, seeds=1, checkpoint_every=2)
     values.update(overrides)

@@ -59,6 +59,8 @@ class PPOConfig:
     num_envs: int = 32
     num_steps: int = 64                # rollout length per environment
     lr: float = 5e-4
+    # The Neurocoder layers' learning rate as a multiple of lr (1: the same as every other layer).
+    neurocoder_lr_scale: float = 1.0
     anneal_lr: bool = True
     gamma: float = 0.99
     gae_lambda: float = 0.95
@@ -92,6 +94,8 @@ class PPOConfig:
                      "checkpoint_every", "hidden"):
             if getattr(self, name) < 1:
                 problems.append(f"{name}={getattr(self, name)} (must be >= 1)")
+        if not self.neurocoder_lr_scale > 0:
+            problems.append(f"neurocoder_lr_scale={self.neurocoder_lr_scale} (must be > 0)")
         if self.layer_init not in ("random", "svd"):
             problems.append(f"layer_init={self.layer_init!r} (choose 'random' or 'svd')")
         if self.target_kl is not None and not self.target_kl > 0:
@@ -156,6 +160,18 @@ def build_agent(variant: str, observation_shape, num_actions: int, hidden: int =
     return agent
 
 
+def _parameter_groups(agent: nn.Module, lr: float, neurocoder_lr_scale: float) -> list[dict]:
+    """Adam's parameter groups, each with its ``lr_scale`` (kept for the annealing): one group at
+    lr, or — with a scale other than 1 — the rest at lr and the Neurocoder layers' parameters at
+    lr x neurocoder_lr_scale."""
+    if neurocoder_lr_scale == 1.0:
+        return [{"params": list(agent.parameters()), "lr": lr, "lr_scale": 1.0}]
+    layered = {id(p) for m in agent.modules() if isinstance(m, neurocoder.NeurocoderLayer) for p in m.parameters()}
+    return [{"params": [p for p in agent.parameters() if id(p) not in layered], "lr": lr, "lr_scale": 1.0},
+            {"params": [p for p in agent.parameters() if id(p) in layered], "lr": lr * neurocoder_lr_scale,
+             "lr_scale": neurocoder_lr_scale}]
+
+
 def generalized_advantages(rewards: torch.Tensor, values: torch.Tensor, dones: torch.Tensor,
                            next_value: torch.Tensor, gamma: float, lam: float) -> torch.Tensor:
     """GAE (Schulman et al. 2016). All (T, N) but ``next_value`` (N,), the value of the
@@ -186,7 +202,8 @@ class _Seed:
         self.envs = make_vector_env(cfg.env, cfg.num_envs, self.seed)
         self.agent = build_agent(cfg.variant, self.envs.observation_shape, self.envs.num_actions, cfg.hidden,
                                  cfg.layer_options, cfg.layer_init)
-        self.optimizer = torch.optim.Adam(self.agent.parameters(), lr=cfg.lr, eps=1e-5)
+        self.optimizer = torch.optim.Adam(_parameter_groups(self.agent, cfg.lr, cfg.neurocoder_lr_scale), lr=cfg.lr,
+                                          eps=1e-5)
         self.batch = cfg.num_envs * cfg.num_steps
         self.num_updates = max(1, cfg.total_frames // (self.batch * self.envs.frames_per_step))
         self.update = 0
@@ -222,7 +239,7 @@ class _Seed:
         cfg, agent, n, t_max = self.cfg, self.agent, self.cfg.num_envs, self.cfg.num_steps
         if cfg.anneal_lr:
             for group in self.optimizer.param_groups:
-                group["lr"] = cfg.lr * (1.0 - self.update / self.num_updates)
+                group["lr"] = cfg.lr * group.get("lr_scale", 1.0) * (1.0 - self.update / self.num_updates)
         start = time.perf_counter()
         obs_buffer = torch.empty(t_max, n, *self.envs.observation_shape)
         actions = torch.empty(t_max, n, dtype=torch.long)
