@@ -52,6 +52,28 @@ def test_shift_stream_switches_and_follows_its_programs():
         assert (target - wrong).norm(dim=1).mean() > 0.5
 
 
+def test_shift_stream_with_centres_keeps_each_program_around_its_own():
+    """centre_spread > 0: under program k the state is c_k plus a deviation of norm sqrt(d) that
+    A_k rotates, so the nearest centre names the running program; 0 is the stream as before."""
+    plain = shift_stream(0, segment=50, cycles=2)
+    assert torch.equal(shift_stream(0, segment=50, cycles=2, centre_spread=0.0).states, plain.states)
+    stream = shift_stream(0, segment=50, cycles=2, centre_spread=2.0)
+    centres = stream.centres
+    assert torch.equal(plain.centres, torch.zeros(3, 4))
+    torch.testing.assert_close(centres.norm(dim=1), torch.full((3,), 4.0))     # 2 x sqrt(d)
+    torch.testing.assert_close(centres @ centres.T, 16.0 * torch.eye(3), atol=1e-5, rtol=0)   # orthogonal
+    for t in (10, 60, 140, 260):               # a few steps after a switch and later
+        context, target = stream.window(t)
+        k = stream.program[t]
+        torch.testing.assert_close((target - centres[k]).norm(dim=1), torch.full((16,), 2.0))
+        # The most recent state given to the model already names the program (t is 10+ steps
+        # past a switch): nearest centre.
+        nearest = torch.cdist(context[:, -4:], centres).argmin(dim=1)
+        assert (nearest == k).float().mean() > 0.9
+    with pytest.raises(ValueError, match="shift_centre_spread=-1"):
+        ProgramConfig(shift_centre_spread=-1).check()
+
+
 def test_remember_task_separates_the_two_programs():
     task = remember_task(0)
     assert set(task["A"]["train"].program.tolist()) == {0} and set(task["B"]["test"].program.tolist()) == {1}
@@ -96,7 +118,7 @@ def test_recovery_time():
 def test_trainer_runs_every_task(tmp_path, task, monkeypatch):
     if task == "shift":   # a short stream keeps the test quick
         original = program_trainer.shift_stream
-        monkeypatch.setattr(program_trainer, "shift_stream", lambda seed: original(seed, segment=60, cycles=2))
+        monkeypatch.setattr(program_trainer, "shift_stream", lambda seed, **options: original(seed, segment=60, cycles=2, **options))
     cfg = ProgramConfig(task=task, model="nc-ff", seeds=2, epochs=3)
     results = run_programs(cfg, tmp_path / task, quiet=True)
     assert results["seeds"] == 2
@@ -117,7 +139,7 @@ def test_trainer_runs_every_task(tmp_path, task, monkeypatch):
 
 def test_report_reads_program_runs(tmp_path, monkeypatch):
     original = program_trainer.shift_stream
-    monkeypatch.setattr(program_trainer, "shift_stream", lambda seed: original(seed, segment=40, cycles=2))
+    monkeypatch.setattr(program_trainer, "shift_stream", lambda seed, **options: original(seed, segment=40, cycles=2, **options))
     for model in ("mlp", "nc-ff"):
         run_programs(ProgramConfig(task="shift", model=model, seeds=2), tmp_path / f"shift-{model}", quiet=True)
         run_programs(ProgramConfig(task="modular", model=model, seeds=1, epochs=2), tmp_path / f"mod-{model}",
@@ -139,7 +161,7 @@ def test_bad_program_config():
 
 def test_shift_runs_with_plain_sgd(monkeypatch):
     original = program_trainer.shift_stream
-    monkeypatch.setattr(program_trainer, "shift_stream", lambda seed: original(seed, segment=30, cycles=2))
+    monkeypatch.setattr(program_trainer, "shift_stream", lambda seed, **options: original(seed, segment=30, cycles=2, **options))
     cfg = ProgramConfig(task="shift", model="nc-ff", seeds=1, online_optimizer="sgd", online_lr=0.1)
     result = program_trainer._shift(cfg, 100, torch.Generator().manual_seed(0))
     errors = torch.tensor(result["errors"])

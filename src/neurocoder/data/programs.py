@@ -113,6 +113,7 @@ class ShiftStream:
     segment: int
     order: list[int] = field(default_factory=list)
     programs: torch.Tensor | None = None           # (K, d, d)
+    centres: torch.Tensor | None = None            # (K, d), zeros unless centre_spread > 0
 
     def window(self, t: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(parallel, history * d) flattened history, and (parallel, d) the next state."""
@@ -121,18 +122,32 @@ class ShiftStream:
 
 
 def shift_stream(seed: int, num_programs: int = 3, dim: int = 4, segment: int = 300, cycles: int = 3,
-                 parallel: int = 16, history: int = 3, noise: float = 0.05) -> ShiftStream:
+                 parallel: int = 16, history: int = 3, noise: float = 0.05, centre_spread: float = 0.0) -> ShiftStream:
     """Sequences x_{t+1} = A_k x_t + noise, rescaled to norm sqrt(d); the program k cycles
     0, 1, ..., K-1, 0, 1, ... every ``segment`` steps (``cycles`` times), so each program recurs
     ``cycles - 1`` times. A_k are random rotations, so the rescaling only undoes the noise's
     drift (sequences neither die nor explode). At a switch the sequences carry on from their
-    current state."""
+    current state.
+
+    ``centre_spread`` > 0: program k runs around a centre c_k of its own (orthonormal directions
+    while K <= d, norm ``centre_spread`` x sqrt(d)): x_{t+1} = c_k + A_k (x_t - c_k) + noise, the deviation rescaled
+    to norm sqrt(d). Then the recent states tell which program runs (as the input tells the
+    regime in :func:`modular_task`); with 0 (the default) every program visits the same sphere
+    and only the relation between successive states tells them apart."""
     generator = torch.Generator().manual_seed(seed)
     programs = []
     for _ in range(num_programs):
         q, _ = torch.linalg.qr(torch.randn(dim, dim, generator=generator))
         programs.append(q)
     programs = torch.stack(programs)
+    centres = torch.zeros(num_programs, dim)
+    if centre_spread > 0:
+        # Orthonormal directions (while K <= d), so every pair of centres is equally far apart.
+        directions = torch.randn(dim, num_programs, generator=generator)
+        if num_programs <= dim:
+            directions = torch.linalg.qr(directions)[0]
+        directions = directions.T
+        centres = centre_spread * dim ** 0.5 * directions / directions.norm(dim=1, keepdim=True)
     order = [c % num_programs for c in range(num_programs * cycles)]
     steps = segment * len(order)
     program = torch.tensor(order).repeat_interleave(segment)
@@ -143,11 +158,11 @@ def shift_stream(seed: int, num_programs: int = 3, dim: int = 4, segment: int = 
     states[0] = state
     for t in range(1, steps + history):
         k = program[max(t - history, 0)]          # states[t + history] is made by program[t]
-        state = state @ programs[k].T + noise * torch.randn(parallel, dim, generator=generator)
-        state = scale * state / state.norm(dim=1, keepdim=True)
+        deviation = (state - centres[k]) @ programs[k].T + noise * torch.randn(parallel, dim, generator=generator)
+        state = centres[k] + scale * deviation / deviation.norm(dim=1, keepdim=True)
         states[t] = state
     switches = [i * segment for i in range(1, len(order))]
-    return ShiftStream(states, program, switches, history, segment, order, programs)
+    return ShiftStream(states, program, switches, history, segment, order, programs, centres)
 
 
 def remember_task(seed: int, dim: int = 8, rank: int = 2, train: int = 2000, test: int = 1000) -> dict:

@@ -60,6 +60,7 @@ class ProgramConfig:
     lr: float = 3e-3
     online_lr: float = 1e-2          # shift: the learning rate of the online updates
     online_optimizer: str = "adam"   # shift: 'adam' or 'sgd' (plain SGD: a slot nobody reads gets ~no update)
+    shift_centre_spread: float = 0.0  # shift: > 0 gives each program a centre of its own (see shift_stream)
     orthogonality_weight: float = 0.1
     nc_options: dict | None = None   # Neurocoder layer options (NC_OPTIONS otherwise)
     threads: int | None = None
@@ -72,6 +73,8 @@ class ProgramConfig:
             problems.append(f"model={self.model!r} (choose {sorted(PROGRAM_MODELS)})")
         if self.online_optimizer not in ONLINE_OPTIMIZERS:
             problems.append(f"online_optimizer={self.online_optimizer!r} (choose {sorted(ONLINE_OPTIMIZERS)})")
+        if not self.shift_centre_spread >= 0:
+            problems.append(f"shift_centre_spread={self.shift_centre_spread} (must be >= 0)")
         for name in ("seeds", "epochs", "batch_size"):
             if getattr(self, name) < 1:
                 problems.append(f"{name}={getattr(self, name)} (must be >= 1)")
@@ -177,7 +180,7 @@ def _recovery(errors: list[float], start: int, segment: int) -> int:
 
 
 def _shift(cfg, seed, generator) -> dict:
-    stream = shift_stream(seed)
+    stream = shift_stream(seed, centre_spread=cfg.shift_centre_spread)
     dim = stream.states.shape[-1]
     model = build_program_model(cfg.model, dim, dim, dim * stream.history, cfg.nc_options)
     optimizer = ONLINE_OPTIMIZERS[cfg.online_optimizer](model.parameters(), lr=cfg.online_lr)
