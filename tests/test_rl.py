@@ -109,6 +109,8 @@ def test_neurocoder_lr_scale_sets_the_neurocoder_layers_learning_rate():
     assert layer["lr"] == pytest.approx(0.25 * rest["lr"]) and rest["lr"] < trainer.cfg.lr
     same = ppo_module._Seed(_tiny(variant="nc-heads"), 0)
     assert len(same.optimizer.param_groups) == 1   # scale 1: one group, as before the option
+    plain = ppo_module._Seed(_tiny(variant="plain", neurocoder_lr_scale=0.25), 0)
+    assert len(plain.optimizer.param_groups) == 1 and plain.optimizer.param_groups[0]["lr"] == plain.cfg.lr
     with pytest.raises(ValueError, match="neurocoder_lr_scale=0"):
         _tiny(neurocoder_lr_scale=0).check()
 

@@ -164,9 +164,9 @@ def _parameter_groups(agent: nn.Module, lr: float, neurocoder_lr_scale: float) -
     """Adam's parameter groups, each with its ``lr_scale`` (kept for the annealing): one group at
     lr, or — with a scale other than 1 — the rest at lr and the Neurocoder layers' parameters at
     lr x neurocoder_lr_scale."""
-    if neurocoder_lr_scale == 1.0:
-        return [{"params": list(agent.parameters()), "lr": lr, "lr_scale": 1.0}]
     layered = {id(p) for m in agent.modules() if isinstance(m, neurocoder.NeurocoderLayer) for p in m.parameters()}
+    if neurocoder_lr_scale == 1.0 or not layered:          # the plain agent has no Neurocoder layer
+        return [{"params": list(agent.parameters()), "lr": lr, "lr_scale": 1.0}]
     return [{"params": [p for p in agent.parameters() if id(p) not in layered], "lr": lr, "lr_scale": 1.0},
             {"params": [p for p in agent.parameters() if id(p) in layered], "lr": lr * neurocoder_lr_scale,
              "lr_scale": neurocoder_lr_scale}]
