@@ -167,3 +167,20 @@ def test_shift_runs_with_plain_sgd(monkeypatch):
     errors = torch.tensor(result["errors"])
     assert len(errors) == 30 * 6 and torch.isfinite(errors).all()
     assert errors[-10:].mean() < errors[:10].mean()          # it learns
+
+
+def test_report_keeps_a_row_for_each_run_of_the_same_task_and_model(tmp_path):
+    """Two folders of one task and model (say two learning rates) are two labelled rows, and a
+    folder archived without its per-seed files does not stop the figures."""
+    from neurocoder.report_programs import program_figures, program_tables
+
+    runs = []
+    for name, value in (("lr-a", 11.0), ("lr-b", 22.0)):
+        (tmp_path / name).mkdir()
+        runs.append({"path": str(tmp_path / name), "config": {"kind": "programs", "task": "shift", "model": "nc-ff"},
+                     "parameters": 7, "seeds": 1,
+                     "summary": {"recovery_recurring": {"mean": value, "std": 0.0}}})
+    table = program_tables(runs)
+    assert "| Neurocoder, feed-forward (lr-a) | 7 | - | 11.0 +- 0.0 |" in table
+    assert "| Neurocoder, feed-forward (lr-b) | 7 | - | 22.0 +- 0.0 |" in table
+    program_figures(runs, tmp_path)              # no seeds/ folders: nothing to draw, no error

@@ -150,6 +150,10 @@ def test_ppo_run_folder_and_resume_after_kill(tmp_path, monkeypatch):
     ratio = seed_rate(tmp_path / "straight") / seed_rate(tmp_path / "plain")
     assert f"{seed_rate(tmp_path / 'straight'):.0f} ({ratio:.2f}x)" in table   # per seed, vs plain's same seed
     assert "Neurocoder heads >= plain on 1 of 1" in table or "Neurocoder heads >= plain on 0 of 1" in table
+    # Per-update diagnostics from metrics.jsonl: 8 updates per run, clip fraction, KL, entropy.
+    diagnostics = table.split("How far each PPO update moved the policy")[1]
+    rows = [line for line in diagnostics.splitlines() if line.startswith("| minatar:breakout")]
+    assert [row.split(" | ")[1:3] for row in rows] == [["plain", "8"], ["nc-heads", "8"]]
     write_report(load_runs([tmp_path / "straight", tmp_path / "plain"]), tmp_path / "report")
     assert (tmp_path / "report" / "rl_returns.png").is_file()
 
@@ -221,5 +225,5 @@ def test_report_keeps_a_row_for_each_run_of_the_same_game_and_variant(tmp_path):
                      "final_return_mean": value, "final_return_std": 0.0, "seeds": 1, "frames": 10,
                      "steps_per_second": 100.0, "parameters": 7})
     table = rl_tables(runs)
-    assert "| nc-heads | 1.50 +- 0.00" in table
+    assert "| nc-heads (first) | 1.50 +- 0.00" in table
     assert "| nc-heads (second) | 2.50 +- 0.00" in table

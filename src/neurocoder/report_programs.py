@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from collections import defaultdict
+from collections import Counter, defaultdict
 from pathlib import Path
 
 __all__ = ["program_tables", "program_figures"]
@@ -29,12 +29,28 @@ TITLES = {"modular": "1. Modular programs", "reuse": "2. Reuse and composition",
 
 
 def _program_runs(runs: list[dict]) -> dict[str, dict[str, dict]]:
+    """{task: {model label: run}}. Several runs of the same task and model (other settings)
+    keep a row each, labelled with their folders' names."""
+    mine = [run for run in runs if run.get("config", {}).get("kind") == "programs"]
+    count = Counter((run["config"]["task"], run["config"]["model"]) for run in mine)
     groups: dict[str, dict[str, dict]] = defaultdict(dict)
-    for run in runs:
-        cfg = run.get("config", {})
-        if cfg.get("kind") == "programs":
-            groups[cfg["task"]][cfg["model"]] = run
+    for run in mine:
+        task, label = run["config"]["task"], run["config"]["model"]
+        if count[task, label] > 1:
+            label = f"{label} ({Path(run['path']).name})"
+        groups[task][label] = run
     return groups
+
+
+def _model_order(label: str) -> tuple[int, str]:
+    model = label.split(" (")[0]
+    return MODEL_ORDER.index(model) if model in MODEL_ORDER else len(MODEL_ORDER), label
+
+
+def _model_label(label: str) -> str:
+    """'nc-ff (folder)' -> 'Neurocoder, feed-forward (folder)'."""
+    model, _, rest = label.partition(" (")
+    return MODEL_LABELS.get(model, model) + (f" ({rest}" if rest else "")
 
 
 def program_tables(runs: list[dict]) -> str:
@@ -46,9 +62,9 @@ def program_tables(runs: list[dict]) -> str:
         columns = COLUMNS[task]
         header = ["model", "parameters"] + [label for _, label, _ in columns] + ["seeds"]
         lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-        for model in sorted(members, key=lambda m: MODEL_ORDER.index(m) if m in MODEL_ORDER else 9):
+        for model in sorted(members, key=_model_order):
             run = members[model]
-            row = [MODEL_LABELS.get(model, model), f"{run['parameters']:,}"]
+            row = [_model_label(model), f"{run['parameters']:,}"]
             for key, _, digits in columns:
                 stats = run["summary"].get(key)
                 row.append(f"{stats['mean']:.{digits}f} +- {stats['std']:.{digits}f}" if stats else "-")
@@ -75,15 +91,19 @@ def program_figures(runs: list[dict], out: Path) -> list[Path]:
     import numpy as np
 
     made = []
-    if "shift" in groups:
-        fig, ax = plt.subplots(figsize=(10, 3.8))
+    # Folders archived without their per-seed files have nothing to draw.
+    shift = {m: _seeds(r) for m, r in groups.get("shift", {}).items()}
+    shift = {m: seeds for m, seeds in shift.items() if seeds}
+    if shift:
+        many = len(shift) > 5                 # several settings: the legend goes under the plot
+        fig, ax = plt.subplots(figsize=(10, 3.8 + (0.2 * len(shift) if many else 0)))
         switches = []
-        for model in sorted(groups["shift"], key=lambda m: MODEL_ORDER.index(m) if m in MODEL_ORDER else 9):
-            seeds = _seeds(groups["shift"][model])
+        for model in sorted(shift, key=_model_order):
+            seeds = shift[model]
             errors = np.array([s["errors"] for s in seeds])                 # (seeds, steps)
             smooth = np.apply_along_axis(lambda e: np.convolve(e, np.ones(10) / 10, mode="same"), 1, errors)
             mean = smooth.mean(0)
-            line, = ax.plot(mean, label=MODEL_LABELS.get(model, model), lw=1)
+            line, = ax.plot(mean, label=_model_label(model), lw=1)
             ax.fill_between(range(len(mean)), smooth.min(0), smooth.max(0), alpha=0.12, color=line.get_color())
             switches = seeds[0]["switches"]
         for s in switches:
@@ -93,21 +113,25 @@ def program_figures(runs: list[dict], out: Path) -> list[Path]:
         ax.set_xlabel("online step (vertical lines: program switches; programs cycle A, B, C)")
         ax.set_ylabel("relative error (10-step mean)")
         ax.set_title("pattern shift: error around switches (mean over seeds, band = min..max)", fontsize=9)
-        ax.legend(fontsize=7, ncol=5)
+        if many:
+            ax.legend(fontsize=7, ncol=2, loc="upper center", bbox_to_anchor=(0.5, -0.2))
+        else:
+            ax.legend(fontsize=7, ncol=5)
         fig.tight_layout()
         path = out / "programs_shift_errors.png"
         fig.savefig(path, dpi=110)
         plt.close(fig)
         made.append(path)
     if "modular" in groups:
-        members = {m: r for m, r in groups["modular"].items() if "usage_by_program" in _seeds(r)[0]}
+        members = {m: r for m, r in groups["modular"].items()
+                   if _seeds(r) and "usage_by_program" in _seeds(r)[0]}
         if members:
-            order = sorted(members, key=lambda m: MODEL_ORDER.index(m) if m in MODEL_ORDER else 9)
+            order = sorted(members, key=_model_order)
             fig, axes = plt.subplots(1, len(order), figsize=(3.6 * len(order), 2.6), squeeze=False)
             for ax, model in zip(axes[0], order):
                 usage = np.array(_seeds(members[model])[0]["usage_by_program"])
                 image = ax.imshow(usage, aspect="auto", cmap="magma")
-                ax.set_title(MODEL_LABELS.get(model, model), fontsize=8)
+                ax.set_title(_model_label(model), fontsize=8)
                 ax.set_xlabel("slot / stored matrix / expert")
                 ax.set_ylabel("hidden program")
                 fig.colorbar(image, ax=ax)

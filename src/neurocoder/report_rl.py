@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import warnings
-from collections import defaultdict
+from collections import Counter, defaultdict
 from pathlib import Path
 
 __all__ = ["rl_tables", "rl_figures", "read_episodes", "PUBLISHED_MINATAR"]
@@ -16,16 +16,16 @@ PUBLISHED_MINATAR = {"asterix": ("~17", "~19"), "breakout": ("~10", "~17.5"), "f
 
 
 def _rl_runs(runs: list[dict]) -> dict[str, dict[str, dict]]:
-    """{env: {variant label: run}}. A second run of the same environment and variant (another
-    setting, another seed range) keeps a row of its own, labelled with its folder's name."""
+    """{env: {variant label: run}}. Several runs of the same environment and variant (other
+    settings, other seeds) keep a row each, labelled with their folders' names."""
+    mine = [run for run in runs if run.get("config", {}).get("kind") == "rl"]
+    count = Counter((run["config"]["env"], run["config"]["variant"]) for run in mine)
     groups: dict[str, dict[str, dict]] = defaultdict(dict)
-    for run in runs:
-        cfg = run.get("config", {})
-        if cfg.get("kind") == "rl":
-            label = cfg["variant"]
-            if label in groups[cfg["env"]]:
-                label = f"{label} ({Path(run['path']).name})"
-            groups[cfg["env"]][label] = run
+    for run in mine:
+        env, label = run["config"]["env"], run["config"]["variant"]
+        if count[env, label] > 1:
+            label = f"{label} ({Path(run['path']).name})"
+        groups[env][label] = run
     return groups
 
 
@@ -76,15 +76,40 @@ def rl_tables(runs: list[dict]) -> str:
     if games:
         text += (f"\nNeurocoder heads >= plain on {wins} of {games} MinAtar games here (final return, mean over "
                  f"seeds).\n")
-    return text
+    return text + _diagnostics_table(groups)
 
 
-def read_episodes(folder: Path) -> list[dict]:
-    """The episodes of a run folder: ``episodes.jsonl``, or ``episodes.jsonl.gz`` (how archived
-    results keep it small); [] when neither is there."""
+def _diagnostics_table(groups: dict[str, dict[str, dict]]) -> str:
+    """How far each update moved the policy, from the per-update metrics of the run folders that
+    keep them: clip fraction and approximate KL averaged over every update of every seed, and the
+    policy's entropy at the last update (mean over seeds). Empty when no folder has metrics."""
+    lines = []
+    for env in sorted(groups):
+        for variant in sorted(groups[env], key=_variant_order):
+            updates = [m for m in _read_jsonl_maybe_gz(Path(groups[env][variant]["path"]), "metrics.jsonl")
+                       if "clip_fraction" in m]
+            if not updates:
+                continue
+            mean = lambda key: sum(m[key] for m in updates) / len(updates)
+            last = {}
+            for m in updates:                                 # in order: each seed's last update wins
+                last[m.get("seed", 0)] = m["entropy"]
+            kl = f"{mean('approx_kl'):.4f}" if all("approx_kl" in m for m in updates) else "-"
+            lines.append(f"| {env} | {variant} | {len(updates)} | {mean('clip_fraction'):.3f} | {kl} | "
+                         f"{sum(last.values()) / len(last):.3f} |")
+    if not lines:
+        return ""
+    header = ("| environment | variant | updates | clip fraction (mean) | approximate KL per minibatch (mean) | "
+              "policy entropy at the end |\n|---|---|---|---|---|---|\n")
+    return "\n#### How far each PPO update moved the policy\n\n" + header + "\n".join(lines) + "\n"
+
+
+def _read_jsonl_maybe_gz(folder: Path, name: str) -> list[dict]:
+    """``folder/name`` or ``folder/name.gz`` (how archived results keep it small) as a list of
+    records; [] when neither is there."""
     import gzip
 
-    plain, packed = folder / "episodes.jsonl", folder / "episodes.jsonl.gz"
+    plain, packed = folder / name, folder / (name + ".gz")
     if plain.is_file():
         text = plain.read_text()
     elif packed.is_file():
@@ -92,6 +117,12 @@ def read_episodes(folder: Path) -> list[dict]:
     else:
         return []
     return [json.loads(line) for line in text.splitlines() if line.strip()]
+
+
+def read_episodes(folder: Path) -> list[dict]:
+    """The episodes of a run folder: ``episodes.jsonl``, or ``episodes.jsonl.gz``; [] when
+    neither is there."""
+    return _read_jsonl_maybe_gz(folder, "episodes.jsonl")
 
 
 def rl_figures(runs: list[dict], out: Path) -> list[Path]:
