@@ -1,11 +1,12 @@
 """Speed and memory of Neurocoder layers, measured side by side in one process.
 
-    python benchmarks/bench_layers.py [--device cpu|cuda] [--repeats 30] [--out FILE]
+    python benchmarks/bench_layers.py [--device cpu|cuda] [--repeats 30] [--blocks 5] [--out FILE]
 
 Prints ratios against the dense layer they replace and against the released formulation
 (compose each sample's weight, apply it with bmm), and writes everything to a JSON file.
 Timings interleave the contenders round by round and report medians, so a noisy shared
-machine slows all of them alike.
+machine slows all of them alike. The released-shape cases run in blocks and also report each
+block's ratio: their spread is how far the machine's noise moves the figure within one run.
 
 Memory: the bytes autograd saves for the backward pass of one training step (what grows with
 the batch), counted by a saved-tensors hook; on CUDA also the peak allocated memory.
@@ -43,19 +44,36 @@ def train_step(fn, x):
 
 def time_side_by_side(contenders: dict, x: torch.Tensor, repeats: int, device: torch.device) -> dict:
     """Median seconds of a forward+backward for each contender, rounds interleaved."""
+    return time_in_blocks(contenders, x, repeats, device, blocks=1)[0]
+
+
+def time_in_blocks(contenders: dict, x: torch.Tensor, repeats: int, device: torch.device,
+                   blocks: int) -> tuple[dict, list[dict]]:
+    """As :func:`time_side_by_side` over ``blocks`` x ``repeats`` rounds; also returns each
+    block's medians: the spread of a ratio across blocks shows how much a shared machine moves it."""
     times = {name: [] for name in contenders}
     for fn in contenders.values():          # warm-up (allocator, kernels, compile)
         for _ in range(3):
             train_step(fn, x)
     _sync(device)
-    for _ in range(repeats):
-        for name, fn in contenders.items():
-            _sync(device)
-            start = time.perf_counter()
-            train_step(fn, x)
-            _sync(device)
-            times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(t) for name, t in times.items()}
+    per_block = []
+    for _ in range(blocks):
+        block = {name: [] for name in contenders}
+        for _ in range(repeats):
+            for name, fn in contenders.items():
+                _sync(device)
+                start = time.perf_counter()
+                train_step(fn, x)
+                _sync(device)
+                block[name].append(time.perf_counter() - start)
+        per_block.append({name: statistics.median(t) for name, t in block.items()})
+        for name, t in block.items():
+            times[name] += t
+    return {name: statistics.median(t) for name, t in times.items()}, per_block
+
+
+def block_ratios(per_block: list[dict], name: str, baseline: str) -> list[float]:
+    return [block[name] / block[baseline] for block in per_block]
 
 
 def saved_bytes(fn, x) -> int:
@@ -96,10 +114,14 @@ def peak_cuda_bytes(fn, x) -> int | None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--repeats", type=int, default=30)
+    parser.add_argument("--repeats", type=int, default=30, help="interleaved rounds per block")
+    parser.add_argument("--blocks", type=int, default=5,
+                        help="blocks of rounds for the released-shape cases (their ratios' spread is reported)")
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile rows")
     parser.add_argument("--out", default=None, help="JSON file (default benchmarks/results/layers-<device>.json)")
     args = parser.parse_args()
+    if args.repeats < 1 or args.blocks < 1:
+        parser.error(f"--repeats and --blocks must be >= 1 (got {args.repeats}, {args.blocks})")
     device = torch.device(args.device)
     torch.manual_seed(0)
     results: dict = {
@@ -109,6 +131,7 @@ def main() -> None:
         "torch": torch.__version__,
         "neurocoder": neurocoder.__version__,
         "repeats": args.repeats,
+        "blocks": args.blocks,
         "cases": {},
     }
 
@@ -132,11 +155,16 @@ def main() -> None:
                   "composed weight + bmm (released)": layer.forward_explicit}
     if not args.no_compile:
         contenders["NeurocoderLinear, torch.compile"] = torch.compile(layer, fullgraph=True)
-    times = time_side_by_side(contenders, x, args.repeats, device)
+    times, per_block = time_in_blocks(contenders, x, args.repeats, device, args.blocks)
     speedup = times["composed weight + bmm (released)"] / times["NeurocoderLinear (fast path)"]
+    spread = {name: block_ratios(per_block, name, "nn.Linear(1024, 400)") for name in contenders}
     report("linear, released shape: B=128, 1024->400, P=50, r=10, k=5, feed-forward, content keys",
-           times, "nn.Linear(1024, 400)", fast_over_explicit_speedup=speedup)
+           times, "nn.Linear(1024, 400)", fast_over_explicit_speedup=speedup, ratio_by_block=spread,
+           fast_over_explicit_by_block=[b["composed weight + bmm (released)"] / b["NeurocoderLinear (fast path)"]
+                                        for b in per_block])
     print(f"  fast path is {speedup:.1f}x faster than composing each sample's weight")
+    fast = spread["NeurocoderLinear (fast path)"]
+    print(f"  fast path / nn.Linear by block of {args.repeats} rounds: " + ", ".join(f"{r:.2f}" for r in fast))
     if "NeurocoderLinear, torch.compile" in times:
         compiled_speedup = times["composed weight + bmm (released)"] / times["NeurocoderLinear, torch.compile"]
         results["cases"][next(reversed(results["cases"]))]["compiled_over_explicit_speedup"] = compiled_speedup
@@ -144,9 +172,14 @@ def main() -> None:
 
     # The same layer in a hidden position: the input needs its gradient too.
     hidden_x = x.clone().requires_grad_(True)
-    times = time_side_by_side({"nn.Linear(1024, 400)": dense, "NeurocoderLinear (fast path)": layer,
-                               "fast path, composable (fused=False)": composable}, hidden_x, args.repeats, device)
-    report("linear, released shape, input requiring grad (a hidden layer)", times, "nn.Linear(1024, 400)")
+    hidden_contenders = {"nn.Linear(1024, 400)": dense, "NeurocoderLinear (fast path)": layer,
+                         "fast path, composable (fused=False)": composable}
+    times, per_block = time_in_blocks(hidden_contenders, hidden_x, args.repeats, device, args.blocks)
+    spread = {name: block_ratios(per_block, name, "nn.Linear(1024, 400)") for name in hidden_contenders}
+    report("linear, released shape, input requiring grad (a hidden layer)", times, "nn.Linear(1024, 400)",
+           ratio_by_block=spread)
+    print(f"  fast path / nn.Linear by block of {args.repeats} rounds: "
+          + ", ".join(f"{r:.2f}" for r in spread["NeurocoderLinear (fast path)"]))
 
     # Memory: saved activations at several batch sizes, fast against explicit.
     memory_rows = []
@@ -168,6 +201,19 @@ def main() -> None:
     for row in memory_rows:
         print(f"  {row['batch']:>6} {row['fast_saved_MiB']:>10.2f} {row['explicit_saved_MiB']:>13.2f} "
               f"{row['dense_saved_MiB']:>14.2f}")
+
+    # Where the time goes: the ratio against batch size. A fixed cost per operation weighs most at
+    # small batches; the arithmetic (about half a dense layer's here) shows at large ones.
+    sweep = []
+    for batch in (32, 128, 512, 2048):
+        xb = torch.randn(batch, d_in, device=device)
+        times = time_side_by_side({"nn.Linear": dense, "NeurocoderLinear": layer}, xb, args.repeats, device)
+        sweep.append({"batch": batch, "seconds": times, "ratio": times["NeurocoderLinear"] / times["nn.Linear"]})
+    results["batch_sweep_released_shape"] = sweep
+    print("\n== released shape, forward+backward against batch size")
+    for row in sweep:
+        print(f"  batch {row['batch']:>5}: nn.Linear {row['seconds']['nn.Linear'] * 1e3:8.3f} ms, NeurocoderLinear "
+              f"{row['seconds']['NeurocoderLinear'] * 1e3:8.3f} ms   {row['ratio']:5.2f}x")
 
     # 2. Recurrent composer, T = 4.
     recurrent = NeurocoderLinear(d_in, d_out, bias=False, **{**released, "composer": "recurrent", "steps": 4}).to(device)
