@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import json
-from collections import Counter, defaultdict
 from pathlib import Path
+
+from .report_common import group_runs, member_order
 
 __all__ = ["program_tables", "program_figures"]
 
@@ -29,22 +30,11 @@ TITLES = {"modular": "1. Modular programs", "reuse": "2. Reuse and composition",
 
 
 def _program_runs(runs: list[dict]) -> dict[str, dict[str, dict]]:
-    """{task: {model label: run}}. Several runs of the same task and model (other settings)
-    keep a row each, labelled with their folders' names."""
-    mine = [run for run in runs if run.get("config", {}).get("kind") == "programs"]
-    count = Counter((run["config"]["task"], run["config"]["model"]) for run in mine)
-    groups: dict[str, dict[str, dict]] = defaultdict(dict)
-    for run in mine:
-        task, label = run["config"]["task"], run["config"]["model"]
-        if count[task, label] > 1:
-            label = f"{label} ({Path(run['path']).name})"
-        groups[task][label] = run
-    return groups
+    """{task: {model label: run}} (see :func:`neurocoder.report_common.group_runs`)."""
+    return group_runs(runs, "programs", "task", "model")
 
 
-def _model_order(label: str) -> tuple[int, str]:
-    model = label.split(" (")[0]
-    return MODEL_ORDER.index(model) if model in MODEL_ORDER else len(MODEL_ORDER), label
+_model_order = member_order(MODEL_ORDER)
 
 
 def _model_label(label: str) -> str:

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import json
 import warnings
-from collections import Counter, defaultdict
 from pathlib import Path
+
+from .report_common import group_runs, member_order
 
 __all__ = ["rl_tables", "rl_figures", "read_episodes", "PUBLISHED_MINATAR"]
 
@@ -16,23 +17,11 @@ PUBLISHED_MINATAR = {"asterix": ("~17", "~19"), "breakout": ("~10", "~17.5"), "f
 
 
 def _rl_runs(runs: list[dict]) -> dict[str, dict[str, dict]]:
-    """{env: {variant label: run}}. Several runs of the same environment and variant (other
-    settings, other seeds) keep a row each, labelled with their folders' names."""
-    mine = [run for run in runs if run.get("config", {}).get("kind") == "rl"]
-    count = Counter((run["config"]["env"], run["config"]["variant"]) for run in mine)
-    groups: dict[str, dict[str, dict]] = defaultdict(dict)
-    for run in mine:
-        env, label = run["config"]["env"], run["config"]["variant"]
-        if count[env, label] > 1:
-            label = f"{label} ({Path(run['path']).name})"
-        groups[env][label] = run
-    return groups
+    """{env: {variant label: run}} (see :func:`neurocoder.report_common.group_runs`)."""
+    return group_runs(runs, "rl", "env", "variant")
 
 
-def _variant_order(label: str) -> tuple[int, str]:
-    """Plain first, then the Neurocoder variants; a labelled repeat after its variant."""
-    variant = label.split(" (")[0]
-    return VARIANT_ORDER.index(variant) if variant in VARIANT_ORDER else len(VARIANT_ORDER), label
+_variant_order = member_order(VARIANT_ORDER)
 
 
 def _seed_speeds(run: dict) -> list[float]:
