@@ -13,7 +13,7 @@ from neurocoder.report import load_runs, write_report
 from neurocoder.report_rl import rl_tables
 from neurocoder.train.rl import ppo as ppo_module
 from neurocoder.train.rl.envs import make_vector_env
-from neurocoder.train.rl.ppo import PPOConfig, build_agent, generalized_advantages, run_ppo
+from neurocoder.train.rl.ppo import PPOConfig, build_agent, explained_variance, generalized_advantages, run_ppo
 
 
 def test_minatar_vector_env_steps_and_restores_its_state():
@@ -77,6 +77,24 @@ def test_agent_variants_convert_the_named_layers():
     assert logits.shape == (5, 3) and value.shape == (5,)
     atari = build_agent("nc-heads", (4, 84, 84), 6)
     assert atari(torch.rand(2, 4, 84, 84))[0].shape == (2, 6)
+
+
+def test_nc_policy_variant_keeps_the_plain_value_row():
+    """nc-policy: the logits come from a Neurocoder layer, the value from the plain agent's own
+    value row (cut from the same initial output layer, so with the same seed the initial values
+    agree exactly), and the value's gradients do not reach the Neurocoder layer."""
+    observations = torch.rand(16, 4, 10, 10)
+    torch.manual_seed(0)
+    plain = build_agent("plain", (4, 10, 10), 3)
+    torch.manual_seed(0)
+    split = build_agent("nc-policy", (4, 10, 10), 3)
+    assert isinstance(split.heads.policy, neurocoder.NeurocoderLinear) and type(split.heads.value) is torch.nn.Linear
+    logits, value = split(observations)
+    assert logits.shape == (16, 3)
+    torch.testing.assert_close(value, plain(observations)[1])
+    value.sum().backward()
+    assert all(p.grad is None or not p.grad.any() for p in split.heads.policy.parameters())
+    assert split.heads.value.weight.grad is not None and split.fc[0].weight.grad is not None
 
 
 def test_svd_layer_init_starts_the_neurocoder_agent_as_the_plain_agent():
@@ -154,8 +172,21 @@ def test_ppo_run_folder_and_resume_after_kill(tmp_path, monkeypatch):
     diagnostics = table.split("How far each PPO update moved the policy")[1]
     rows = [line for line in diagnostics.splitlines() if line.startswith("| minatar:breakout")]
     assert [row.split(" | ")[1:3] for row in rows] == [["plain", "8"], ["nc-heads", "8"]]
+    # The last column: the mean explained variance over the 8 updates (of "straight": nc-heads).
+    logged = [m["explained_variance"] for m in metrics if m["explained_variance"] is not None]
+    assert logged and all(v <= 1.0 for v in logged)
+    straight_row = [row for row in rows if " nc-heads " in row][0]
+    assert straight_row.split(" | ")[-1].rstrip(" |") == f"{sum(logged) / len(logged):.3f}"
     write_report(load_runs([tmp_path / "straight", tmp_path / "plain"]), tmp_path / "report")
     assert (tmp_path / "report" / "rl_returns.png").is_file()
+
+
+def test_explained_variance():
+    returns = torch.tensor([1.0, 2.0, 3.0, 4.0])
+    assert explained_variance(returns, returns) == pytest.approx(1.0)            # perfect values
+    assert explained_variance(returns, torch.full((4,), 2.5)) == pytest.approx(0.0)  # a constant
+    assert explained_variance(returns, -returns) < 0                           # worse than a constant
+    assert explained_variance(torch.ones(4), returns) is None                 # nothing to explain
 
 
 def test_bad_agent_config():

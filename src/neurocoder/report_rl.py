@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import json
 import warnings
+from collections import Counter
 from pathlib import Path
 
 from .report_common import group_runs, member_order
 
 __all__ = ["rl_tables", "rl_figures", "read_episodes", "PUBLISHED_MINATAR"]
 
-VARIANT_ORDER = ["plain", "nc-heads", "nc-fc"]
+VARIANT_ORDER = ["plain", "nc-heads", "nc-policy", "nc-fc"]
+VARIANT_NAMES = {"nc-heads": "Neurocoder heads", "nc-policy": "Neurocoder policy head (plain value)",
+                 "nc-fc": "Neurocoder in every fully connected layer"}
 # R4 of ../shared/REFERENCE_RESULTS.md: returns at 5M frames read off Young & Tian's curves.
 PUBLISHED_MINATAR = {"asterix": ("~17", "~19"), "breakout": ("~10", "~17.5"), "freeway": ("~50", "~47"),
                      "seaquest": ("~20", "~15.5"), "space_invaders": ("~43", "~185")}
@@ -41,7 +44,7 @@ def rl_tables(runs: list[dict]) -> str:
               "vs plain", "steps/s by seed (vs plain's same seed)", "parameters",
               "published DQN / AC at 5M frames (R4)"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    wins, games = 0, 0
+    wins, games = Counter(), Counter()           # per Neurocoder variant, over MinAtar games
     for env in sorted(groups):
         members = groups[env]
         plain = members.get("plain")
@@ -58,20 +61,23 @@ def rl_tables(runs: list[dict]) -> str:
             lines.append(f"| {env} | {variant} | {run['final_return_mean']:.2f} +- {run['final_return_std']:.2f} | "
                          f"{run['seeds']} | {run['frames']:,} | {run['steps_per_second']:.0f} | {speed} | "
                          f"{by_seed} | {run['parameters']:,} | {published} |")
-        if game and plain and "nc-heads" in members:
-            games += 1
-            wins += members["nc-heads"]["final_return_mean"] >= plain["final_return_mean"]
+        for variant in VARIANT_NAMES:
+            if game and plain and variant in members:
+                games[variant] += 1
+                wins[variant] += members[variant]["final_return_mean"] >= plain["final_return_mean"]
     text = "### Video games (PPO)\n\n" + "\n".join(lines) + "\n"
-    if games:
-        text += (f"\nNeurocoder heads >= plain on {wins} of {games} MinAtar games here (final return, mean over "
-                 f"seeds).\n")
+    for variant, name in VARIANT_NAMES.items():
+        if games[variant]:
+            text += (f"\n{name} >= plain on {wins[variant]} of {games[variant]} MinAtar games here (final return, "
+                     f"mean over seeds).\n")
     return text + _diagnostics_table(groups)
 
 
 def _diagnostics_table(groups: dict[str, dict[str, dict]]) -> str:
     """How far each update moved the policy, from the per-update metrics of the run folders that
     keep them: clip fraction and approximate KL averaged over every update of every seed, and the
-    policy's entropy at the last update (mean over seeds). Empty when no folder has metrics."""
+    policy's entropy at the last update (mean over seeds), and how much of the return variance the
+    value head explains (mean over updates; '-' for runs made before it was logged). Empty when no folder has metrics."""
     lines = []
     for env in sorted(groups):
         for variant in sorted(groups[env], key=_variant_order):
@@ -84,12 +90,14 @@ def _diagnostics_table(groups: dict[str, dict[str, dict]]) -> str:
             for m in updates:                                 # in order: each seed's last update wins
                 last[m.get("seed", 0)] = m["entropy"]
             kl = f"{mean('approx_kl'):.4f}" if all("approx_kl" in m for m in updates) else "-"
+            explained = [m["explained_variance"] for m in updates if m.get("explained_variance") is not None]
+            explained = f"{sum(explained) / len(explained):.3f}" if explained else "-"
             lines.append(f"| {env} | {variant} | {len(updates)} | {mean('clip_fraction'):.3f} | {kl} | "
-                         f"{sum(last.values()) / len(last):.3f} |")
+                         f"{sum(last.values()) / len(last):.3f} | {explained} |")
     if not lines:
         return ""
     header = ("| environment | variant | updates | clip fraction (mean) | approximate KL per minibatch (mean) | "
-              "policy entropy at the end |\n|---|---|---|---|---|---|\n")
+              "policy entropy at the end | value's explained variance (mean) |\n|---|---|---|---|---|---|---|\n")
     return "\n#### How far each PPO update moved the policy\n\n" + header + "\n".join(lines) + "\n"
 
 

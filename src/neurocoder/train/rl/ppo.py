@@ -10,6 +10,9 @@ layer, a policy head and a value head. Variants (``AGENT_VARIANTS``) are that ne
 * ``nc-heads``: the output layer, which gives the policy logits and the value, is a Neurocoder
   layer (the paper's figure);
 * ``nc-fc``: every fully connected layer (torso layer and output layer).
+* ``nc-policy``: the policy logits come from a Neurocoder layer, the value from a plain linear
+  row beside it (a probe, not the paper's figure: in ``nc-heads`` the value's gradients move the
+  program that also gives the policy, see the README).
 
 The policy and value heads are one output layer of A + 1 units (A logits, then the value): for
 the plain agent this is exactly two linear heads side by side (their rows are initialised with
@@ -48,6 +51,7 @@ AGENT_VARIANTS = {
     "plain": "the plain actor-critic",
     "nc-heads": "Neurocoder policy and value heads, one composed output layer (the paper's figure)",
     "nc-fc": "Neurocoder in every fully connected layer (torso layer and the output layer)",
+    "nc-policy": "Neurocoder policy head, plain value head beside it (the value no longer shares the program)",
 }
 
 
@@ -147,6 +151,24 @@ class ActorCritic(nn.Module):
         return out[:, :self.num_actions], out[:, self.num_actions]
 
 
+class _PolicyAndValueHeads(nn.Module):
+    """The output layer as two modules, ``policy`` (A logits) and ``value`` (1), whose outputs are
+    concatenated like the one linear layer they are cut from (its rows, so the initial function is
+    the same): (N, hidden) -> (N, A + 1)."""
+
+    def __init__(self, heads: nn.Linear, num_actions: int) -> None:
+        super().__init__()
+        self.policy = nn.Linear(heads.in_features, num_actions)
+        self.value = nn.Linear(heads.in_features, 1)
+        with torch.no_grad():
+            for part, rows in ((self.policy, slice(0, num_actions)), (self.value, slice(num_actions, None))):
+                part.weight.copy_(heads.weight[rows])
+                part.bias.copy_(heads.bias[rows])
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return torch.cat([self.policy(features), self.value(features)], dim=-1)
+
+
 def build_agent(variant: str, observation_shape, num_actions: int, hidden: int = 128,
                 layer_options: dict | None = None, init: str = "random") -> ActorCritic:
     agent = ActorCritic(observation_shape, num_actions, hidden)
@@ -155,6 +177,9 @@ def build_agent(variant: str, observation_shape, num_actions: int, hidden: int =
         neurocoder.convert(agent, ["heads"], init=init, **options)
     elif variant == "nc-fc":
         neurocoder.convert(agent, ["fc.0", "heads"], init=init, **options)
+    elif variant == "nc-policy":
+        agent.heads = _PolicyAndValueHeads(agent.heads, num_actions)
+        neurocoder.convert(agent, ["heads.policy"], init=init, **options)
     elif variant != "plain":
         raise ValueError(f"unknown variant {variant!r}; choose one of {sorted(AGENT_VARIANTS)}")
     return agent
@@ -302,8 +327,18 @@ class _Seed:
         record = {"seed": self.seed_index, "update": self.update, "frames": self.steps * self.envs.frames_per_step,
                   "steps_per_second": self.batch / seconds, "clip_fraction": sum(clip_fractions) / len(clip_fractions),
                   "approx_kl": sum(kls) / len(kls), "max_approx_kl": max(kls), "epochs": epochs,
-                  **stats}
+                  "explained_variance": explained_variance(flat["returns"], flat["values"]), **stats}
         return record, episodes
+
+
+def explained_variance(returns: torch.Tensor, values: torch.Tensor) -> float | None:
+    """CleanRL's diagnostic of the value head: 1 - Var(returns - values) / Var(returns) over one
+    rollout, both (N,). 1: the values predict the returns; 0: no better than a constant; < 0: worse.
+    None when the returns do not vary (nothing to explain)."""
+    return_variance = returns.var()
+    if not return_variance > 0:
+        return None
+    return (1 - (returns - values).var() / return_variance).item()
 
 
 def run_ppo(cfg: PPOConfig, out: str | os.PathLike, resume: bool = False, preset: str | None = None,
