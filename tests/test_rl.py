@@ -177,6 +177,12 @@ def test_ppo_run_folder_and_resume_after_kill(tmp_path, monkeypatch):
     assert logged and all(v <= 1.0 for v in logged)
     straight_row = [row for row in rows if " nc-heads " in row][0]
     assert straight_row.split(" | ")[-1].rstrip(" |") == f"{sum(logged) / len(logged):.3f}"
+    # A Neurocoder agent seeded from the plain head's SVD is its own row, with its own count.
+    run_ppo(_tiny(variant="nc-heads", layer_init="svd"), tmp_path / "svd", quiet=True)
+    table = rl_tables(load_runs([tmp_path / "straight", tmp_path / "plain", tmp_path / "svd"]))
+    labels = [line.split(" | ")[1] for line in table.splitlines() if line.startswith("| minatar:breakout")]
+    assert labels[:3] == ["plain", "nc-heads", "nc-heads svd-init"]
+    assert "seeded from the plain head (layer_init=svd) >= plain on" in table and " of 1 MinAtar" in table
     write_report(load_runs([tmp_path / "straight", tmp_path / "plain"]), tmp_path / "report")
     assert (tmp_path / "report" / "rl_returns.png").is_file()
 

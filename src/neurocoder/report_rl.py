@@ -11,17 +11,26 @@ from .report_common import group_runs, member_order
 
 __all__ = ["rl_tables", "rl_figures", "read_episodes", "PUBLISHED_MINATAR"]
 
-VARIANT_ORDER = ["plain", "nc-heads", "nc-policy", "nc-fc"]
-VARIANT_NAMES = {"nc-heads": "Neurocoder heads", "nc-policy": "Neurocoder policy head (plain value)",
+VARIANT_ORDER = ["plain", "nc-heads", "nc-heads svd-init", "nc-policy", "nc-fc"]
+VARIANT_NAMES = {"nc-heads": "Neurocoder heads",
+                 "nc-heads svd-init": "Neurocoder heads seeded from the plain head (layer_init=svd)",
+                 "nc-policy": "Neurocoder policy head (plain value)",
                  "nc-fc": "Neurocoder in every fully connected layer"}
 # R4 of ../shared/REFERENCE_RESULTS.md: returns at 5M frames read off Young & Tian's curves.
 PUBLISHED_MINATAR = {"asterix": ("~17", "~19"), "breakout": ("~10", "~17.5"), "freeway": ("~50", "~47"),
                      "seaquest": ("~20", "~15.5"), "space_invaders": ("~43", "~185")}
 
 
+def _variant_label(config: dict) -> str:
+    """The variant, marked when its Neurocoder layers were seeded from the plain layers' SVD
+    (``layer_init=svd``), which makes it a different agent at the start."""
+    svd = config.get("layer_init") == "svd" and config["variant"] != "plain"
+    return config["variant"] + (" svd-init" if svd else "")
+
+
 def _rl_runs(runs: list[dict]) -> dict[str, dict[str, dict]]:
     """{env: {variant label: run}} (see :func:`neurocoder.report_common.group_runs`)."""
-    return group_runs(runs, "rl", "env", "variant")
+    return group_runs(runs, "rl", "env", _variant_label)
 
 
 _variant_order = member_order(VARIANT_ORDER)
