@@ -45,7 +45,8 @@ from neurocoder.progress import Progress
 from neurocoder.runs import RunFolder, atomic_torch_save, atomic_write_text
 from neurocoder.train.rl.envs import make_vector_env
 
-__all__ = ["PPOConfig", "ActorCritic", "run_ppo", "AGENT_VARIANTS", "build_agent", "generalized_advantages"]
+__all__ = ["PPOConfig", "ActorCritic", "run_ppo", "AGENT_VARIANTS", "build_agent", "generalized_advantages",
+           "explained_variance"]
 
 AGENT_VARIANTS = {
     "plain": "the plain actor-critic",
