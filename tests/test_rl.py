@@ -177,6 +177,12 @@ def test_ppo_run_folder_and_resume_after_kill(tmp_path, monkeypatch):
     assert logged and all(v <= 1.0 for v in logged)
     straight_row = [row for row in rows if " nc-heads " in row][0]
     assert straight_row.split(" | ")[-1].rstrip(" |") == f"{sum(logged) / len(logged):.3f}"
+    # How soon each agent scores: a row per run; the entropy at the first update is metrics' first.
+    early = table.split("How soon each agent starts scoring")[1].split("####")[0]
+    early_rows = [line.split(" | ") for line in early.splitlines() if line.startswith("| minatar:breakout")]
+    assert [row[1] for row in early_rows] == ["plain", "nc-heads"]
+    assert float(early_rows[1][-1].rstrip(" |")) == pytest.approx(metrics[0]["entropy"], abs=5e-4)
+    assert all(row[2] == "256" for row in early_rows)                 # a quarter of the 1,024 frames
     # A Neurocoder agent seeded from the plain head's SVD is its own row, with its own count.
     run_ppo(_tiny(variant="nc-heads", layer_init="svd"), tmp_path / "svd", quiet=True)
     table = rl_tables(load_runs([tmp_path / "straight", tmp_path / "plain", tmp_path / "svd"]))

@@ -79,7 +79,39 @@ def rl_tables(runs: list[dict]) -> str:
         if games[variant]:
             text += (f"\n{name} >= plain on {wins[variant]} of {games[variant]} MinAtar games here (final return, "
                      f"mean over seeds).\n")
-    return text + _diagnostics_table(groups)
+    return text + _early_table(groups) + _diagnostics_table(groups)
+
+
+def _early_table(groups: dict[str, dict[str, dict]]) -> str:
+    """How soon each agent starts scoring: the mean return of the episodes that ended within the
+    first quarter of the run's frames, per seed (and their mean), and the policy's entropy at the
+    first update (mean over seeds); '-' where a folder keeps no such episodes or no metrics."""
+    lines = []
+    for env in sorted(groups):
+        for variant in sorted(groups[env], key=_variant_order):
+            run = groups[env][variant]
+            folder = Path(run["path"])
+            quarter = run["frames"] / 4
+            by_seed: dict[int, list[float]] = {}
+            for episode in read_episodes(folder):
+                if episode["frame"] <= quarter:
+                    by_seed.setdefault(episode.get("seed", 0), []).append(episode["return"])
+            means = [sum(r) / len(r) for _, r in sorted(by_seed.items())]
+            first = {}
+            for m in _read_jsonl_maybe_gz(folder, "metrics.jsonl"):
+                first.setdefault(m.get("seed", 0), m.get("entropy"))
+            entropies = [e for e in first.values() if e is not None]
+            if not means and not entropies:
+                continue
+            mean_return = f"{sum(means) / len(means):.2f}" if means else "-"
+            entropy = f"{sum(entropies) / len(entropies):.3f}" if entropies else "-"
+            lines.append(f"| {env} | {variant} | {quarter:,.0f} | {mean_return} | "
+                         f"{', '.join(f'{m:.2f}' for m in means) or '-'} | {entropy} |")
+    if not lines:
+        return ""
+    header = ("| environment | variant | first quarter (frames) | return in it (mean over seeds) | by seed | "
+              "policy entropy at the first update |\n|---|---|---|---|---|---|\n")
+    return "\n#### How soon each agent starts scoring\n\n" + header + "\n".join(lines) + "\n"
 
 
 def _diagnostics_table(groups: dict[str, dict[str, dict]]) -> str:
