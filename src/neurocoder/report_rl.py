@@ -103,15 +103,11 @@ def _early_table(groups: dict[str, dict[str, dict]]) -> str:
             entropies = [e for e in first.values() if e is not None]
             if not means and not entropies:
                 continue
-            mean_return = f"{sum(means) / len(means):.2f}" if means else "-"
-            entropy = f"{sum(entropies) / len(entropies):.3f}" if entropies else "-"
-            lines.append(f"| {env} | {variant} | {quarter:,.0f} | {mean_return} | "
-                         f"{', '.join(f'{m:.2f}' for m in means) or '-'} | {entropy} |")
-    if not lines:
-        return ""
-    header = ("| environment | variant | first quarter (frames) | return in it (mean over seeds) | by seed | "
-              "policy entropy at the first update |\n|---|---|---|---|---|---|\n")
-    return "\n#### How soon each agent starts scoring\n\n" + header + "\n".join(lines) + "\n"
+            lines.append(f"| {env} | {variant} | {quarter:,.0f} | {_mean_or_dash(means, 2)} | "
+                         f"{', '.join(f'{m:.2f}' for m in means) or '-'} | {_mean_or_dash(entropies, 3)} |")
+    return _section("How soon each agent starts scoring",
+                    ["environment", "variant", "first quarter (frames)", "return in it (mean over seeds)", "by seed",
+                     "policy entropy at the first update"], lines)
 
 
 def _diagnostics_table(groups: dict[str, dict[str, dict]]) -> str:
@@ -132,14 +128,23 @@ def _diagnostics_table(groups: dict[str, dict[str, dict]]) -> str:
                 last[m.get("seed", 0)] = m["entropy"]
             kl = f"{mean('approx_kl'):.4f}" if all("approx_kl" in m for m in updates) else "-"
             explained = [m["explained_variance"] for m in updates if m.get("explained_variance") is not None]
-            explained = f"{sum(explained) / len(explained):.3f}" if explained else "-"
             lines.append(f"| {env} | {variant} | {len(updates)} | {mean('clip_fraction'):.3f} | {kl} | "
-                         f"{sum(last.values()) / len(last):.3f} | {explained} |")
+                         f"{sum(last.values()) / len(last):.3f} | {_mean_or_dash(explained, 3)} |")
+    return _section("How far each PPO update moved the policy",
+                    ["environment", "variant", "updates", "clip fraction (mean)", "approximate KL per minibatch (mean)",
+                     "policy entropy at the end", "value's explained variance (mean)"], lines)
+
+
+def _mean_or_dash(values: list[float], digits: int) -> str:
+    return f"{sum(values) / len(values):.{digits}f}" if values else "-"
+
+
+def _section(title: str, columns: list[str], lines: list[str]) -> str:
+    """A markdown subsection holding one table; empty without rows."""
     if not lines:
         return ""
-    header = ("| environment | variant | updates | clip fraction (mean) | approximate KL per minibatch (mean) | "
-              "policy entropy at the end | value's explained variance (mean) |\n|---|---|---|---|---|---|---|\n")
-    return "\n#### How far each PPO update moved the policy\n\n" + header + "\n".join(lines) + "\n"
+    header = "| " + " | ".join(columns) + " |\n|" + "---|" * len(columns) + "\n"
+    return f"\n#### {title}\n\n" + header + "\n".join(lines) + "\n"
 
 
 def _read_jsonl_maybe_gz(folder: Path, name: str) -> list[dict]:
