@@ -113,14 +113,13 @@ def program_figures(runs: list[dict], out: Path) -> list[Path]:
         plt.close(fig)
         made.append(path)
     if "modular" in groups:
-        members = {m: r for m, r in groups["modular"].items()
-                   if _seeds(r) and "usage_by_program" in _seeds(r)[0]}
+        usage = {m: _seeds(r) for m, r in groups["modular"].items()}
+        members = {m: r for m, r in groups["modular"].items() if usage[m] and "usage_by_program" in usage[m][0]}
         if members:
             order = sorted(members, key=_model_order)
             fig, axes = plt.subplots(1, len(order), figsize=(3.6 * len(order), 2.6), squeeze=False)
             for ax, model in zip(axes[0], order):
-                usage = np.array(_seeds(members[model])[0]["usage_by_program"])
-                image = ax.imshow(usage, aspect="auto", cmap="magma")
+                image = ax.imshow(np.array(usage[model][0]["usage_by_program"]), aspect="auto", cmap="magma")
                 ax.set_title(_model_label(model), fontsize=8)
                 ax.set_xlabel("slot / stored matrix / expert")
                 ax.set_ylabel("hidden program")

@@ -79,10 +79,13 @@ def rl_tables(runs: list[dict]) -> str:
         if games[variant]:
             text += (f"\n{name} >= plain on {wins[variant]} of {games[variant]} MinAtar games here (final return, "
                      f"mean over seeds).\n")
-    return text + _early_table(groups) + _diagnostics_table(groups)
+    # Each folder's per-update metrics, read once for both tables below.
+    metrics = {run["path"]: _read_jsonl_maybe_gz(Path(run["path"]), "metrics.jsonl")
+               for members in groups.values() for run in members.values()}
+    return text + _early_table(groups, metrics) + _diagnostics_table(groups, metrics)
 
 
-def _early_table(groups: dict[str, dict[str, dict]]) -> str:
+def _early_table(groups: dict[str, dict[str, dict]], metrics: dict[str, list[dict]]) -> str:
     """How soon each agent starts scoring: the mean return of the episodes that ended within the
     first quarter of the run's frames, per seed (and their mean), and the policy's entropy at the
     first update (mean over seeds); '-' where a folder keeps no such episodes or no metrics."""
@@ -98,7 +101,7 @@ def _early_table(groups: dict[str, dict[str, dict]]) -> str:
                     by_seed.setdefault(episode.get("seed", 0), []).append(episode["return"])
             means = [sum(r) / len(r) for _, r in sorted(by_seed.items())]
             first = {}
-            for m in _read_jsonl_maybe_gz(folder, "metrics.jsonl"):
+            for m in metrics[run["path"]]:
                 first.setdefault(m.get("seed", 0), m.get("entropy"))
             entropies = [e for e in first.values() if e is not None]
             if not means and not entropies:
@@ -110,7 +113,7 @@ def _early_table(groups: dict[str, dict[str, dict]]) -> str:
                      "policy entropy at the first update"], lines)
 
 
-def _diagnostics_table(groups: dict[str, dict[str, dict]]) -> str:
+def _diagnostics_table(groups: dict[str, dict[str, dict]], metrics: dict[str, list[dict]]) -> str:
     """How far each update moved the policy, from the per-update metrics of the run folders that
     keep them: clip fraction and approximate KL averaged over every update of every seed, and the
     policy's entropy at the last update (mean over seeds), and how much of the return variance the
@@ -118,8 +121,7 @@ def _diagnostics_table(groups: dict[str, dict[str, dict]]) -> str:
     lines = []
     for env in sorted(groups):
         for variant in sorted(groups[env], key=_variant_order):
-            updates = [m for m in _read_jsonl_maybe_gz(Path(groups[env][variant]["path"]), "metrics.jsonl")
-                       if "clip_fraction" in m]
+            updates = [m for m in metrics[groups[env][variant]["path"]] if "clip_fraction" in m]
             if not updates:
                 continue
             mean = lambda key: sum(m[key] for m in updates) / len(updates)
