@@ -37,9 +37,10 @@ def _sync(device: torch.device) -> None:
 
 
 def train_step(fn, x):
-    """One forward + backward."""
+    """One forward + backward (a captured CUDA graph's replay does both at once)."""
     y = fn(x)
-    y.float().square().mean().backward()
+    if y is not None:
+        y.float().square().mean().backward()
 
 
 def time_side_by_side(contenders: dict, x: torch.Tensor, repeats: int, device: torch.device) -> dict:
@@ -70,6 +71,24 @@ def time_in_blocks(contenders: dict, x: torch.Tensor, repeats: int, device: torc
         for name, t in block.items():
             times[name] += t
     return {name: statistics.median(t) for name, t in times.items()}, per_block
+
+
+def captured_step(module: nn.Module, x: torch.Tensor):
+    """A CUDA graph of one forward+backward of ``module`` on the static input ``x``; returns a
+    function that replays it. Replaying removes the per-kernel launch cost that dominates small
+    layers on a GPU, so the time left is the arithmetic and memory traffic."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):                     # warm-up outside the capture, as the docs ask
+        for _ in range(3):
+            module.zero_grad(set_to_none=True)
+            train_step(module, x)
+    torch.cuda.current_stream().wait_stream(stream)
+    module.zero_grad(set_to_none=True)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        train_step(module, x)
+    return lambda _x: graph.replay()
 
 
 def block_ratios(per_block: list[dict], name: str, baseline: str) -> list[float]:
@@ -214,6 +233,26 @@ def main() -> None:
     for row in sweep:
         print(f"  batch {row['batch']:>5}: nn.Linear {row['seconds']['nn.Linear'] * 1e3:8.3f} ms, NeurocoderLinear "
               f"{row['seconds']['NeurocoderLinear'] * 1e3:8.3f} ms   {row['ratio']:5.2f}x")
+
+    # 1b. On a GPU a layer this small is bound by kernel launches (the time hardly moves with the
+    # batch). Captured as CUDA graphs, both layers lose that cost and the ratio shows the work.
+    if device.type == "cuda":
+        graph_rows = []
+        for batch in (128, 2048, 16384):
+            xb = torch.randn(batch, d_in, device=device)
+            try:
+                graphs = {"nn.Linear": captured_step(copy.deepcopy(dense), xb),
+                          "NeurocoderLinear": captured_step(copy.deepcopy(layer), xb)}
+            except Exception as error:   # report it and go on: the other cases still stand
+                print(f"\n== CUDA graphs: capture failed at batch {batch}: {type(error).__name__}: {error}")
+                break
+            times = time_side_by_side(graphs, xb, args.repeats, device)
+            graph_rows.append({"batch": batch, "seconds": times, "ratio": times["NeurocoderLinear"] / times["nn.Linear"]})
+        results["cuda_graphs_released_shape"] = graph_rows
+        print("\n== released shape, forward+backward captured as CUDA graphs, against batch size")
+        for row in graph_rows:
+            print(f"  batch {row['batch']:>5}: nn.Linear {row['seconds']['nn.Linear'] * 1e3:8.3f} ms, NeurocoderLinear "
+                  f"{row['seconds']['NeurocoderLinear'] * 1e3:8.3f} ms   {row['ratio']:5.2f}x")
 
     # 2. Recurrent composer, T = 4.
     recurrent = NeurocoderLinear(d_in, d_out, bias=False, **{**released, "composer": "recurrent", "steps": 4}).to(device)

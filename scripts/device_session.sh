@@ -45,8 +45,8 @@ if [[ $parts == *" resnet "* ]]; then
 fi
 # 1. The CUDA checks, in the foreground.
 if [[ $parts == *" checks "* ]]; then
-  timeout 240 python3 -m pytest -q -p no:cacheprovider tests/test_cuda.py tests/test_layers.py \
-    tests/test_classification.py -k "${CHECKS_K:-cuda}" > "$out/cuda-tests.log" 2>&1
+  timeout 240 python3 -m pytest -q -p no:cacheprovider tests/test_cuda.py tests/test_layers.py tests/test_fused.py \
+    tests/test_classification.py -k "${CHECKS_K:-cuda or split_long}" > "$out/cuda-tests.log" 2>&1
   echo "cuda tests: exit $? after $SECONDS s" | tee -a "$out/machine.txt"
 fi
 if [[ $parts == *" bench "* ]]; then

@@ -1,5 +1,7 @@
 """CUDA checks: skipped on machines without a GPU (CI here has none); run by scripts/device_check.sh."""
 
+import copy
+
 import pytest
 import torch
 
@@ -7,6 +9,7 @@ import neurocoder
 from neurocoder import NeurocoderConv2d, NeurocoderLinear
 
 from conftest import OPTION_GRID, option_id
+from test_fused import FUSABLE, _assert_paths_agree, _gradients, _perturb
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
@@ -38,3 +41,36 @@ def test_cuda_bf16_autocast_compile_and_save(tmp_path):
     assert neurocoder.ProgramMemory.from_file(path, device="cuda").u.is_cuda
     with pytest.raises(ValueError, match="is on cpu but the layer's parameters are on cuda"):
         layer(torch.randn(2, 64))
+
+
+@pytest.mark.parametrize("options", FUSABLE, ids=option_id)
+def test_fused_path_on_cuda_matches_composable_path_and_cpu(options):
+    """The fused Function's hand-written backward on the GPU: the same values and gradients as
+    the composable path on the GPU, and as the fused path on the CPU (float64)."""
+    layer = NeurocoderLinear(12, 7, num_programs=9, rank=4, key_dim=5, dtype=torch.float64, **options)
+    _perturb(layer)
+    x = torch.randn(3, 5, 12, dtype=torch.float64)
+    cpu_layer = copy.deepcopy(layer)
+    y_cpu, g_cpu = _gradients(cpu_layer, x)
+    gpu_layer = layer.cuda()
+    y_gpu = _assert_paths_agree(gpu_layer, x.cuda())
+    _, g_gpu = _gradients(copy.deepcopy(gpu_layer), x.cuda())
+    torch.testing.assert_close(y_gpu.cpu(), y_cpu, rtol=1e-9, atol=1e-10)
+    for name, grad in g_cpu.items():
+        if grad is not None:
+            torch.testing.assert_close(g_gpu[name].cpu(), grad, rtol=1e-7, atol=1e-9, msg=name)
+
+
+def test_fused_path_compiles_on_cuda():
+    layer = NeurocoderLinear(64, 32).cuda()
+    x = torch.randn(16, 64, device="cuda")
+    assert layer._can_fuse(x, return_trace=False)
+    compiled = torch.compile(layer, fullgraph=True)
+    torch.testing.assert_close(compiled(x), layer(x), rtol=1e-4, atol=1e-4)
+
+
+def test_fused_keys_gradient_split_on_cuda_matches_composable_path():
+    """A batch long enough (R x B >= 8192) that the keys' gradient takes the split product."""
+    layer = NeurocoderLinear(12, 7, num_programs=9, rank=4, key_dim=5, dtype=torch.float64).cuda()
+    _perturb(layer)
+    _assert_paths_agree(layer, torch.randn(2100, 12, dtype=torch.float64, device="cuda"))

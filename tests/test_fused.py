@@ -30,7 +30,7 @@ def _gradients(layer, x, context=None):
         context = context.detach().requires_grad_(True)
         inputs.append(context)
     y = layer(x, context=context)
-    (y * torch.linspace(-1, 1, y.shape[-1], dtype=y.dtype)).square().sum().backward()
+    (y * torch.linspace(-1, 1, y.shape[-1], dtype=y.dtype, device=y.device)).square().sum().backward()
     grads = {name: p.grad for name, p in layer.named_parameters() if p.requires_grad}
     grads.update({f"input{i}": t.grad for i, t in enumerate(inputs)})
     return y.detach(), grads
@@ -210,3 +210,13 @@ def test_reuse_programs_computes_parameter_constants_once_and_changes_nothing(ke
         with neurocoder.reuse_programs(model):
             changed = model(x)
     assert not torch.allclose(changed, expected)
+
+
+@pytest.mark.parametrize("length", [10, 64, 100, 257])
+def test_split_long_inner_product_equals_bmm(length):
+    """The hand-made split-K of the keys' gradient (taken on CUDA) equals the plain product,
+    also when the chunk does not divide the length."""
+    from neurocoder.fused import _bmm_long_inner
+    a = torch.randn(3, 7, length, dtype=torch.float64)
+    b = torch.randn(3, 5, length, dtype=torch.float64).transpose(1, 2)
+    torch.testing.assert_close(_bmm_long_inner(a, b, chunk=16, always_split=True), torch.bmm(a, b))

@@ -129,7 +129,7 @@ class _FusedReadApply(torch.autograd.Function):
         grad_slot_bias = grad_logits.sum(2) if ctx.has_slot_bias else None
         sharpness_or_fixed = sharpness if sharpness is not None else ctx.fixed_sharpness
         scaled_queries = _scale(unit_queries, sharpness_or_fixed, J, N)
-        grad_unit_keys = torch.bmm(grad_logits, scaled_queries.transpose(1, 2))   # (J, P, k)
+        grad_unit_keys = _bmm_long_inner(grad_logits, scaled_queries.transpose(1, 2))   # (J, P, k)
         grad_scaled_queries = torch.bmm(unit_keys.transpose(1, 2), grad_logits)   # (J, k, N)
         grad_sharpness = None
         if sharpness is not None:
@@ -162,6 +162,27 @@ class _FusedReadApply(torch.autograd.Function):
 
 
 _REVERSE_CUMSUMS: dict = {}
+
+
+def _bmm_long_inner(a: torch.Tensor, b: torch.Tensor, chunk: int = 4096, always_split: bool = False) -> torch.Tensor:
+    """``torch.bmm(a, b)`` for (J, P, N) @ (J, N, k) with a long inner N (R x batch) and a tiny output.
+
+    cuBLAS runs such a product with a few small tiles, each walking all of N (measured on an H200 at
+    batch 16,384: 5.2 ms, three quarters of the layer's training step). Cut N into chunks, multiply
+    them as one batch and sum the partial products (a split-K by hand). CPU BLAS handles the plain
+    product well, so the CPU keeps it. ``always_split`` is for tests.
+    """
+    J, P, N = a.shape
+    if not (always_split or a.is_cuda) or N < 2 * chunk:
+        return torch.bmm(a, b)
+    pieces = N // chunk
+    head = pieces * chunk
+    a_chunks = a[:, :, :head].reshape(J, P, pieces, chunk).transpose(1, 2)     # (J, S, P, chunk)
+    b_chunks = b[:, :head].reshape(J, pieces, chunk, b.shape[2])              # (J, S, chunk, k)
+    out = torch.matmul(a_chunks, b_chunks).sum(1)                             # (J, P, k)
+    if head < N:
+        out = out + torch.bmm(a[:, :, head:], b[:, head:])
+    return out
 
 
 def _reverse_cumsum(R: int, like: torch.Tensor) -> torch.Tensor:
