@@ -91,6 +91,13 @@ def captured_step(module: nn.Module, x: torch.Tensor):
     return lambda _x: graph.replay()
 
 
+def print_batch_rows(title: str, rows: list[dict]) -> None:
+    print(f"\n== {title}")
+    for row in rows:
+        print(f"  batch {row['batch']:>5}: nn.Linear {row['seconds']['nn.Linear'] * 1e3:8.3f} ms, NeurocoderLinear "
+              f"{row['seconds']['NeurocoderLinear'] * 1e3:8.3f} ms   {row['ratio']:5.2f}x")
+
+
 def block_ratios(per_block: list[dict], name: str, baseline: str) -> list[float]:
     return [block[name] / block[baseline] for block in per_block]
 
@@ -229,10 +236,7 @@ def main() -> None:
         times = time_side_by_side({"nn.Linear": dense, "NeurocoderLinear": layer}, xb, args.repeats, device)
         sweep.append({"batch": batch, "seconds": times, "ratio": times["NeurocoderLinear"] / times["nn.Linear"]})
     results["batch_sweep_released_shape"] = sweep
-    print("\n== released shape, forward+backward against batch size")
-    for row in sweep:
-        print(f"  batch {row['batch']:>5}: nn.Linear {row['seconds']['nn.Linear'] * 1e3:8.3f} ms, NeurocoderLinear "
-              f"{row['seconds']['NeurocoderLinear'] * 1e3:8.3f} ms   {row['ratio']:5.2f}x")
+    print_batch_rows("released shape, forward+backward against batch size", sweep)
 
     # 1b. On a GPU a layer this small is bound by kernel launches (the time hardly moves with the
     # batch). Captured as CUDA graphs, both layers lose that cost and the ratio shows the work.
@@ -249,10 +253,7 @@ def main() -> None:
             times = time_side_by_side(graphs, xb, args.repeats, device)
             graph_rows.append({"batch": batch, "seconds": times, "ratio": times["NeurocoderLinear"] / times["nn.Linear"]})
         results["cuda_graphs_released_shape"] = graph_rows
-        print("\n== released shape, forward+backward captured as CUDA graphs, against batch size")
-        for row in graph_rows:
-            print(f"  batch {row['batch']:>5}: nn.Linear {row['seconds']['nn.Linear'] * 1e3:8.3f} ms, NeurocoderLinear "
-                  f"{row['seconds']['NeurocoderLinear'] * 1e3:8.3f} ms   {row['ratio']:5.2f}x")
+        print_batch_rows("released shape, forward+backward captured as CUDA graphs, against batch size", graph_rows)
 
     # 2. Recurrent composer, T = 4.
     recurrent = NeurocoderLinear(d_in, d_out, bias=False, **{**released, "composer": "recurrent", "steps": 4}).to(device)
