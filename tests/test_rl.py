@@ -97,6 +97,26 @@ def test_nc_policy_variant_keeps_the_plain_value_row():
     assert split.heads.value.weight.grad is not None and split.fc[0].weight.grad is not None
 
 
+def test_detach_context_cuts_only_the_composers_gradient_to_the_torso():
+    """The probe composes the output layer's program from the features with their gradient
+    stopped: same outputs as composing from the live features, the composer still learns, but
+    the features' gradient is only the one through the applied program."""
+    torch.manual_seed(0)
+    agent = build_agent("nc-heads", (4, 10, 10), 3, detach_context=True)
+    layer = agent.heads.layer
+    assert isinstance(layer, neurocoder.NeurocoderLinear) and layer.context_features == 128
+    features = agent.fc(agent.features(torch.rand(16, 4, 10, 10))).detach().requires_grad_(True)
+    out = agent.heads(features)
+    torch.testing.assert_close(out, layer(features, context=features))
+    (cut,) = torch.autograd.grad(out.square().sum(), features, retain_graph=True)
+    (full,) = torch.autograd.grad(layer(features, context=features).square().sum(), features)
+    assert not torch.allclose(cut, full)
+    out.square().sum().backward()
+    assert all(p.grad is not None for p in layer.composer.parameters())
+    with pytest.raises(ValueError, match="detach_context=True is a probe of the nc-heads variant"):
+        build_agent("plain", (4, 10, 10), 3, detach_context=True)
+
+
 def test_svd_layer_init_starts_the_neurocoder_agent_as_the_plain_agent():
     """layer_init='svd': the Neurocoder head is seeded from the plain head it replaces, so at the
     start both agents compute nearly the same policy and value (a random head does not)."""

@@ -86,6 +86,10 @@ class PPOConfig:
     # How the Neurocoder layers start: 'random', or 'svd' (seeded from the plain layer they replace,
     # so the agent starts as the plain agent's function: see neurocoder.convert).
     layer_init: str = "random"
+    # Probe: the Neurocoder output layer composes its program from the torso's features with their
+    # gradient stopped (forward(h, context=h.detach())), so the torso learns only through the
+    # applied program, as under a plain head, not through which program is composed.
+    detach_context: bool = False
     seeds: int = 3
     seed: int = 0
     checkpoint_every: int = 20         # updates
@@ -170,11 +174,30 @@ class _PolicyAndValueHeads(nn.Module):
         return torch.cat([self.policy(features), self.value(features)], dim=-1)
 
 
+class _DetachedContext(nn.Module):
+    """A Neurocoder layer (built with ``context_features`` = its input size) that composes from
+    its input with the gradient stopped: (N, hidden) -> (N, out). The forward value is the
+    layer's own; only the features' gradient through the composer is cut."""
+
+    def __init__(self, layer: nn.Module) -> None:
+        super().__init__()
+        self.layer = layer
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return self.layer(features, context=features.detach())
+
+
 def build_agent(variant: str, observation_shape, num_actions: int, hidden: int = 128,
-                layer_options: dict | None = None, init: str = "random") -> ActorCritic:
+                layer_options: dict | None = None, init: str = "random",
+                detach_context: bool = False) -> ActorCritic:
     agent = ActorCritic(observation_shape, num_actions, hidden)
     options = {**presets.layer_options("default"), **(layer_options or {})}
-    if variant == "nc-heads":
+    if detach_context and variant != "nc-heads":
+        raise ValueError(f"detach_context=True is a probe of the nc-heads variant, not of {variant!r}")
+    if variant == "nc-heads" and detach_context:
+        neurocoder.convert(agent, ["heads"], init=init, **{**options, "context_features": hidden})
+        agent.heads = _DetachedContext(agent.heads)
+    elif variant == "nc-heads":
         neurocoder.convert(agent, ["heads"], init=init, **options)
     elif variant == "nc-fc":
         neurocoder.convert(agent, ["fc.0", "heads"], init=init, **options)
@@ -227,7 +250,7 @@ class _Seed:
         torch.manual_seed(self.seed)
         self.envs = make_vector_env(cfg.env, cfg.num_envs, self.seed)
         self.agent = build_agent(cfg.variant, self.envs.observation_shape, self.envs.num_actions, cfg.hidden,
-                                 cfg.layer_options, cfg.layer_init)
+                                 cfg.layer_options, cfg.layer_init, cfg.detach_context)
         self.optimizer = torch.optim.Adam(_parameter_groups(self.agent, cfg.lr, cfg.neurocoder_lr_scale), lr=cfg.lr,
                                           eps=1e-5)
         self.batch = cfg.num_envs * cfg.num_steps
