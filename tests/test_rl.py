@@ -113,8 +113,27 @@ def test_detach_context_cuts_only_the_composers_gradient_to_the_torso():
     assert not torch.allclose(cut, full)
     out.square().sum().backward()
     assert all(p.grad is not None for p in layer.composer.parameters())
-    with pytest.raises(ValueError, match="detach_context=True is a probe of the nc-heads variant"):
+    with pytest.raises(ValueError, match="is a probe of the nc-heads variant"):
         build_agent("plain", (4, 10, 10), 3, detach_context=True)
+
+
+def test_constant_context_composes_one_program_for_every_input():
+    """The probe's composer reads a constant: the composed weight is the same for all inputs, so
+    the head is linear in the features (f(a + b) = f(a) + f(b) - f(0) with f(0) its bias)."""
+    torch.manual_seed(0)
+    agent = build_agent("nc-heads", (4, 10, 10), 3, constant_context=True)
+    layer = agent.heads.layer
+    assert layer.context_features == 1
+    a, b = torch.randn(5, 128), torch.randn(5, 128)
+    head = agent.heads
+    torch.testing.assert_close(head(a + b), head(a) + head(b) - head(torch.zeros(5, 128)), rtol=1e-4, atol=1e-5)
+    live = build_agent("nc-heads", (4, 10, 10), 3)
+    assert not torch.allclose(live.heads(a + b), live.heads(a) + live.heads(b) - live.heads(torch.zeros(5, 128)),
+                              rtol=1e-4, atol=1e-5)
+    head(a).square().sum().backward()
+    assert all(p.grad is not None for p in layer.composer.parameters())
+    with pytest.raises(ValueError, match="choose one probe"):
+        PPOConfig(detach_context=True, constant_context=True).check()
 
 
 def test_svd_layer_init_starts_the_neurocoder_agent_as_the_plain_agent():

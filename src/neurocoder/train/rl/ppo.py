@@ -90,6 +90,9 @@ class PPOConfig:
     # gradient stopped (forward(h, context=h.detach())), so the torso learns only through the
     # applied program, as under a plain head, not through which program is composed.
     detach_context: bool = False
+    # Probe: the output layer's composer reads a constant (one input fixed at 1), so its program is
+    # learned but the same for every input: Neurocoder's parametrisation without input dependence.
+    constant_context: bool = False
     seeds: int = 3
     seed: int = 0
     checkpoint_every: int = 20         # updates
@@ -107,6 +110,8 @@ class PPOConfig:
             problems.append(f"neurocoder_lr_scale={self.neurocoder_lr_scale} (must be > 0)")
         if self.layer_init not in ("random", "svd"):
             problems.append(f"layer_init={self.layer_init!r} (choose 'random' or 'svd')")
+        if self.detach_context and self.constant_context:
+            problems.append("detach_context and constant_context are both true (choose one probe)")
         if self.target_kl is not None and not self.target_kl > 0:
             problems.append(f"target_kl={self.target_kl} (must be > 0, or None to run every epoch)")
         if (self.num_envs * self.num_steps) % self.num_minibatches:
@@ -187,16 +192,31 @@ class _DetachedContext(nn.Module):
         return self.layer(features, context=features.detach())
 
 
+class _ConstantContext(nn.Module):
+    """A Neurocoder layer (built with ``context_features=1``) whose composer always reads 1: one
+    learned program for every input. (N, hidden) -> (N, out)."""
+
+    def __init__(self, layer: nn.Module) -> None:
+        super().__init__()
+        self.layer = layer
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return self.layer(features, context=features.new_ones(*features.shape[:-1], 1))
+
+
 def build_agent(variant: str, observation_shape, num_actions: int, hidden: int = 128,
                 layer_options: dict | None = None, init: str = "random",
-                detach_context: bool = False) -> ActorCritic:
+                detach_context: bool = False, constant_context: bool = False) -> ActorCritic:
     agent = ActorCritic(observation_shape, num_actions, hidden)
     options = {**presets.layer_options("default"), **(layer_options or {})}
-    if detach_context and variant != "nc-heads":
-        raise ValueError(f"detach_context=True is a probe of the nc-heads variant, not of {variant!r}")
+    if (detach_context or constant_context) and variant != "nc-heads":
+        raise ValueError(f"detach_context / constant_context=True is a probe of the nc-heads variant, not of {variant!r}")
     if variant == "nc-heads" and detach_context:
         neurocoder.convert(agent, ["heads"], init=init, **{**options, "context_features": hidden})
         agent.heads = _DetachedContext(agent.heads)
+    elif variant == "nc-heads" and constant_context:
+        neurocoder.convert(agent, ["heads"], init=init, **{**options, "context_features": 1})
+        agent.heads = _ConstantContext(agent.heads)
     elif variant == "nc-heads":
         neurocoder.convert(agent, ["heads"], init=init, **options)
     elif variant == "nc-fc":
@@ -250,7 +270,8 @@ class _Seed:
         torch.manual_seed(self.seed)
         self.envs = make_vector_env(cfg.env, cfg.num_envs, self.seed)
         self.agent = build_agent(cfg.variant, self.envs.observation_shape, self.envs.num_actions, cfg.hidden,
-                                 cfg.layer_options, cfg.layer_init, cfg.detach_context)
+                                 cfg.layer_options, cfg.layer_init, cfg.detach_context,
+                                 cfg.constant_context)
         self.optimizer = torch.optim.Adam(_parameter_groups(self.agent, cfg.lr, cfg.neurocoder_lr_scale), lr=cfg.lr,
                                           eps=1e-5)
         self.batch = cfg.num_envs * cfg.num_steps
