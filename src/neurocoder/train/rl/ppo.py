@@ -179,28 +179,22 @@ class _PolicyAndValueHeads(nn.Module):
         return torch.cat([self.policy(features), self.value(features)], dim=-1)
 
 
-class _DetachedContext(nn.Module):
-    """A Neurocoder layer (built with ``context_features`` = its input size) that composes from
-    its input with the gradient stopped: (N, hidden) -> (N, out). The forward value is the
-    layer's own; only the features' gradient through the composer is cut."""
+class _ProbeContext(nn.Module):
+    """A Neurocoder output layer whose composer reads something other than the live features:
+    ``'detached'`` the features with their gradient stopped (built with ``context_features`` =
+    hidden; the torso then learns only through the applied program), ``'constant'`` a single 1
+    (built with ``context_features=1``: one learned program for every input).
+    (N, hidden) -> (N, out)."""
 
-    def __init__(self, layer: nn.Module) -> None:
+    CONTEXT_FEATURES = {"detached": None, "constant": 1}     # None: the layer's input size
+
+    def __init__(self, layer: nn.Module, mode: str) -> None:
         super().__init__()
-        self.layer = layer
+        self.layer, self.mode = layer, mode
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
-        return self.layer(features, context=features.detach())
-
-
-class _ConstantContext(nn.Module):
-    """A Neurocoder layer (built with ``context_features=1``) whose composer always reads 1: one
-    learned program for every input. (N, hidden) -> (N, out)."""
-
-    def __init__(self, layer: nn.Module) -> None:
-        super().__init__()
-        self.layer = layer
-
-    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        if self.mode == "detached":
+            return self.layer(features, context=features.detach())
         return self.layer(features, context=features.new_ones(*features.shape[:-1], 1))
 
 
@@ -211,12 +205,11 @@ def build_agent(variant: str, observation_shape, num_actions: int, hidden: int =
     options = {**presets.layer_options("default"), **(layer_options or {})}
     if (detach_context or constant_context) and variant != "nc-heads":
         raise ValueError(f"detach_context / constant_context=True is a probe of the nc-heads variant, not of {variant!r}")
-    if variant == "nc-heads" and detach_context:
-        neurocoder.convert(agent, ["heads"], init=init, **{**options, "context_features": hidden})
-        agent.heads = _DetachedContext(agent.heads)
-    elif variant == "nc-heads" and constant_context:
-        neurocoder.convert(agent, ["heads"], init=init, **{**options, "context_features": 1})
-        agent.heads = _ConstantContext(agent.heads)
+    probe = "detached" if detach_context else "constant" if constant_context else None
+    if variant == "nc-heads" and probe:
+        context_features = _ProbeContext.CONTEXT_FEATURES[probe] or hidden
+        neurocoder.convert(agent, ["heads"], init=init, **{**options, "context_features": context_features})
+        agent.heads = _ProbeContext(agent.heads, probe)
     elif variant == "nc-heads":
         neurocoder.convert(agent, ["heads"], init=init, **options)
     elif variant == "nc-fc":
