@@ -97,6 +97,27 @@ def test_nc_policy_variant_keeps_the_plain_value_row():
     assert split.heads.value.weight.grad is not None and split.fc[0].weight.grad is not None
 
 
+def test_lowrank_heads_control_is_the_ordered_factorised_form_without_a_memory():
+    """The control's output layer is bias + sum_n sigma_n (h . u_n) v_n with sigma positive and
+    descending: rank at most r, no Neurocoder layer anywhere, near-zero initial logits, and
+    every factor learns."""
+    torch.manual_seed(0)
+    agent = build_agent("lowrank-heads", (4, 10, 10), 5, layer_options={"rank": 3})
+    assert not any(isinstance(m, neurocoder.NeurocoderLayer) for m in agent.modules())
+    head = agent.heads
+    sigma = neurocoder.singular_values(head.raw_sigma)
+    assert (sigma > 0).all() and (sigma[:-1] > sigma[1:]).all()
+    features = torch.randn(7, 128)
+    expected = sum(sigma[n] * (features @ head.u[:, n]).unsqueeze(-1) * head.v[:, n] for n in range(3)) + head.bias
+    torch.testing.assert_close(head(features), expected)
+    weight = torch.stack([head(e) - head.bias for e in torch.eye(128)])          # (128, A + 1)
+    assert torch.linalg.matrix_rank(weight.detach()) == 3
+    logits, value = agent(torch.rand(16, 4, 10, 10))
+    assert logits.shape == (16, 5) and value.shape == (16,) and logits.abs().max() < 0.5
+    (logits.square().sum() + value.sum()).backward()
+    assert all(p.grad is not None and p.grad.any() for p in head.parameters())
+
+
 def test_detach_context_cuts_only_the_composers_gradient_to_the_torso():
     """The probe composes the output layer's program from the features with their gradient
     stopped: same outputs as composing from the live features, the composer still learns, but

@@ -11,7 +11,7 @@ from .report_common import group_runs, member_order
 
 __all__ = ["rl_tables", "rl_figures", "read_episodes", "PUBLISHED_MINATAR"]
 
-VARIANT_ORDER = ["plain", "nc-heads", "nc-heads svd-init", "nc-policy", "nc-fc"]
+VARIANT_ORDER = ["plain", "nc-heads", "nc-heads svd-init", "nc-policy", "nc-fc", "lowrank-heads"]
 VARIANT_NAMES = {"nc-heads": "Neurocoder heads",
                  "nc-heads svd-init": "Neurocoder heads seeded from the plain head (layer_init=svd)",
                  "nc-policy": "Neurocoder policy head (plain value)",

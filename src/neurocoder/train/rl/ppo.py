@@ -13,6 +13,9 @@ layer, a policy head and a value head. Variants (``AGENT_VARIANTS``) are that ne
 * ``nc-policy``: the policy logits come from a Neurocoder layer, the value from a plain linear
   row beside it (a probe, not the paper's figure: in ``nc-heads`` the value's gradients move the
   program that also gives the policy, see the README).
+* ``lowrank-heads``: a control, not Neurocoder: the plain output layer factorised as
+  sum_n sigma_n u_n v_n^T with ordered positive sigma (Neurocoder's form of a program) but with
+  u, v and sigma free parameters, no memory, no reads, the same for every input.
 
 The policy and value heads are one output layer of A + 1 units (A logits, then the value): for
 the plain agent this is exactly two linear heads side by side (their rows are initialised with
@@ -53,6 +56,7 @@ AGENT_VARIANTS = {
     "nc-heads": "Neurocoder policy and value heads, one composed output layer (the paper's figure)",
     "nc-fc": "Neurocoder in every fully connected layer (torso layer and the output layer)",
     "nc-policy": "Neurocoder policy head, plain value head beside it (the value no longer shares the program)",
+    "lowrank-heads": "control: the plain output layer as sum sigma_n u_n v_n^T of free factors (no memory, no reads)",
 }
 
 
@@ -179,6 +183,24 @@ class _PolicyAndValueHeads(nn.Module):
         return torch.cat([self.policy(features), self.value(features)], dim=-1)
 
 
+class _LowRankHeads(nn.Module):
+    """The output layer as W = sum_n sigma_n u_n v_n^T plus a bias, with u_n, v_n and the raw
+    singular values free parameters: Neurocoder's factorised, ordered form of one program without
+    its memory and reads (a control for the ``constant_context`` probe). u and v start with
+    orthonormal columns; sigma starts small (raw -3: sigma_n ~ 0.05 x (rank - n + 1)), so the
+    initial logits are near zero as under the plain head's 0.01 gain. (N, hidden) -> (N, out)."""
+
+    def __init__(self, in_features: int, out_features: int, rank: int) -> None:
+        super().__init__()
+        self.u = nn.Parameter(nn.init.orthogonal_(torch.empty(in_features, rank)))
+        self.v = nn.Parameter(nn.init.orthogonal_(torch.empty(out_features, rank)))
+        self.raw_sigma = nn.Parameter(torch.full((rank,), -3.0))
+        self.bias = nn.Parameter(torch.zeros(out_features))
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return ((features @ self.u) * neurocoder.singular_values(self.raw_sigma)) @ self.v.T + self.bias
+
+
 class _ProbeContext(nn.Module):
     """A Neurocoder output layer whose composer reads something other than the live features:
     ``'detached'`` the features with their gradient stopped (built with ``context_features`` =
@@ -214,6 +236,8 @@ def build_agent(variant: str, observation_shape, num_actions: int, hidden: int =
         neurocoder.convert(agent, ["heads"], init=init, **options)
     elif variant == "nc-fc":
         neurocoder.convert(agent, ["fc.0", "heads"], init=init, **options)
+    elif variant == "lowrank-heads":
+        agent.heads = _LowRankHeads(hidden, num_actions + 1, options["rank"])
     elif variant == "nc-policy":
         agent.heads = _PolicyAndValueHeads(agent.heads, num_actions)
         neurocoder.convert(agent, ["heads.policy"], init=init, **options)
