@@ -188,7 +188,8 @@ class _LowRankHeads(nn.Module):
     singular values free parameters: Neurocoder's factorised, ordered form of one program without
     its memory and reads (a control for the ``constant_context`` probe). u and v start with
     orthonormal columns; sigma starts small (raw -3: sigma_n ~ 0.05 x (rank - n + 1)), so the
-    initial logits are near zero as under the plain head's 0.01 gain. (N, hidden) -> (N, out)."""
+    initial logits are near zero as under the plain head's 0.01 gain. No orthogonality loss (it
+    has no memory); ``layer_init`` does not apply. (N, hidden) -> (N, out)."""
 
     def __init__(self, in_features: int, out_features: int, rank: int) -> None:
         super().__init__()
