@@ -147,6 +147,28 @@ def test_set_overrides_and_errors():
     with pytest.raises(ValueError, match="unknown preset"):
         make_config("cifar", [])
     assert ContinualConfig(optimizer="adagrad").resolved().lr == 1e-2
+
+
+@pytest.mark.parametrize("preset, item, message", [
+    ("split-mnist-domain", "repeats=abc", "repeats takes an integer, got 'abc'"),
+    ("split-mnist-domain", "lr=fast", "lr takes a number or null, got 'fast'"),
+    ("split-mnist-domain", "importance_with_orthogonality=yes", "takes true or false, got 'yes'"),
+    ("classify-mnist1d", "epochs=abc", "epochs takes an integer or null, got 'abc'"),
+    ("minatar-asterix", "seeds=abc", "seeds takes an integer, got 'abc'"),
+    ("minatar-asterix", "threads=1.5", "threads takes an integer or null, got '1.5'"),
+    ("program-shift", "seeds=[1, 2]", "seeds takes an integer, got '\\[1, 2\\]'"),
+])
+def test_set_value_of_the_wrong_type_names_the_key(preset, item, message):
+    # Before: a raw TypeError from the config's own check (comparing a string with 1).
+    with pytest.raises(ValueError, match=message):
+        make_config(preset, [item])
+
+
+def test_set_values_take_the_field_type():
+    cfg = make_config("split-mnist-domain", ["lr=1", "repeats=2.0", "coef=null"])
+    assert isinstance(cfg.lr, float) and cfg.lr == 1.0 and cfg.repeats == 2 and cfg.coef is None
+    # A string field keeps the text given, even where it would parse as JSON.
+    assert make_config("gym", ["env=2048"]).env == "2048"
     assert ContinualConfig(strategy="online-ewc").resolved().coef == 700.0
 
 

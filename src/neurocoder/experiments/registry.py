@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import types
+import typing
 from dataclasses import asdict, fields
 
 from neurocoder.train.classification import ClassificationConfig
@@ -59,6 +61,37 @@ def _parse_value(text: str):
         return text
 
 
+_SIMPLE_TYPES = {bool: "true or false", int: "an integer", float: "a number", str: "a string",
+                 dict: "a JSON object", type(None): "null"}
+
+
+def _typed_value(key: str, raw: str, value, hint):
+    """``value`` (parsed from ``raw``) checked against the config field's annotation ``hint``:
+    returned as the field's type (an int for a float field becomes a float, JSON that parsed to
+    a number or list for a string field stays the text given), or a ValueError that names the
+    key, what it takes and what was given. Hints other than these simple types pass through."""
+    arms = typing.get_args(hint) if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union \
+        else (hint,)
+    arms = tuple(typing.get_origin(arm) or arm for arm in arms)       # dict[str, int] -> dict
+    if not all(arm in _SIMPLE_TYPES for arm in arms):
+        return value
+    if value is None and type(None) in arms:
+        return None
+    if isinstance(value, bool):
+        if bool in arms:
+            return value
+    elif isinstance(value, int) and int in arms:
+        return value
+    elif isinstance(value, (int, float)) and float in arms:
+        return float(value)
+    elif isinstance(value, dict) and dict in arms:
+        return value
+    if str in arms:
+        return raw                     # e.g. --set env=2048 for a string field: the text given
+    expected = " or ".join(_SIMPLE_TYPES[arm] for arm in arms)
+    raise ValueError(f"--set {key}={raw}: {key} takes {expected}, got {raw!r}")
+
+
 def apply_overrides(cfg, overrides: list[str]):
     """Apply ``key=value`` strings to a config dataclass (values parsed as JSON where they
     parse, else strings).
@@ -68,6 +101,7 @@ def apply_overrides(cfg, overrides: list[str]):
     kind = type(cfg)
     values = asdict(cfg)
     names = {f.name for f in fields(kind)}
+    hints = typing.get_type_hints(kind)
     for item in overrides:
         if "=" not in item:
             raise ValueError(f"--set {item!r}: expected key=value, e.g. --set strategy=ewc")
@@ -84,7 +118,7 @@ def apply_overrides(cfg, overrides: list[str]):
             value = int(value)
         if key in ("layer_options", "conv_options", "nc_options") and not isinstance(value, dict):
             raise ValueError(f"--set {key}: expected a JSON object, e.g. '{{\"least_used\": 5}}'")
-        values[key] = value
+        values[key] = _typed_value(key, raw, value, hints[key])
     cfg = kind(**values)
     cfg.check()
     return cfg
