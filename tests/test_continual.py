@@ -164,6 +164,15 @@ def test_set_value_of_the_wrong_type_names_the_key(preset, item, message):
         make_config(preset, [item])
 
 
+def test_set_unknown_layer_option_is_named():
+    # Before: a TypeError from the layer's constructor, once the run had started building.
+    with pytest.raises(ValueError, match="unknown layer option 'colour'; known options: .*least_used"):
+        make_config("program-shift", ["nc_options.colour=1"])
+    with pytest.raises(ValueError, match=r"unknown layer option\(s\) \['colour'\]"):
+        make_config("minatar-asterix", ['layer_options={"rank": 2, "colour": 1}'])
+    assert make_config("minatar-asterix", ["layer_options.rank=8"]).layer_options["rank"] == 8
+
+
 def test_set_values_take_the_field_type():
     cfg = make_config("split-mnist-domain", ["lr=1", "repeats=2.0", "coef=null"])
     assert isinstance(cfg.lr, float) and cfg.lr == 1.0 and cfg.repeats == 2 and cfg.coef is None

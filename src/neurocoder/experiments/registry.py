@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import inspect
 import json
 import types
 import typing
 from dataclasses import asdict, fields
 
+from neurocoder import NeurocoderConv2d, NeurocoderLinear
 from neurocoder.train.classification import ClassificationConfig
 from neurocoder.train.continual import ContinualConfig
 from neurocoder.train.programs import PROGRAM_TASKS, ProgramConfig
@@ -92,6 +94,17 @@ def _typed_value(key: str, raw: str, value, hint):
     raise ValueError(f"--set {key}={raw}: {key} takes {expected}, got {raw!r}")
 
 
+def _layer_option_names() -> set[str]:
+    """What ``layer_options.NAME`` (and ``conv_options``, ``nc_options``) may name: the Neurocoder
+    layers' constructor options, less the geometry each call site sets itself."""
+    geometry = {"self", "in_features", "out_features", "in_channels", "out_channels", "kernel_size",
+                "stride", "padding", "dilation", "device", "dtype"}
+    names = set()
+    for layer in (NeurocoderLinear, NeurocoderConv2d):
+        names |= set(inspect.signature(layer.__init__).parameters)
+    return names - geometry
+
+
 def apply_overrides(cfg, overrides: list[str]):
     """Apply ``key=value`` strings to a config dataclass (values parsed as JSON where they
     parse, else strings).
@@ -109,7 +122,11 @@ def apply_overrides(cfg, overrides: list[str]):
         value = _parse_value(raw)
         group = key.split(".", 1)[0]
         if "." in key and group in ("layer_options", "conv_options", "nc_options") and group in names:
-            values[group] = {**(values[group] or {}), key.split(".", 1)[1]: value}
+            option = key.split(".", 1)[1]
+            if option not in _layer_option_names():
+                raise ValueError(f"--set {key}: unknown layer option {option!r}; known options: "
+                                 f"{', '.join(sorted(_layer_option_names()))}")
+            values[group] = {**(values[group] or {}), option: value}
             continue
         if key not in names:
             raise ValueError(f"--set {key}: unknown key; known keys: {', '.join(sorted(names))}")
@@ -118,6 +135,9 @@ def apply_overrides(cfg, overrides: list[str]):
             value = int(value)
         if key in ("layer_options", "conv_options", "nc_options") and not isinstance(value, dict):
             raise ValueError(f"--set {key}: expected a JSON object, e.g. '{{\"least_used\": 5}}'")
+        if key in ("layer_options", "conv_options", "nc_options") and set(value) - _layer_option_names():
+            raise ValueError(f"--set {key}: unknown layer option(s) {sorted(set(value) - _layer_option_names())}; "
+                             f"known options: {', '.join(sorted(_layer_option_names()))}")
         values[key] = _typed_value(key, raw, value, hints[key])
     cfg = kind(**values)
     cfg.check()
