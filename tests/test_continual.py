@@ -230,13 +230,30 @@ def test_resume_after_kill_gives_the_same_result(isolated):  # noqa: F811
     killed.send_signal(signal.SIGKILL)
     killed.wait()
     assert not (isolated / "killed" / "results.json").exists(), "the run finished before it was killed"
-    subprocess.run(command + args + ["--out", str(isolated / "killed"), "--resume"], check=True, env=env,
+    # Resumed without the --set flags: the run folder's recorded settings are used.
+    subprocess.run(command + ["--out", str(isolated / "killed"), "--resume"], check=True, env=env,
                    capture_output=True)
     whole = json.loads((isolated / "whole" / "results.json").read_text())
     resumed = json.loads((isolated / "killed" / "results.json").read_text())
     assert resumed["accuracy_matrices"] == whole["accuracy_matrices"]
     assert resumed["final_average_accuracy"] == whole["final_average_accuracy"]
     assert resumed["first_task_feature_drift"] == whole["first_task_feature_drift"]
+
+
+def test_resume_without_set_reads_the_recorded_config(tmp_path, capsys):
+    from neurocoder.cli import main
+
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "config.json").write_text(json.dumps({"config": {"kind": "programs", "preset": "program-shift",
+                                                            "model": "nc-ff", "seeds": 3}}))
+    assert main(["run", "program-reuse", "--resume", "--out", str(out)]) == 2
+    assert "holds a run of preset 'program-shift', not 'program-reuse'" in capsys.readouterr().err
+    (out / "config.json").write_text("{not json")
+    assert main(["run", "program-shift", "--resume", "--out", str(out)]) == 2
+    assert "is not a run's config" in capsys.readouterr().err
+    assert main(["run", "program-shift", "--resume", "--out", str(tmp_path / "none")]) == 2
+    assert "holds no run (no config.json)" in capsys.readouterr().err
 
 
 def test_resume_refuses_a_different_config(isolated):  # noqa: F811

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import json
 import sys
 import time
 from pathlib import Path
@@ -59,6 +61,40 @@ def _list(args: argparse.Namespace) -> int:
     return 0
 
 
+def _default_out(preset: str, cfg) -> Path:
+    """The run folder when --out is not given: runs/<what the run is>."""
+    from .train.classification import ClassificationConfig
+    from .train.programs import ProgramConfig
+    from .train.rl.ppo import PPOConfig
+
+    if isinstance(cfg, PPOConfig):
+        return Path("runs") / f"{cfg.env.replace(':', '-').replace('/', '-')}-{cfg.variant}"
+    if isinstance(cfg, ProgramConfig):
+        return Path("runs") / f"{preset}-{cfg.model}"
+    if isinstance(cfg, ClassificationConfig):
+        return Path("runs") / f"{preset}-{cfg.backbone}-{cfg.variant}"
+    return Path("runs") / f"{preset}-{cfg.strategy}{'-' + cfg.optimizer if cfg.strategy == 'naive' else ''}-{cfg.model}"
+
+
+def _recorded_config(preset: str, cfg, out: Path):
+    """For ``--resume`` without ``--set``: the settings recorded in ``out``, so that
+    ``neurocoder run PRESET --resume --out DIR`` continues a run whatever --set flags started it.
+    A folder without a run is left to the trainer, whose error says so."""
+    path = out / "config.json"
+    if not path.is_file():
+        return cfg
+    try:
+        saved = json.loads(path.read_text())["config"]
+    except (ValueError, KeyError, TypeError) as error:
+        raise ValueError(f"--resume: {path} is not a run's config ({error}); it may be damaged: start a new "
+                         f"run folder, or repeat the run's --set flags after restoring the file") from None
+    if saved.get("preset", preset) != preset:
+        raise ValueError(f"--resume: {out} holds a run of preset {saved['preset']!r}, not {preset!r}; "
+                         f"run `neurocoder run {saved['preset']} --resume --out {out}`")
+    names = {field.name for field in dataclasses.fields(cfg)}
+    return dataclasses.replace(cfg, **{key: value for key, value in saved.items() if key in names})
+
+
 def _run(args: argparse.Namespace) -> int:
     from .experiments.registry import make_config
     from .train.classification import ClassificationConfig, run_classification
@@ -68,22 +104,12 @@ def _run(args: argparse.Namespace) -> int:
     from .train.rl.ppo import PPOConfig, run_ppo
 
     cfg = make_config(args.preset, args.set)
-    if isinstance(cfg, PPOConfig):
-        name = cfg.env.replace(":", "-").replace("/", "-")
-        out = Path(args.out) if args.out else Path("runs") / f"{name}-{cfg.variant}"
-        run_ppo(cfg, out, resume=args.resume, preset=args.preset)
-        return 0
-    if isinstance(cfg, ProgramConfig):
-        out = Path(args.out) if args.out else Path("runs") / f"{args.preset}-{cfg.model}"
-        run_programs(cfg, out, resume=args.resume, preset=args.preset)
-        return 0
-    if isinstance(cfg, ClassificationConfig):
-        out = Path(args.out) if args.out else Path("runs") / f"{args.preset}-{cfg.backbone}-{cfg.variant}"
-        run_classification(cfg, out, resume=args.resume, preset=args.preset)
-        return 0
-    out = Path(args.out) if args.out else Path("runs") / (
-        f"{args.preset}-{cfg.strategy}{'-' + cfg.optimizer if cfg.strategy == 'naive' else ''}-{cfg.model}")
-    run_continual(cfg, out, resume=args.resume, preset=args.preset)
+    out = Path(args.out) if args.out else _default_out(args.preset, cfg)
+    if args.resume and not args.set:
+        cfg = _recorded_config(args.preset, cfg, out)
+    trainer = (run_ppo if isinstance(cfg, PPOConfig) else run_programs if isinstance(cfg, ProgramConfig)
+               else run_classification if isinstance(cfg, ClassificationConfig) else run_continual)
+    trainer(cfg, out, resume=args.resume, preset=args.preset)
     return 0
 
 
@@ -123,7 +149,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                      help="override a config value (repeatable), e.g. --set strategy=ewc --set repeats=3")
     run.add_argument("--out", default=None, help="run folder (default runs/PRESET-STRATEGY-MODEL)")
-    run.add_argument("--resume", action="store_true", help="continue an interrupted run in --out")
+    run.add_argument("--resume", action="store_true",
+                     help="continue an interrupted run in --out (without --set: with the settings it recorded)")
     run.set_defaults(func=_run)
 
     report = commands.add_parser("report", help="tables and figures from run folders (no recomputation)")
