@@ -277,6 +277,10 @@ def test_report_lays_out_published_numbers(isolated):  # noqa: F811
     assert path.exists() and list((isolated / "report").glob("accuracy_after_each_task_*.png"))
     with pytest.raises(FileNotFoundError, match="no finished run"):
         load_runs([isolated / "mnist"])
+    # A damaged results.json is named, with what to do (was a bare JSON decoding message).
+    (isolated / "runs" / "mlp" / "results.json").write_text('{"config": {"kind"')
+    with pytest.raises(ValueError, match=r"runs/mlp/results.json is not a run's results \(Expecting"):
+        load_runs([isolated / "runs"])
 
 
 def test_freeze_programs_freezes_the_most_read_slots_per_task(isolated):  # noqa: F811

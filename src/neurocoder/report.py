@@ -65,7 +65,13 @@ def load_runs(paths: list[str | Path]) -> list[dict]:
             raise FileNotFoundError(f"report: no finished run in {path} (no results.json; an interrupted run "
                                     f"is finished with `neurocoder run ... --out {path} --resume`)")
         for folder in found:
-            results = json.loads((folder / "results.json").read_text())
+            try:
+                results = json.loads((folder / "results.json").read_text())
+                if not isinstance(results, dict) or not isinstance(results.get("config"), dict):
+                    raise ValueError("it holds no run config")
+            except ValueError as error:        # JSONDecodeError is a ValueError
+                raise ValueError(f"report: {folder / 'results.json'} is not a run's results ({error}); it may be "
+                                 f"damaged: rerun that run, or leave {folder} out of the report") from None
             runs.append({"path": folder, **results})
     return runs
 
