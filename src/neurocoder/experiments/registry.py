@@ -94,6 +94,9 @@ def _typed_value(key: str, raw: str, value, hint):
     raise ValueError(f"--set {key}={raw}: {key} takes {expected}, got {raw!r}")
 
 
+_OPTION_GROUPS = ("layer_options", "conv_options", "nc_options")
+
+
 def _layer_option_names() -> set[str]:
     """What ``layer_options.NAME`` (and ``conv_options``, ``nc_options``) may name: the Neurocoder
     layers' constructor options, less the geometry each call site sets itself."""
@@ -115,17 +118,18 @@ def apply_overrides(cfg, overrides: list[str]):
     values = asdict(cfg)
     names = {f.name for f in fields(kind)}
     hints = typing.get_type_hints(kind)
+    known_options = _layer_option_names()
     for item in overrides:
         if "=" not in item:
             raise ValueError(f"--set {item!r}: expected key=value, e.g. --set strategy=ewc")
         key, raw = item.split("=", 1)
         value = _parse_value(raw)
         group = key.split(".", 1)[0]
-        if "." in key and group in ("layer_options", "conv_options", "nc_options") and group in names:
+        if "." in key and group in _OPTION_GROUPS and group in names:
             option = key.split(".", 1)[1]
-            if option not in _layer_option_names():
+            if option not in known_options:
                 raise ValueError(f"--set {key}: unknown layer option {option!r}; known options: "
-                                 f"{', '.join(sorted(_layer_option_names()))}")
+                                 f"{', '.join(sorted(known_options))}")
             values[group] = {**(values[group] or {}), option: value}
             continue
         if key not in names:
@@ -133,11 +137,12 @@ def apply_overrides(cfg, overrides: list[str]):
         current = values[key]
         if isinstance(current, int) and not isinstance(current, bool) and isinstance(value, float) and value.is_integer():
             value = int(value)
-        if key in ("layer_options", "conv_options", "nc_options") and not isinstance(value, dict):
-            raise ValueError(f"--set {key}: expected a JSON object, e.g. '{{\"least_used\": 5}}'")
-        if key in ("layer_options", "conv_options", "nc_options") and set(value) - _layer_option_names():
-            raise ValueError(f"--set {key}: unknown layer option(s) {sorted(set(value) - _layer_option_names())}; "
-                             f"known options: {', '.join(sorted(_layer_option_names()))}")
+        if key in _OPTION_GROUPS:
+            if not isinstance(value, dict):
+                raise ValueError(f"--set {key}: expected a JSON object, e.g. '{{\"least_used\": 5}}'")
+            if set(value) - known_options:
+                raise ValueError(f"--set {key}: unknown layer option(s) {sorted(set(value) - known_options)}; "
+                                 f"known options: {', '.join(sorted(known_options))}")
         values[key] = _typed_value(key, raw, value, hints[key])
     cfg = kind(**values)
     cfg.check()
