@@ -93,13 +93,23 @@ class _Head(nn.Module):
             return t.reshape(NUM_BANKS, B, R, *tail)
 
         queries = banks_first(raw_queries, self.key_dim)
-        gates = torch.sigmoid(banks_first(raw_gates)) if self.least_used else None
+        gates = torch.sigmoid(banks_first(raw_gates).contiguous()) if self.least_used else None
         if self.learn_sharpness:
-            sharpness = F.softplus(banks_first(raw_sharpness)).unsqueeze(-1)
+            # contiguous first: elementwise maps of a permuted view run several times slower on a CPU
+            sharpness = F.softplus(banks_first(raw_sharpness).contiguous()).unsqueeze(-1)
         else:
             sharpness = self.fixed_sharpness
         residual = torch.sigmoid(raw_residual[:, -1, 0]) if self.residual else None
         return ComposerOutput(queries, sharpness, gates, residual)
+
+
+    def component_major_sharpness(self, raw_sharpness: torch.Tensor) -> torch.Tensor:
+        """(B, T, 3 x rank) raw sharpness -> (3, 1, R, B), contiguous: the fused read's layout
+        (:mod:`neurocoder.fused`). The same values as :meth:`assemble`'s, laid out component-major;
+        made contiguous before the softplus, which is ~10x slower on a permuted view on a CPU."""
+        B, T = raw_sharpness.shape[:2]
+        raw = raw_sharpness.reshape(B, T, NUM_BANKS, self.rank).permute(2, 1, 3, 0).contiguous()
+        return F.softplus(raw).view(NUM_BANKS, 1, T * self.rank, B)
 
 
 class FeedForwardComposer(nn.Module):

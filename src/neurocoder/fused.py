@@ -62,12 +62,13 @@ class _FusedReadApply(torch.autograd.Function):
         raw_sigma = (s_values @ read_s.reshape(P, N)).view(R, B)
         reverse_cumsum = _reverse_cumsum(R, keys)
         sigma = reverse_cumsum @ F.softplus(raw_sigma)                       # (R, B), descending in R
-        projected = (read_u * through_memory.T.unsqueeze(1)).sum(0)           # (R, B): u_n . x
+        memory_by_slot = through_memory.T.contiguous()                      # (P, B)
+        projected = (read_u * memory_by_slot.unsqueeze(1)).sum(0)             # (R, B): u_n . x
         per_component = projected * sigma
         mixed = (read_v * per_component).sum(1)                               # (P, B)
         y = mixed.T @ v_values                                               # (B, d_out)
 
-        ctx.save_for_backward(unit_queries, query_norm, unit_keys, key_norm, weights, through_memory,
+        ctx.save_for_backward(unit_queries, query_norm, unit_keys, key_norm, weights, memory_by_slot,
                               s_values, v_values, raw_sigma, sigma, projected, per_component, mixed,
                               reverse_cumsum, sharpness if learned_sharpness else None)
         ctx.fixed_sharpness = None if learned_sharpness else float(sharpness)
@@ -89,7 +90,7 @@ class _FusedReadApply(torch.autograd.Function):
         # differentiation through this backward would silently miss their dependence on the
         # inputs. Higher-order gradients need the composable path (fused=False); autograd then
         # says so instead of returning wrong numbers.
-        (unit_queries, query_norm, unit_keys, key_norm, weights, through_memory, s_values, v_values,
+        (unit_queries, query_norm, unit_keys, key_norm, weights, memory_by_slot, s_values, v_values,
          raw_sigma, sigma, projected, per_component, mixed, reverse_cumsum, sharpness) = ctx.saved_tensors
         B, T, C, rank, packed = ctx.layout
         J, k, N = unit_queries.shape
@@ -111,7 +112,7 @@ class _FusedReadApply(torch.autograd.Function):
         grad_s_values = read_s.reshape(P, N) @ grad_raw_sigma.reshape(N)
 
         # d loss / d read weights, bank by bank, in one (J, P, N) buffer for the softmax.
-        grad_u = (through_memory.T.unsqueeze(1), grad_projected)
+        grad_u = (memory_by_slot.unsqueeze(1), grad_projected)
         grad_v = (grad_mixed.unsqueeze(1), per_component)
         grad_s = (s_values.unsqueeze(-1), grad_raw_sigma.reshape(1, N))
         # Writes into preallocated views (out=) save copies; the compiler's functional graphs

@@ -371,10 +371,12 @@ class NeurocoderLinear(NeurocoderLayer):
             raw = head_out = self.composer.raw(flat if context is None else context)   # (B, T, C)
             through_memory = flat @ memory.u.T                                     # (B, P)
         # Sharpness and the residual gate (when the composer makes them) come from the same raw output.
-        plan = head.assemble(head.split(raw)) if head.extra_outputs else None
-        sharpness = plan.sharpness if plan is not None else float(self.sharpness)
-        if isinstance(sharpness, torch.Tensor):
-            sharpness = sharpness.permute(0, 3, 2, 1)                              # (3, 1, R, B)
+        parts = head.split(raw) if head.extra_outputs else None
+        plan = head.assemble(parts) if self.residual_weight is not None else None
+        if head.learn_sharpness:
+            sharpness = head.component_major_sharpness(parts[2])                    # (3, 1, R, B)
+        else:
+            sharpness = float(self.sharpness)
         y, sigma, usage = fused_read_apply(head_out, through_memory, self.rank, self.key_dim, keys,
                                            sharpness, memory.slot_bias, memory.s, memory.v,
                                            want_usage=self.training)
