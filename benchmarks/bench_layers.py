@@ -231,12 +231,23 @@ def main() -> None:
     # Where the time goes: the ratio against batch size. A fixed cost per operation weighs most at
     # small batches; the arithmetic (about half a dense layer's here) shows at large ones.
     sweep = []
-    for batch in (32, 128, 512, 2048):
+    for batch in (1, 32, 128, 512, 2048):
         xb = torch.randn(batch, d_in, device=device)
         times = time_side_by_side({"nn.Linear": dense, "NeurocoderLinear": layer}, xb, args.repeats, device)
         sweep.append({"batch": batch, "seconds": times, "ratio": times["NeurocoderLinear"] / times["nn.Linear"]})
     results["batch_sweep_released_shape"] = sweep
     print_batch_rows("released shape, forward+backward against batch size", sweep)
+    # Split the batch-128 step into a cost paid once per call (the batch-1 step: operations,
+    # dispatch, parameter-sized work) and what the other 127 samples add.
+    one, full = (next(row["seconds"] for row in sweep if row["batch"] == b) for b in (1, 128))
+    split = {name: {"per_call_s": one[name], "added_by_127_samples_s": full[name] - one[name]} for name in one}
+    results["per_call_and_per_sample_batch128"] = split
+    print("  batch 128 split into the batch-1 step (paid once per call) and what 127 more samples add:")
+    for name, part in split.items():
+        print(f"    {name:<18} per call {part['per_call_s'] * 1e3:7.3f} ms, samples {part['added_by_127_samples_s'] * 1e3:7.3f} ms")
+    per_sample_ratio = split["NeurocoderLinear"]["added_by_127_samples_s"] / split["nn.Linear"]["added_by_127_samples_s"]
+    results["per_sample_ratio_batch128"] = per_sample_ratio
+    print(f"    the samples' part alone: {per_sample_ratio:.2f}x nn.Linear's")
 
     # 1b. On a GPU a layer this small is bound by kernel launches (the time hardly moves with the
     # batch). Captured as CUDA graphs, both layers lose that cost and the ratio shows the work.
