@@ -69,6 +69,36 @@ def _train(model, strategy, x, y, steps=60, lr=0.01):
         strategy.after_step()
 
 
+def test_ewc_fisher_averages_as_hsu_et_al_code():
+    # R1's lambdas come from Hsu et al.'s code, whose Fisher sums squared mini-batch gradients
+    # times len(batch) / number of batches; dividing by the number of samples instead (sessions
+    # 1-10) makes it smaller by the batch size.
+    from neurocoder.train.strategies.ewc import diagonal_fisher
+    torch.manual_seed(0)
+    model = build_mlp("mlp", 20, 1, 2, hidden=16)
+    x, y = torch.randn(150, 20), torch.randint(0, 2, (150,))
+    heads = torch.zeros(150, dtype=torch.long)
+
+    def batches():
+        yield from [(x[i:i + 50], y[i:i + 50], heads[i:i + 50]) for i in range(0, 150, 50)]
+
+    def loss_fn(xb, yb, h, targets=None):
+        logits = model(xb, h)
+        return F.cross_entropy(logits, logits.detach().argmax(-1))
+
+    per_batch, per_sample = diagonal_fisher(model, batches, loss_fn), diagonal_fisher(model, batches, loss_fn, "samples")
+    by_hand = {n: sum(torch.autograd.grad(loss_fn(xb, yb, h), p)[0] ** 2 * len(xb) / 3 for xb, yb, h in batches())
+               for n, p in model.named_parameters()}
+    for n in by_hand:
+        torch.testing.assert_close(per_batch[n], by_hand[n])
+        torch.testing.assert_close(per_batch[n], per_sample[n] * 50)     # 150 samples / 3 batches
+    with pytest.raises(ValueError, match="fisher average 'median' unknown"):
+        diagonal_fisher(model, batches, loss_fn, "median")
+    assert STRATEGIES["online-ewc"](model, None, fisher_average="samples").fisher_average == "samples"
+    with pytest.raises(ValueError, match="fisher_average='x'"):
+        ContinualConfig(fisher_average="x").check()
+
+
 @pytest.mark.parametrize("name", ["l2", "ewc", "online-ewc", "si", "mas"])
 def test_regularisers_change_the_loss_and_resist_moving_important_weights(name):
     stream = _toy_stream()
@@ -289,6 +319,24 @@ def test_resume_keeps_a_run_on_the_data_it_started_on(isolated, monkeypatch):  #
     results = run_continual(ContinualConfig(**cfg, data_source="npm-subset"), isolated / "run", resume=True,
                             quiet=True)
     assert results["repeats"] == 1
+
+
+def test_a_run_older_than_a_setting_resumes_as_it_ran(isolated):  # noqa: F811
+    # EWC runs made before fisher_average existed used 'samples'; resuming one must not switch
+    # it to the new default half-way.
+    from neurocoder.cli import _recorded_config
+    make_idx_folder(isolated / "mnist", n_train=100, n_test=50)
+    cfg = _tiny_config(isolated / "mnist", repeats=1, strategy="ewc", fisher_average="samples")
+    run_continual(cfg, isolated / "run", quiet=True, preset="split-mnist-domain")
+    config = json.loads((isolated / "run" / "config.json").read_text())
+    del config["config"]["fisher_average"]
+    (isolated / "run" / "config.json").write_text(json.dumps(config))
+    recorded = _recorded_config("split-mnist-domain", make_config("split-mnist-domain", []), isolated / "run")
+    assert recorded.fisher_average == "samples"
+    run_continual(recorded, isolated / "run", resume=True, quiet=True)
+    with pytest.raises(ValueError, match="differs from the one"):
+        run_continual(_tiny_config(isolated / "mnist", repeats=1, strategy="ewc"), isolated / "run", resume=True,
+                      quiet=True)
 
 
 def test_report_lays_out_published_numbers(isolated):  # noqa: F811

@@ -92,7 +92,9 @@ def _recorded_config(preset: str, cfg, out: Path):
         raise ValueError(f"--resume: {out} holds a run of preset {saved['preset']!r}, not {preset!r}; "
                          f"run `neurocoder run {saved['preset']} --resume --out {out}`")
     names = {field.name for field in dataclasses.fields(cfg)}
-    return dataclasses.replace(cfg, **{key: value for key, value in saved.items() if key in names})
+    # A setting the run predates takes the value the code then behaved as (e.g. EWC's Fisher average).
+    legacy = {key: value for key, value in getattr(cfg, "LEGACY", {}).items() if key not in saved}
+    return dataclasses.replace(cfg, **legacy, **{key: value for key, value in saved.items() if key in names})
 
 
 def _run(args: argparse.Namespace) -> int:

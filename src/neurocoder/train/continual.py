@@ -69,11 +69,19 @@ class ContinualConfig:
     # The released code adds the orthogonality loss to the loss whose gradients give EWC's Fisher
     # and MAS's importance; True reproduces that (it anchors the program memory much harder).
     importance_with_orthogonality: bool = False
+    # EWC's Fisher: Hsu et al.'s code weights each squared mini-batch gradient by batch size over
+    # the number of batches ('batches', R1's protocol); 'samples' divides by the number of samples
+    # instead (128x smaller at batch 128: the runs of sessions 1-10).
+    fisher_average: str = "batches"
     # Neurocoder models: after each task, freeze the this-many slots per layer that the task read
     # most (among those not frozen yet), so later tasks cannot overwrite those programs.
     # None: the model's default (10 for model=neurocoder, else 0).
     freeze_programs: int | None = None
     moe_balance_weight: float = 0.01     # weight of MoE layers' load-balancing loss (model=moe)
+
+    # What a setting missing from a run folder's recorded config meant when that run was made:
+    # the setting did not exist yet, and the code then behaved as this value.
+    LEGACY = {"fisher_average": "samples"}
 
     def resolved(self) -> "ContinualConfig":
         cfg = ContinualConfig(**asdict(self))
@@ -101,6 +109,9 @@ class ContinualConfig:
             problems.append(f"model={self.model!r} (choose {sorted(MODEL_VARIANTS)})")
         if self.freeze_programs is not None and self.freeze_programs < 0:
             problems.append(f"freeze_programs={self.freeze_programs} (must be >= 0)")
+        from neurocoder.train.strategies.ewc import FISHER_AVERAGES
+        if self.fisher_average not in FISHER_AVERAGES:
+            problems.append(f"fisher_average={self.fisher_average!r} (choose {list(FISHER_AVERAGES)})")
         from neurocoder.data.sources import DATA_SOURCES
         if self.data_source not in DATA_SOURCES:
             problems.append(f"data_source={self.data_source!r} (choose {list(DATA_SOURCES)})")
@@ -164,7 +175,8 @@ class _Repeat:
         self.model = build_mlp(cfg.model, stream.input_size, stream.num_heads, stream.head_size, cfg.hidden,
                                cfg.layer_options)
         self.optimizer = OPTIMIZERS[cfg.optimizer](self.model.parameters(), lr=cfg.lr)
-        self.strategy = STRATEGIES[cfg.strategy](self.model, cfg.coef, memory_size=cfg.memory_size, seed=self.seed)
+        self.strategy = STRATEGIES[cfg.strategy](self.model, cfg.coef, memory_size=cfg.memory_size, seed=self.seed,
+                                                 fisher_average=cfg.fisher_average)
         self.has_moe = any(isinstance(m, neurocoder.MoELinear) for m in self.model.modules())
         self.accuracy: list[list[float]] = []
         # Relative change of the hidden features of task 1's test images since task 1 was learnt,
@@ -404,7 +416,7 @@ def run_continual(cfg: ContinualConfig, out: str | Path, resume: bool = False, p
         given = json.loads(json.dumps(asdict(cfg)))
         # A setting the run folder does not record is newer than the run: it had the default.
         # Which data the run used is checked below instead of its data_source setting.
-        defaults = json.loads(json.dumps(asdict(ContinualConfig())))
+        defaults = {**json.loads(json.dumps(asdict(ContinualConfig()))), **ContinualConfig.LEGACY}
         recorded = {k: saved.get(k, given[k] if k == "data_source" else defaults[k]) for k in given}
         if recorded != given:
             raise ValueError(f"--resume: the config given differs from the one {out} was started with; "

@@ -1,7 +1,11 @@
 """EWC (Kirkpatrick et al. 2017): a diagonal Fisher per task, one penalty term per task.
 
-The Fisher is estimated as Hsu et al.'s benchmark code does: squared mini-batch gradients of the
-loss on the model's own predicted labels, over one pass of the task's training data.
+The Fisher is estimated as Hsu et al.'s benchmark code does (the code behind R1's numbers and its
+lambdas): squared mini-batch gradients of the loss on the model's own predicted labels, over one
+pass of the task's training data, each weighted by its batch size over the number of batches
+(``average='batches'``), so the sum is about batch size x the mean squared mini-batch gradient.
+``average='samples'`` weights by batch size over the number of samples (the plain mean; what
+this project did before session 11): a Fisher smaller by the batch size (128), i.e. a lambda 128x weaker.
 """
 
 from __future__ import annotations
@@ -11,13 +15,19 @@ import torch
 from .base import QuadraticPenalty, parameters_of
 
 
-def diagonal_fisher(model, batches, loss_fn) -> dict[str, torch.Tensor]:
+FISHER_AVERAGES = ("batches", "samples")
+
+
+def diagonal_fisher(model, batches, loss_fn, average: str = "batches") -> dict[str, torch.Tensor]:
+    """Squared mini-batch gradients, each times len(batch) / (number of batches | of samples)."""
+    if average not in FISHER_AVERAGES:
+        raise ValueError(f"fisher average {average!r} unknown; choose one of {list(FISHER_AVERAGES)}")
     params = parameters_of(model)
     fisher = {n: torch.zeros_like(p) for n, p in params.items()}
     was_training = model.training
     model.eval()
     batch_list = list(batches())
-    total = sum(len(b[0]) for b in batch_list)
+    total = len(batch_list) if average == "batches" else sum(len(b[0]) for b in batch_list)
     for x, y, heads in batch_list:
         model.zero_grad(set_to_none=True)
         loss_fn(x, y, heads, targets="predicted").backward()
@@ -34,5 +44,9 @@ class EWC(QuadraticPenalty):
     default_coef = 100.0    # R1 protocol
     online = False
 
+    def __init__(self, model, coef=None, fisher_average: str = "batches", **options) -> None:
+        super().__init__(model, coef, **options)
+        self.fisher_average = fisher_average
+
     def importance(self, batches, loss_fn):
-        return diagonal_fisher(self.model, batches, loss_fn)
+        return diagonal_fisher(self.model, batches, loss_fn, self.fisher_average)
