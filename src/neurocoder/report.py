@@ -114,6 +114,11 @@ def continual_tables(runs: list[dict]) -> str:
         parts.append(f"Data: {data['source']}; {sum(data['train_samples_per_task'])} training samples over "
                      f"{len(data['train_samples_per_task'])} tasks. Repeats: {', '.join(map(str, repeats))}. "
                      f"Optimiser steps per task: {members[0]['steps_per_task']}.")
+        fisher = sorted({r["config"].get("fisher_average", "samples (before the setting existed)")
+                         for r in members if r["config"].get("strategy") in ("ewc", "online-ewc")})
+        if fisher:
+            parts.append(f"EWC's Fisher averaged over: {', '.join(fisher)} ('batches' is Hsu et al.'s and the "
+                         f"authors' code, which R1's lambdas were set for; 'samples' is 128x weaker at batch 128).")
         if data.get("subset"):
             parts.append("On this data subset the optimiser steps per task equal those of the full-data protocol "
                          "(4 epochs of the full MNIST task at batch 128); the published numbers used full MNIST.")
