@@ -30,7 +30,7 @@ demo: setup
 demo-reads: setup
 	$(VENV)/bin/neurocoder demo
 
-# The full R1 table: 10 repeats of 4 strategies x 3 models (~50 minutes on 2 cores).
+# The full R1 table: 10 repeats of 4 strategies x 3 models (~70 minutes on 2 cores, full MNIST).
 reproduce-r1: setup
 	bash scripts/reproduce_r1.sh 10 runs/r1
 

@@ -404,8 +404,9 @@ def run_continual(cfg: ContinualConfig, out: str | Path, resume: bool = False, p
         defaults = {**json.loads(json.dumps(asdict(ContinualConfig()))), **ContinualConfig.LEGACY}
         recorded = {k: saved.get(k, given[k] if k == "data_source" else defaults[k]) for k in given}
         if recorded != given:
-            raise ValueError(f"--resume: the config given differs from the one {out} was started with; "
-                             f"resume with the same preset and --set values")
+            changed = ", ".join(f"{k}={recorded[k]!r} (given {given[k]!r})" for k in given if recorded[k] != given[k])
+            raise ValueError(f"--resume: the config given differs from the one {out} was started with: {changed}; "
+                             f"resume with the same preset and --set values (or without --set: the recorded ones)")
         check_same_data(out, saved.get("data"), record["data"])
         run = RunFolder(out)
     else:
