@@ -398,11 +398,12 @@ def run_continual(cfg: ContinualConfig, out: str | Path, resume: bool = False, p
         if not (out / "config.json").exists():
             raise FileNotFoundError(f"--resume: {out} holds no run to resume (no config.json)")
         saved = json.loads((out / "config.json").read_text())["config"]
-        given = json.loads(json.dumps(asdict(cfg)))
-        # A setting the run folder does not record is newer than the run: it had the default.
-        # Which data the run used is checked below instead of its data_source setting.
+        # Which data the run used is checked below (check_same_data), not the data_source setting
+        # that found it, as in RunFolder.start for the other trainers.
+        given = {k: v for k, v in json.loads(json.dumps(asdict(cfg))).items() if k != "data_source"}
+        # A setting the run folder does not record is newer than the run: it had the legacy value.
         defaults = {**json.loads(json.dumps(asdict(ContinualConfig()))), **ContinualConfig.LEGACY}
-        recorded = {k: saved.get(k, given[k] if k == "data_source" else defaults[k]) for k in given}
+        recorded = {k: saved.get(k, defaults[k]) for k in given}
         if recorded != given:
             changed = ", ".join(f"{k}={recorded[k]!r} (given {given[k]!r})" for k in given if recorded[k] != given[k])
             raise ValueError(f"--resume: the config given differs from the one {out} was started with: {changed}; "
