@@ -463,3 +463,69 @@ def test_class_incremental_ewc_fisher_uses_only_the_classes_seen(isolated):  # n
     assert torch.isfinite(loss)
     state.train_task(0, 2, None)                       # EWC's Fisher after the task runs through
     assert state.strategy.terms and all(torch.isfinite(v).all() for v in state.strategy.terms[0]["importance"].values())
+
+
+def _ewc_with_terms(model, count, seed=0):
+    """EWC holding ``count`` terms with random importances (some exact zeros) and anchors."""
+    g = torch.Generator().manual_seed(seed)
+    strategy = STRATEGIES["ewc"](model)
+    for _ in range(count):
+        importance = {n: torch.rand(p.shape, generator=g) * (torch.rand(p.shape, generator=g) > 0.2)
+                      for n, p in model.named_parameters()}
+        anchor = {n: p.detach() + torch.randn(p.shape, generator=g) for n, p in model.named_parameters()}
+        strategy.terms.append({"importance": importance, "anchor": anchor})
+    return strategy
+
+
+def _penalty_and_grads(model, value):
+    model.zero_grad(set_to_none=True)
+    value.backward()
+    return value.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize("count", [1, 2, 4])
+def test_combined_penalty_equals_the_per_term_sum(count):
+    from neurocoder.train.strategies.base import per_term_penalty
+    torch.manual_seed(0)
+    model = build_mlp("neurocoder-released", 20, 2, 2, hidden=16).double()
+    strategy = _ewc_with_terms(model.float(), count)
+    model.double()
+    strategy.terms = [{k: {n: t.double() for n, t in part.items()} for k, part in term.items()}
+                      for term in strategy.terms]
+    value, grads = _penalty_and_grads(model, strategy.penalty())
+    expected, expected_grads = _penalty_and_grads(model, per_term_penalty(strategy))
+    torch.testing.assert_close(value, expected, rtol=1e-10, atol=0)
+    for n in grads:
+        torch.testing.assert_close(grads[n], expected_grads[n], rtol=1e-10, atol=1e-12)
+    if count == 1:   # one term (online EWC, L2, SI) is applied exactly as written per term
+        model.float()
+        strategy.terms = [{k: {n: t.float() for n, t in part.items()} for k, part in term.items()}
+                          for term in strategy.terms]
+        _, grads = _penalty_and_grads(model, strategy.penalty())
+        _, expected_grads = _penalty_and_grads(model, per_term_penalty(strategy))
+        assert all(torch.equal(grads[n], expected_grads[n]) for n in grads)
+
+
+def test_combined_penalty_follows_every_change_of_the_terms():
+    from neurocoder.train.strategies.base import per_term_penalty
+    torch.manual_seed(0)
+    model = build_mlp("mlp", 20, 1, 2, hidden=16)
+    strategy = _ewc_with_terms(model, 2)
+
+    def agrees():
+        torch.testing.assert_close(strategy.penalty().detach(), per_term_penalty(strategy).detach(), rtol=1e-5, atol=0)
+
+    agrees()
+    strategy.terms.append(_ewc_with_terms(model, 1, seed=1).terms[0])        # EWC: a new task's term
+    agrees()
+    strategy.terms[0] = _ewc_with_terms(model, 1, seed=2).terms[0]           # online EWC: term replaced
+    agrees()
+    strategy.load_state_dict(_ewc_with_terms(model, 3, seed=3).state_dict())  # resume
+    agrees()
+    with torch.no_grad():                                                     # parameters moved
+        for p in model.parameters():
+            p.add_(0.5)
+    agrees()
+    strategy.terms = [{"importance": {"0.weight": torch.ones(3)}, "anchor": {"0.weight": torch.ones(3)}}]
+    with pytest.raises(ValueError, match="recorded for another model"):
+        strategy.penalty()
