@@ -57,6 +57,7 @@ bench: $(VENV)/.installed
 	$(PY) benchmarks/bench_layers.py
 	$(PY) benchmarks/bench_classification.py
 	$(PY) benchmarks/bench_agents.py
+	$(PY) benchmarks/bench_strategies.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info src/*.egg-info .pytest_cache
