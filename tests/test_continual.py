@@ -529,3 +529,7 @@ def test_combined_penalty_follows_every_change_of_the_terms():
     strategy.terms = [{"importance": {"0.weight": torch.ones(3)}, "anchor": {"0.weight": torch.ones(3)}}]
     with pytest.raises(ValueError, match="recorded for another model"):
         strategy.penalty()
+    wrong = {n: torch.ones(p.numel() + 1) for n, p in model.named_parameters()}
+    strategy.terms = [{"importance": wrong, "anchor": wrong}]
+    with pytest.raises(ValueError, match=r"has shape .* but its penalty terms were recorded at"):
+        strategy.penalty()

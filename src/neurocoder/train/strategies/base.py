@@ -92,13 +92,20 @@ class QuadraticPenalty(Strategy):
         """
         if self._combined is None or len(self._combined_for) != len(self.terms) or any(
                 a is not b for a, b in zip(self._combined_for, self.terms)):
-            names = list(parameters_of(self.model))
+            params = parameters_of(self.model)
+            names = list(params)
 
             def flat(tensors: dict[str, torch.Tensor]) -> torch.Tensor:
                 missing = [n for n in names if n not in tensors]
                 if missing:
                     raise ValueError(f"{type(self).__name__}: the penalty terms hold no value for parameters {missing}; "
                                      f"they were recorded for another model")
+                reshaped = [n for n in names if tensors[n].shape != params[n].shape]
+                if reshaped:
+                    n = reshaped[0]
+                    raise ValueError(f"{type(self).__name__}: parameter {n!r} has shape {tuple(params[n].shape)} but its "
+                                     f"penalty terms were recorded at {tuple(tensors[n].shape)} (a memory grown since?); "
+                                     f"a quadratic penalty needs the parameters' shapes fixed across tasks")
                 return torch.cat([tensors[n].detach().reshape(-1) for n in names])
 
             importances = [flat(t["importance"]) for t in self.terms]
