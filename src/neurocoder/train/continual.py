@@ -48,7 +48,9 @@ class ContinualConfig:
     strategy: str = "naive"
     model: str = "mlp"
     optimizer: str = "adam"
-    lr: float | None = None              # default: 1e-3 (Adam, SGD), 1e-2 (Adagrad), as R1
+    # default: 1e-3 (Adam), 1e-2 (Adagrad), as R1; 1e-2 (SGD), as Hsu et al.'s split-MNIST scripts
+    # (R2's source; before session 12 SGD defaulted to 1e-3: --set lr=0.001 reproduces those runs)
+    lr: float | None = None
     coef: float | None = None            # regularisation strength; default per strategy (R1)
     epochs: int = 4
     batch_size: int = 128
@@ -86,7 +88,7 @@ class ContinualConfig:
     def resolved(self) -> "ContinualConfig":
         cfg = ContinualConfig(**asdict(self))
         if cfg.lr is None:
-            cfg.lr = 1e-2 if cfg.optimizer == "adagrad" else 1e-3
+            cfg.lr = 1e-2 if cfg.optimizer in ("adagrad", "sgd") else 1e-3
         if cfg.coef is None:
             cfg.coef = STRATEGIES[cfg.strategy].default_coef
         if cfg.freeze_programs is None:
