@@ -65,7 +65,7 @@ class QuadraticPenalty(Strategy):
     ``sum_t F_t (p - a_t)^2 = F (p - c)^2 + k`` with ``F = sum_t F_t``, the importance-weighted
     centre ``c = sum_t F_t a_t / F`` and the constant ``k = sum_t F_t (c - a_t)^2``. Its gradient,
     ``2 F (p - c) = 2 sum_t F_t (p - a_t)``, is the per-term sum's; the value too, up to rounding.
-    Per term and per parameter tensor (:func:`per_term_penalty`) the penalty cost ~9 small
+    Per term and per parameter tensor (:func:`per_term_penalty`) the penalty costs ~9 small
     operations per tensor and term each step, most of an EWC step's time on these models
     (``benchmarks/bench_strategies.py``); one term (online EWC, L2, SI) is applied exactly as its
     per-term form.
