@@ -56,9 +56,9 @@ def _dead_links(pages) -> list[str]:
             path_part, _, anchor = target.partition("#")
             resolved = (page.parent / path_part).resolve() if path_part else page
             if not resolved.exists():
-                broken.append(f"{page.name}: {target} (no such file)")
+                broken.append(f"{page.name} ({page.parent.name}/): {target} (no such file)")
             elif anchor and resolved.suffix == ".md" and anchor not in _anchors(resolved):
-                broken.append(f"{page.name}: {target} (no such heading)")
+                broken.append(f"{page.name} ({page.parent.name}/): {target} (no such heading)")
     return broken
 
 
@@ -75,5 +75,5 @@ def test_dead_link_check_finds_missing_files_and_headings(tmp_path):
     page.write_text("[ok](other.md#a-heading-with-punctuation) [ok](other.md#twice-1) [ok](#local)\n"
                     "# Local\n[gone](missing.md) [bad](other.md#nowhere) [web](https://x.org/y)\n"
                     "```\n[in code](ignored.md)\n```\n")
-    assert _dead_links([page]) == ["page.md: missing.md (no such file)",
-                                   "page.md: other.md#nowhere (no such heading)"]
+    assert _dead_links([page]) == [f"page.md ({tmp_path.name}/): missing.md (no such file)",
+                                   f"page.md ({tmp_path.name}/): other.md#nowhere (no such heading)"]
