@@ -1,3 +1,4 @@
+import copy
 import json
 import os
 import signal
@@ -533,3 +534,29 @@ def test_combined_penalty_follows_every_change_of_the_terms():
     strategy.terms = [{"importance": wrong, "anchor": wrong}]
     with pytest.raises(ValueError, match=r"has shape .* but its penalty terms were recorded at"):
         strategy.penalty()
+
+
+def test_report_gives_runs_of_one_model_and_method_with_other_settings_rows_of_their_own(isolated):  # noqa: F811
+    # Two strengths of online EWC for the same model used to share one cell: the second run
+    # silently replaced the first, and its gap was taken against the other strength's MLP.
+    make_idx_folder(isolated / "mnist", n_train=100, n_test=50)
+    run_continual(_tiny_config(isolated / "mnist", repeats=1, strategy="online-ewc"), isolated / "runs" / "mlp",
+                  quiet=True)
+    base = load_runs([isolated / "runs"])[0]
+
+    def variant(model: str, coef: float, accuracy: float) -> dict:
+        run = copy.deepcopy(base)
+        run["config"].update(model=model, coef=coef)
+        run["final_average_accuracy"] = {"mean": accuracy, "std": 0.0, "values": [accuracy]}
+        return run
+
+    runs = [variant("mlp", 70.0, 90.0), variant("neurocoder-released", 70.0, 30.0),
+            variant("neurocoder-released", 700.0, 20.0)]
+    table = continual_tables(runs)
+    rows = [line for line in table.splitlines() if line.startswith("| Online EWC")]
+    accuracy_rows = rows[:2]
+    assert accuracy_rows[0].startswith("| Online EWC (coef=70.0) | 90.00 +- 0.00 | 30.00 +- 0.00 | -60.00 |")
+    assert accuracy_rows[1].startswith("| Online EWC (coef=700.0) |  | 20.00 +- 0.00 |  |")
+    # Without a collision the row keeps the method's plain name (and its published numbers).
+    assert "| Online EWC | 90.00" in continual_tables(runs[:2])
+    assert write_report(runs, isolated / "report").exists()

@@ -81,6 +81,38 @@ def _row_label(config: dict) -> str:
     return STRATEGY_LABELS.get(key, key)
 
 
+# Settings that never tell two runs' methods apart: the model is a column, the rest is bookkeeping.
+_NOT_A_SETTING = {"model", "strategy", "optimizer", "seed", "repeats", "threads", "data_dir", "data", "preset",
+                  "kind", "data_source"}
+
+
+def _row_labels(members: list[dict]) -> dict[int, str]:
+    """The row label of each run (keyed by ``id(run)``): the method's name, and where two runs of
+    one model would share a row, the settings in which that method's runs differ, so that a
+    report over, say, two strengths of one strategy shows two rows instead of one run silently
+    hiding the other."""
+    by_label: dict[str, list[dict]] = defaultdict(list)
+    for run in members:
+        by_label[_row_label(run["config"])].append(run)
+    labels = {}
+    for label, runs in by_label.items():
+        models = [r["config"]["model"] for r in runs]
+        if len(models) == len(set(models)):
+            labels.update({id(r): label for r in runs})
+            continue
+        keys = sorted({k for r in runs for k in r["config"]} - _NOT_A_SETTING)
+        differing = [k for k in keys if len({json.dumps(r["config"].get(k), sort_keys=True) for r in runs}) > 1]
+        for run in runs:
+            settings = ", ".join(f"{k}={json.dumps(run['config'].get(k), sort_keys=True)}" for k in differing)
+            labels[id(run)] = f"{label} ({settings})" if settings else label
+    return labels
+
+
+def _label_order(label: str) -> tuple:
+    """Rows in ROW_ORDER by method name; a method's variants (``"Online EWC (coef=70)"``) together."""
+    return (_row_order(label.split(" (")[0]), label)
+
+
 def _cell(stats: dict | None) -> str:
     if not stats:
         return ""
@@ -105,8 +137,9 @@ def continual_tables(runs: list[dict]) -> str:
     for (benchmark, scenario), members in sorted(groups.items()):
         models = [m for m in MODEL_LABELS if any(r["config"]["model"] == m for r in members)]
         cells: dict[str, dict[str, dict]] = defaultdict(dict)
+        row_labels = _row_labels(members)
         for run in members:
-            cells[_row_label(run["config"])][run["config"]["model"]] = run
+            cells[row_labels[id(run)]][run["config"]["model"]] = run
         published = PUBLISHED.get((benchmark, scenario), {"columns": [], "rows": {}})
         data = members[0]["data"]
         repeats = sorted({r["repeats"] for r in members})
@@ -129,14 +162,14 @@ def continual_tables(runs: list[dict]) -> str:
             header.append("gap (project - MLP)")
         header += published["columns"]
         lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-        for label in sorted(cells, key=lambda l: ROW_ORDER.index(l) if l in ROW_ORDER else 99):
+        for label in sorted(cells, key=_label_order):
             row = [label] + [_cell(cells[label][m]["final_average_accuracy"]) if m in cells[label] else ""
                              for m in models]
             if "gap (released - MLP)" in header:
                 a, b = cells[label].get("neurocoder-released"), cells[label].get("mlp")
                 gap = (f"{a['final_average_accuracy']['mean'] - b['final_average_accuracy']['mean']:+.2f}"
                        if a and b else "")
-                published_row = published["rows"].get(label)
+                published_row = published["rows"].get(label)       # a variant row has no published match
                 if gap and published_row and (benchmark, scenario) == ("split-mnist", "domain"):
                     try:
                         mlp_pub, nc_pub = (float(published_row[i].split(" ")[0]) for i in (0, 1))
@@ -154,7 +187,7 @@ def continual_tables(runs: list[dict]) -> str:
         bwt_lines = ["| method | " + " | ".join(MODEL_LABELS[m] for m in models) + " |",
                      "|" + "---|" * (len(models) + 1)]
         time_lines = list(bwt_lines)
-        for label in sorted(cells, key=lambda l: ROW_ORDER.index(l) if l in ROW_ORDER else 99):
+        for label in sorted(cells, key=_label_order):
             bwt_lines.append("| " + label + " | " + " | ".join(
                 _cell(cells[label][m].get("backward_transfer")) if m in cells[label] else "" for m in models) + " |")
             time_lines.append("| " + label + " | " + " | ".join(
@@ -162,7 +195,7 @@ def continual_tables(runs: list[dict]) -> str:
                  f"{cells[label][m]['parameters']:,} params") if m in cells[label] else "" for m in models) + " |")
         parts.append("\nForgetting (backward transfer, points; negative = forgotten):\n\n" + "\n".join(bwt_lines))
         drift_lines = [line for line in bwt_lines[:2]]
-        for label in sorted(cells, key=lambda l: ROW_ORDER.index(l) if l in ROW_ORDER else 99):
+        for label in sorted(cells, key=_label_order):
             values = [_last_drift(cells[label][m]) if m in cells[label] else "" for m in models]
             if any(values):
                 drift_lines.append("| " + label + " | " + " | ".join(values) + " |")
@@ -223,16 +256,17 @@ def _figures(runs: list[dict], out: Path) -> list[Path]:
             groups[(run["config"]["benchmark"], run["config"]["scenario"])].append(run)
     for (benchmark, scenario), members in groups.items():
         # Colour names the method, line style the model, so many runs stay readable.
-        methods = sorted({_row_label(r["config"]) for r in members}, key=_row_order)
+        row_labels = _row_labels(members)
+        methods = sorted(set(row_labels.values()), key=_label_order)
         colours = {m: plt.get_cmap("tab10")(i % 10) for i, m in enumerate(methods)}
         styles = ["-", "--", ":", "-.", (0, (5, 1)), (0, (1, 1))]
         models = sorted({r["config"]["model"] for r in members}, key=lambda m: list(MODEL_LABELS).index(m)
                         if m in MODEL_LABELS else len(MODEL_LABELS))
         fig, ax = plt.subplots(figsize=(10, 4.8))
-        for run in sorted(members, key=lambda r: (_row_order(_row_label(r["config"])), r["config"]["model"])):
+        for run in sorted(members, key=lambda r: (_label_order(row_labels[id(r)]), r["config"]["model"])):
             curve = run["average_accuracy_after_each_task"]
             xs = list(range(1, len(curve["mean"]) + 1))
-            method, model = _row_label(run["config"]), run["config"]["model"]
+            method, model = row_labels[id(run)], run["config"]["model"]
             label = f"{method}, {MODEL_LABELS.get(model, model)}"
             ax.plot(xs, curve["mean"], marker="o", markersize=3, label=label, color=colours[method],
                     linestyle=styles[models.index(model) % len(styles)])
