@@ -110,7 +110,8 @@ def _row_labels(members: list[dict]) -> dict[int, str]:
 
 def _label_order(label: str) -> tuple:
     """Rows in ROW_ORDER by method name; a method's variants (``"Online EWC (coef=70)"``) together."""
-    return (_row_order(label.split(" (")[0]), label)
+    name = label if label in ROW_ORDER else label.split(" (")[0]      # "Offline (all tasks jointly)" is a name
+    return (_row_order(name), label)
 
 
 def _cell(stats: dict | None) -> str:
