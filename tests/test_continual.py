@@ -560,3 +560,12 @@ def test_report_gives_runs_of_one_model_and_method_with_other_settings_rows_of_t
     # Without a collision the row keeps the method's plain name (and its published numbers).
     assert "| Online EWC | 90.00" in continual_tables(runs[:2])
     assert write_report(runs, isolated / "report").exists()
+
+
+def test_report_orders_variant_rows_by_method_then_by_the_numbers_in_their_settings():
+    from neurocoder.report import _label_order
+    labels = ["Online EWC (coef=10.0)", "Offline (all tasks jointly)", "Online EWC (coef=5.0)", "Adam",
+              "Online EWC (coef=700.0)", "Online EWC (coef=70.0)"]
+    assert sorted(labels, key=_label_order) == ["Adam", "Online EWC (coef=5.0)", "Online EWC (coef=10.0)",
+                                                "Online EWC (coef=70.0)", "Online EWC (coef=700.0)",
+                                                "Offline (all tasks jointly)"]

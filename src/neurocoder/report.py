@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from collections import defaultdict
 from pathlib import Path
 
@@ -111,7 +112,10 @@ def _row_labels(members: list[dict]) -> dict[int, str]:
 def _label_order(label: str) -> tuple:
     """Rows in ROW_ORDER by method name; a method's variants (``"Online EWC (coef=70)"``) together."""
     name = label if label in ROW_ORDER else label.split(" (")[0]      # "Offline (all tasks jointly)" is a name
-    return (_row_order(name), label)
+    # Numbers in a variant's settings by value ("coef=70" before "coef=700", "=5" before "=10"):
+    # splitting on digit runs puts text and numbers at alternating places, so they never meet.
+    natural = [int(piece) if piece.isdigit() else piece for piece in re.split(r"(\d+)", label)]
+    return (_row_order(name), natural)
 
 
 def _cell(stats: dict | None) -> str:
