@@ -167,7 +167,8 @@ def continual_tables(runs: list[dict]) -> str:
             header.append("gap (project - MLP)")
         header += published["columns"]
         lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-        for label in sorted(cells, key=_label_order):
+        ordered = sorted(cells, key=_label_order)
+        for label in ordered:
             row = [label] + [_cell(cells[label][m]["final_average_accuracy"]) if m in cells[label] else ""
                              for m in models]
             if "gap (released - MLP)" in header:
@@ -192,7 +193,7 @@ def continual_tables(runs: list[dict]) -> str:
         bwt_lines = ["| method | " + " | ".join(MODEL_LABELS[m] for m in models) + " |",
                      "|" + "---|" * (len(models) + 1)]
         time_lines = list(bwt_lines)
-        for label in sorted(cells, key=_label_order):
+        for label in ordered:
             bwt_lines.append("| " + label + " | " + " | ".join(
                 _cell(cells[label][m].get("backward_transfer")) if m in cells[label] else "" for m in models) + " |")
             time_lines.append("| " + label + " | " + " | ".join(
@@ -200,7 +201,7 @@ def continual_tables(runs: list[dict]) -> str:
                  f"{cells[label][m]['parameters']:,} params") if m in cells[label] else "" for m in models) + " |")
         parts.append("\nForgetting (backward transfer, points; negative = forgotten):\n\n" + "\n".join(bwt_lines))
         drift_lines = [line for line in bwt_lines[:2]]
-        for label in sorted(cells, key=_label_order):
+        for label in ordered:
             values = [_last_drift(cells[label][m]) if m in cells[label] else "" for m in models]
             if any(values):
                 drift_lines.append("| " + label + " | " + " | ".join(values) + " |")
