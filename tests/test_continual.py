@@ -569,3 +569,33 @@ def test_report_orders_variant_rows_by_method_then_by_the_numbers_in_their_setti
     assert sorted(labels, key=_label_order) == ["Adam", "Online EWC (coef=5.0)", "Online EWC (coef=10.0)",
                                                 "Online EWC (coef=70.0)", "Online EWC (coef=700.0)",
                                                 "Offline (all tasks jointly)"]
+
+
+def test_permuted_stall_probe_logs_and_freezes_what_it_names(isolated, tmp_path):  # noqa: F811
+    """scripts/probe_permuted_stall.py (README, permuted MNIST): its log lines carry the fields the
+    notes quote, and --freeze-after-first holds the named parameters bit-identical afterwards."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(
+        "probe_permuted_stall", Path(__file__).resolve().parents[1] / "scripts" / "probe_permuted_stall.py")
+    probe = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(probe)
+    make_idx_folder(isolated / "mnist", n_train=64, n_test=32)
+    log = tmp_path / "probe.jsonl"
+    common = ["--tasks", "2", "--every", "2", "--set", f"data_dir={isolated / 'mnist'}", "--set", "hidden=16",
+              "--set", "steps_per_task=4", "--set", "batch_size=16", "--out", str(log)]
+    rep = probe.main(common + ["--freeze-after-first", "key_map", "s_keys"])
+    records = [json.loads(line) for line in log.read_text().splitlines()]
+    steps = [r for r in records if "step" in r]
+    assert [(r["task"], r["step"]) for r in steps] == [(1, 0), (1, 2), (1, 3), (2, 0), (2, 2), (2, 3)]
+    assert {"cross_entropy", "penalty", "grad_task", "dead_1", "sigma_body.0", "moved_most", "accuracy"} <= set(steps[0])
+    assert "grad_penalty" in steps[-1] and steps[-1]["penalty"] > 0          # task 2 runs under the EWC penalty
+    assert [r for r in records if "fisher" in r][0]["task"] == 2
+    params = dict(rep.model.named_parameters())
+    frozen = [n for n in params if "key_map" in n or "s_keys" in n]
+    assert frozen and all(not params[n].requires_grad for n in frozen)
+    # The same seeds for one task only: the parameters as task 1 left them.
+    first = probe.main(common[:-2] + ["--tasks", "1"]).model.state_dict()
+    for name in frozen:
+        assert torch.equal(params[name], first[name]), name                    # untouched by task 2
+    assert any(not torch.equal(params[n], first[n]) for n in params if n not in frozen)
