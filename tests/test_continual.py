@@ -599,3 +599,19 @@ def test_permuted_stall_probe_logs_and_freezes_what_it_names(isolated, tmp_path)
     for name in frozen:
         assert torch.equal(params[name], first[name]), name                    # untouched by task 2
     assert any(not torch.equal(params[n], first[n]) for n in params if n not in frozen)
+
+
+def test_report_labels_name_the_layer_option_that_differs(isolated):  # noqa: F811
+    """Runs that differ in one Neurocoder option get rows named by that option, not by the whole
+    option group; a run that left the group at its preset's defaults keeps the plain name."""
+    from neurocoder.report import _row_labels
+
+    def run(model, **options):
+        return {"config": {"model": model, "strategy": "online-ewc", "coef": 700.0, "layer_options": options}}
+
+    runs = [run("neurocoder-released", num_programs=200), run("neurocoder-released", sharpness="learned"),
+            run("neurocoder-released"), run("neurocoder-hidden")]
+    labels = _row_labels(runs)
+    assert [labels[id(r)] for r in runs] == ['Online EWC (layer_options.num_programs=200)',
+                                             'Online EWC (layer_options.sharpness="learned")',
+                                             "Online EWC", "Online EWC"]

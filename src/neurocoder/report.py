@@ -101,12 +101,31 @@ def _row_labels(members: list[dict]) -> dict[int, str]:
         if len(models) == len(set(models)):
             labels.update({id(r): label for r in runs})
             continue
-        keys = sorted({k for r in runs for k in r["config"]} - _NOT_A_SETTING)
-        differing = [k for k in keys if len({json.dumps(r["config"].get(k), sort_keys=True) for r in runs}) > 1]
-        for run in runs:
-            settings = ", ".join(f"{k}={json.dumps(run['config'].get(k), sort_keys=True)}" for k in differing)
-            labels[id(run)] = f"{label} ({settings})" if settings else label
+        flat = [_flat_settings(r["config"]) for r in runs]
+        keys = sorted({k for settings in flat for k in settings})
+        differing = [k for k in keys if len({json.dumps(f.get(k, _UNSET), sort_keys=True) for f in flat}) > 1]
+        for run, settings in zip(runs, flat):
+            shown = ", ".join(f"{k}={json.dumps(settings[k], sort_keys=True)}" for k in differing if k in settings)
+            labels[id(run)] = f"{label} ({shown})" if shown else label
     return labels
+
+
+_UNSET = "\0unset"
+
+
+def _flat_settings(config: dict) -> dict:
+    """A run's settings with option groups opened: ``{"layer_options": {"rank": 2}}`` becomes
+    ``{"layer_options.rank": 2}``, so a label names the option that differs, not the whole group;
+    an option a run did not set is absent (its preset's default) and left out of its label."""
+    flat = {}
+    for key, value in config.items():
+        if key in _NOT_A_SETTING:
+            continue
+        if isinstance(value, dict):
+            flat.update({f"{key}.{sub}": inner for sub, inner in value.items()})
+        else:
+            flat[key] = value
+    return flat
 
 
 def _label_order(label: str) -> tuple:
