@@ -11,8 +11,9 @@ norms of their gradients per layer, the fraction of dead hidden units (zero on e
 batch of the current task), each Neurocoder layer's mean singular value and the effective rank
 of the weight it composes, the parameter tensors that moved most since the task began, and the
 test accuracy on every task. At the start of each later task it logs the accumulated Fisher per
-parameter tensor. One JSON object per line, printed and written to ``--out``. A tool for one
-question (README, permuted MNIST), not part of any experiment's results.
+parameter tensor. One JSON object per line, printed and written to ``--out``.
+``--set benchmark=split-mnist`` (or any other continual-learning setting) runs that instead.
+A tool for one question (README, permuted MNIST), not part of any experiment's results.
 """
 
 from __future__ import annotations
@@ -51,7 +52,8 @@ def grad_norms(model, loss) -> dict[str, float]:
 
 @torch.no_grad()
 def inspect(model, x) -> dict:
-    """Dead hidden units and mean sigma per Neurocoder layer, on the batch x."""
+    """On the batch x: dead and active hidden units, the spread of the logits across images, and
+    per Neurocoder layer the mean singular value and the effective rank of the composed weight."""
     hidden1 = torch.relu(model.body[0](x))
     hidden2 = torch.relu(model.body[2](hidden1))
     out = {"dead_1": (hidden1.amax(0) <= 0).float().mean().item(),
