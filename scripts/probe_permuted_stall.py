@@ -2,7 +2,7 @@
 
     python scripts/probe_permuted_stall.py [--model neurocoder-released] [--tasks 3] [--repeat 1]
         [--every 200] [--last-every N] [--last-steps N] [--freeze-after-first SUBSTRING ...]
-        [--set key=value ...] [--out FILE.jsonl]
+        [--fisher-scale SUBSTRING=FACTOR ...] [--set key=value ...] [--out FILE.jsonl]
 
 Trains one repeat of the `permuted-mnist` preset (online EWC, R1's Fisher and lambda, the
 released code's Fisher with the orthogonality loss) through the continual trainer's own repeat,
@@ -87,6 +87,10 @@ def main(argv: list[str] | None = None) -> _Repeat:
     parser.add_argument("--freeze-after-first", nargs="*", default=[], metavar="SUBSTRING",
                         help="after the first task, stop training every parameter whose name contains one of "
                              "these (e.g. key_map s_keys: the content-key maps and the S bank's keys)")
+    parser.add_argument("--fisher-scale", nargs="*", default=[], metavar="SUBSTRING=FACTOR",
+                        help="multiply each task's Fisher of the parameters whose name contains SUBSTRING by "
+                             "FACTOR before it joins the penalty (e.g. composer=30: a penalty weighted towards "
+                             "the composers)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     parser.add_argument("--out", default=None)
     args = parser.parse_args(argv)
@@ -98,6 +102,19 @@ def main(argv: list[str] | None = None) -> _Repeat:
     # As run_continual: every repeat of permuted MNIST draws permutations of its own.
     stream, data_info = build_stream(cfg, cfg.seed * 1000 + args.repeat)
     rep = _Repeat(cfg, stream, args.repeat)
+    if args.fisher_scale:
+        scales = [(text.split("=")[0], float(text.split("=")[1])) for text in args.fisher_scale]
+        importance = rep.strategy.importance
+
+        def scaled_importance(batches, loss_fn):
+            fisher = importance(batches, loss_fn)
+            for name in fisher:
+                for substring, factor in scales:
+                    if substring in name:
+                        fisher[name] = fisher[name] * factor
+            return fisher
+
+        rep.strategy.importance = scaled_importance
     steps_per_task = _steps_per_task(cfg, stream, data_info)
     log = open(args.out, "w") if args.out else None
     for task_index in range(args.tasks):

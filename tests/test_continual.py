@@ -599,6 +599,14 @@ def test_permuted_stall_probe_logs_and_freezes_what_it_names(isolated, tmp_path)
     for name in frozen:
         assert torch.equal(params[name], first[name]), name                    # untouched by task 2
     assert any(not torch.equal(params[n], first[n]) for n in params if n not in frozen)
+    # --fisher-scale multiplies the named parameters' Fisher before it joins the penalty (one
+    # task: the same parameters in both runs, so the same Fisher before scaling).
+    scaled = probe.main(common[:-2] + ["--tasks", "1", "--fisher-scale", "composer=0", "u_values=2"])
+    plain = probe.main(common[:-2] + ["--tasks", "1"])
+    for name, fisher in scaled.strategy.terms[0]["importance"].items():
+        reference = plain.strategy.terms[0]["importance"][name]
+        factor = 0.0 if "composer" in name else 2.0 if "u_values" in name else 1.0
+        assert torch.allclose(fisher, factor * reference), name
 
 
 def test_report_labels_name_the_layer_option_that_differs(isolated):  # noqa: F811
