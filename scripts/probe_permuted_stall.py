@@ -103,7 +103,10 @@ def main(argv: list[str] | None = None) -> _Repeat:
     stream, data_info = build_stream(cfg, cfg.seed * 1000 + args.repeat)
     rep = _Repeat(cfg, stream, args.repeat)
     if args.fisher_scale:
-        scales = [(text.split("=")[0], float(text.split("=")[1])) for text in args.fisher_scale]
+        try:
+            scales = [(text.split("=")[0], float(text.split("=")[1])) for text in args.fisher_scale]
+        except (IndexError, ValueError):
+            parser.error(f"--fisher-scale takes SUBSTRING=FACTOR pairs (e.g. composer=30), got {args.fisher_scale}")
         importance = rep.strategy.importance
 
         def scaled_importance(batches, loss_fn):

@@ -85,6 +85,8 @@ def _row_label(config: dict) -> str:
 # Settings that never tell two runs' methods apart: the model is a column, the rest is bookkeeping.
 _NOT_A_SETTING = {"model", "strategy", "optimizer", "seed", "repeats", "threads", "data_dir", "data", "preset",
                   "kind", "data_source"}
+# What an option a run did not set compares as: unequal to any value a run did set.
+_UNSET = "\0unset"
 
 
 def _row_labels(members: list[dict]) -> dict[int, str]:
@@ -108,9 +110,6 @@ def _row_labels(members: list[dict]) -> dict[int, str]:
             shown = ", ".join(f"{k}={json.dumps(settings[k], sort_keys=True)}" for k in differing if k in settings)
             labels[id(run)] = f"{label} ({shown})" if shown else label
     return labels
-
-
-_UNSET = "\0unset"
 
 
 def _flat_settings(config: dict) -> dict:
