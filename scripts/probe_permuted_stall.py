@@ -3,11 +3,13 @@
     python scripts/probe_permuted_stall.py [--model neurocoder-released] [--tasks 3] [--repeat 1]
         [--every 200] [--last-every N] [--last-steps N] [--freeze-after-first SUBSTRING ...]
         [--fisher-scale SUBSTRING=FACTOR ...] [--set key=value ...] [--out FILE.jsonl]
+        (--set reset_optimizer=true: a fresh optimiser at every task after the first)
 
 Trains one repeat of the `permuted-mnist` preset (online EWC, R1's Fisher and lambda, the
 released code's Fisher with the orthogonality loss) through the continual trainer's own repeat,
 and every ``--every`` steps logs: the cross-entropy, orthogonality loss and EWC penalty, the
-norms of their gradients per layer, the fraction of dead hidden units (zero on every image of a
+norms of their gradients per layer, the mean size of Adam's last step per tensor (in units of the
+learning rate), the fraction of dead hidden units (zero on every image of a
 batch of the current task), each Neurocoder layer's mean singular value and the effective rank
 of the weight it composes, the parameter tensors that moved most since the task began, and the
 test accuracy on every task. At the start of each later task it logs the accumulated Fisher per
@@ -74,6 +76,27 @@ def inspect(model, x) -> dict:
     return out
 
 
+@torch.no_grad()
+def adam_steps(optimizer) -> dict[str, float]:
+    """Per parameter tensor, the mean size of Adam's last step in units of the learning rate:
+    |m_hat| / (sqrt(v_hat) + eps), bias-corrected as Adam applies it. About 1 where gradients
+    are steady; well above 1 where they grew faster than the slow second moment followed."""
+    if not isinstance(optimizer, torch.optim.Adam):
+        return {}
+    (beta1, beta2), eps = optimizer.defaults["betas"], optimizer.defaults["eps"]
+    out = {}
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            state = optimizer.state.get(p)
+            if not p.requires_grad or not state or "exp_avg" not in state:   # frozen, or no step yet
+                continue
+            t = float(state["step"])
+            m_hat = state["exp_avg"] / (1 - beta1 ** t)
+            v_hat = state["exp_avg_sq"] / (1 - beta2 ** t)
+            out[id(p)] = (m_hat.abs() / (v_hat.sqrt() + eps)).mean().item()
+    return out
+
+
 def main(argv: list[str] | None = None) -> _Repeat:
     """Run the probe; returns the trained repeat (its model, optimiser and strategy) for inspection."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -127,7 +150,7 @@ def main(argv: list[str] | None = None) -> _Repeat:
         generator = torch.Generator().manual_seed(rep.seed * 100 + task_index)
         heads = rep.heads_for(task_index, len(task.train_y))
         rep.model.train()
-        rep.strategy.before_task(task_index)
+        rep.begin_task(task_index)
         last = task_index == args.tasks - 1
         steps = steps_per_task[task_index]
         every = args.last_every if last and args.last_every else args.every
@@ -160,6 +183,9 @@ def main(argv: list[str] | None = None) -> _Repeat:
                 moved = {n: ((p.detach() - task_start[n]).norm() / task_start[n].norm().clamp_min(1e-12)).item()
                          for n, p in rep.model.named_parameters()}
                 record["moved_most"] = dict(sorted(moved.items(), key=lambda kv: -kv[1])[:6])
+                steps_by_id = adam_steps(rep.optimizer)
+                record["adam_step"] = {n: steps_by_id[id(p)] for n, p in rep.model.named_parameters()
+                                       if id(p) in steps_by_id}
                 record["accuracy"] = rep.evaluate()
                 print(json.dumps(record))
                 if log:

@@ -376,6 +376,26 @@ def test_freeze_programs_freezes_the_most_read_slots_per_task(isolated):  # noqa
     assert torch.equal(body.u[first], frozen_u)
 
 
+def test_reset_optimizer_gives_each_later_task_fresh_adam_moments(isolated):  # noqa: F811
+    make_idx_folder(isolated / "mnist", n_train=200, n_test=50)
+    from neurocoder.train.continual import _Repeat, build_stream
+    steps_after = {}
+    for reset in (False, True):
+        cfg = _tiny_config(isolated / "mnist", repeats=1, reset_optimizer=reset).resolved()
+        stream, _ = build_stream(cfg, 0)
+        state = _Repeat(cfg, stream, 0)
+        state.train_task(0, 4, None)
+        first = state.optimizer
+        state.next_task = 1
+        state.train_task(1, 3, None)
+        # Adam's step count of the first weight: 4 + 3 carried over, or 3 from a fresh start.
+        steps_after[reset] = int(state.optimizer.state[next(state.model.parameters())]["step"])
+        assert (state.optimizer is first) == (not reset)
+    assert steps_after == {False: 7, True: 3}
+    with pytest.raises(ValueError, match="reset_optimizer='yes'"):
+        ContinualConfig(reset_optimizer="yes").check()
+
+
 def test_any_tensors_become_a_stream_through_the_python_api(tmp_path):
     stream = _toy_stream("task")
     cfg = ContinualConfig(repeats=1, epochs=10, batch_size=32, hidden=16, threads=1, strategy="online-ewc", lr=0.01)
@@ -599,6 +619,17 @@ def test_permuted_stall_probe_logs_and_freezes_what_it_names(isolated, tmp_path)
     for name in frozen:
         assert torch.equal(params[name], first[name]), name                    # untouched by task 2
     assert any(not torch.equal(params[n], first[n]) for n in params if n not in frozen)
+    assert steps[0]["adam_step"] == {} and set(steps[-1]["adam_step"]) == {n for n in params if n not in frozen}
+    # Adam's step in units of the learning rate: 1 under a steady gradient; several times that
+    # just after the gradient grows tenfold (the second moment follows slowly).
+    weight = torch.nn.Parameter(torch.zeros(3))
+    adam = torch.optim.Adam([weight], lr=1e-3)
+    for step in range(300):
+        weight.grad = torch.full((3,), 0.1 if step < 290 else 1.0)
+        adam.step()
+        if step == 289:
+            assert probe.adam_steps(adam)[id(weight)] == pytest.approx(1.0, rel=1e-3)
+    assert probe.adam_steps(adam)[id(weight)] > 3.0
     # --fisher-scale multiplies the named parameters' Fisher before it joins the penalty (one
     # task: the same parameters in both runs, so the same Fisher before scaling).
     scaled = probe.main(common[:-2] + ["--tasks", "1", "--fisher-scale", "composer=0", "u_values=2"])

@@ -80,6 +80,9 @@ class ContinualConfig:
     # None: the model's default (10 for model=neurocoder, else 0).
     freeze_programs: int | None = None
     moe_balance_weight: float = 0.01     # weight of MoE layers' load-balancing loss (model=moe)
+    # A fresh optimiser (no Adam moments, no Adagrad sums) at the start of every task after the
+    # first. Off in R1's protocol: Hsu et al.'s code has the same switch (reset_optimizer), off.
+    reset_optimizer: bool = False
 
     # What a setting missing from a run folder's recorded config meant when that run was made:
     # the setting did not exist yet, and the code then behaved as this value.
@@ -117,6 +120,8 @@ class ContinualConfig:
         from neurocoder.data.sources import DATA_SOURCES
         if self.data_source not in DATA_SOURCES:
             problems.append(f"data_source={self.data_source!r} (choose {list(DATA_SOURCES)})")
+        if not isinstance(self.reset_optimizer, bool):
+            problems.append(f"reset_optimizer={self.reset_optimizer!r} (must be true or false)")
         for name in ("epochs", "batch_size", "repeats", "hidden", "num_tasks"):
             if getattr(self, name) < 1:
                 problems.append(f"{name}={getattr(self, name)} (must be >= 1)")
@@ -219,6 +224,13 @@ class _Repeat:
             targets = logits.detach().argmax(-1)
         return F.cross_entropy(logits, y if targets is None else targets)
 
+    def begin_task(self, task_index: int) -> None:
+        """What happens before a task's first step: the strategy's preparation and, with
+        ``reset_optimizer``, a fresh optimiser (its moments from earlier tasks dropped)."""
+        if self.cfg.reset_optimizer and task_index > 0:
+            self.optimizer = OPTIMIZERS[self.cfg.optimizer](self.model.parameters(), lr=self.cfg.lr)
+        self.strategy.before_task(task_index)
+
     def train_task(self, task_index: int, steps: int, bar: Progress | None) -> None:
         cfg, task = self.cfg, self.stream.tasks[task_index]
         torch.manual_seed(self.seed * 100 + task_index)
@@ -230,7 +242,7 @@ class _Repeat:
         else:
             xs, ys, hs = task.train_x, task.train_y, self.heads_for(task_index, len(task.train_y))
         self.model.train()
-        self.strategy.before_task(task_index)
+        self.begin_task(task_index)
         for x, y, heads in _batches(xs, ys, hs, cfg.batch_size, steps, generator):
             x, y, heads = self.strategy.training_batch(x, y, heads)
             loss = self.loss(x, y, heads) + self.regularization(heads)
