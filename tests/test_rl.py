@@ -232,11 +232,14 @@ def test_ppo_run_folder_and_resume_after_kill(tmp_path, monkeypatch):
     diagnostics = table.split("How far each PPO update moved the policy")[1]
     rows = [line for line in diagnostics.splitlines() if line.startswith("| minatar:breakout")]
     assert [row.split(" | ")[1:3] for row in rows] == [["plain", "8"], ["nc-heads", "8"]]
-    # The last column: the mean explained variance over the 8 updates (of "straight": nc-heads).
+    # The last three columns: the mean explained variance, gradient norm before clipping and share
+    # of clipped minibatches over the 8 updates (of "straight": nc-heads).
     logged = [m["explained_variance"] for m in metrics if m["explained_variance"] is not None]
     assert logged and all(v <= 1.0 for v in logged)
     straight_row = [row for row in rows if " nc-heads " in row][0]
-    assert straight_row.split(" | ")[-1].rstrip(" |") == f"{sum(logged) / len(logged):.3f}"
+    mean = lambda key: sum(m[key] for m in metrics) / len(metrics)
+    assert straight_row.split(" | ")[-3:] == [f"{sum(logged) / len(logged):.3f}", f"{mean('grad_norm'):.3f}",
+                                              f"{mean('clipped_fraction'):.2f} |"]
     # How soon each agent scores: a row per run; the entropy at the first update is metrics' first.
     early = table.split("How soon each agent starts scoring")[1].split("####")[0]
     early_rows = [line.split(" | ") for line in early.splitlines() if line.startswith("| minatar:breakout")]
@@ -283,6 +286,17 @@ def test_target_kl_stops_the_update_epochs_early():
     for r in records[None] + records[1e-12]:
         assert 0 <= r["approx_kl"] <= r["max_approx_kl"]
     assert records[None][0]["max_approx_kl"] > 1e-12
+
+
+def test_updates_log_the_gradient_norm_before_clipping():
+    """grad_norm is the mean norm before clipping; clipped_fraction the share of minibatches
+    above max_grad_norm: all of them under a tiny threshold, none under a huge one."""
+    logged = {}
+    for threshold in (1e-9, 1e9):
+        trainer = ppo_module._Seed(_tiny(variant="nc-heads", max_grad_norm=threshold), 0)
+        logged[threshold] = trainer.train_update()[0]
+    assert logged[1e-9]["clipped_fraction"] == 1.0 and logged[1e9]["clipped_fraction"] == 0.0
+    assert logged[1e-9]["grad_norm"] > 1e-9 and logged[1e9]["grad_norm"] > 0
 
 
 @pytest.mark.slow

@@ -117,7 +117,9 @@ def _diagnostics_table(groups: dict[str, dict[str, dict]], metrics: dict[str, li
     """How far each update moved the policy, from the per-update metrics of the run folders that
     keep them: clip fraction and approximate KL averaged over every update of every seed, and the
     policy's entropy at the last update (mean over seeds), and how much of the return variance the
-    value head explains (mean over updates; '-' for runs made before it was logged). Empty when no folder has metrics."""
+    value head explains (mean over updates), the gradient's norm before clipping and the share of
+    minibatches whose gradient was clipped ('-' for runs made before these were logged). Empty when
+    no folder has metrics."""
     lines = []
     for env in sorted(groups):
         for variant in sorted(groups[env], key=_variant_order):
@@ -130,11 +132,15 @@ def _diagnostics_table(groups: dict[str, dict[str, dict]], metrics: dict[str, li
                 last[m.get("seed", 0)] = m["entropy"]
             kl = f"{mean('approx_kl'):.4f}" if all("approx_kl" in m for m in updates) else "-"
             explained = [m["explained_variance"] for m in updates if m.get("explained_variance") is not None]
+            norms = [m["grad_norm"] for m in updates if "grad_norm" in m]
+            clipped = [m["clipped_fraction"] for m in updates if "clipped_fraction" in m]
             lines.append(f"| {env} | {variant} | {len(updates)} | {mean('clip_fraction'):.3f} | {kl} | "
-                         f"{sum(last.values()) / len(last):.3f} | {_mean_or_dash(explained, 3)} |")
+                         f"{sum(last.values()) / len(last):.3f} | {_mean_or_dash(explained, 3)} | "
+                         f"{_mean_or_dash(norms, 3)} | {_mean_or_dash(clipped, 2)} |")
     return _section("How far each PPO update moved the policy",
                     ["environment", "variant", "updates", "clip fraction (mean)", "approximate KL per minibatch (mean)",
-                     "policy entropy at the end", "value's explained variance (mean)"], lines)
+                     "policy entropy at the end", "value's explained variance (mean)",
+                     "gradient norm before clipping (mean)", "minibatches clipped"], lines)
 
 
 def _mean_or_dash(values: list[float], digits: int) -> str:

@@ -354,7 +354,7 @@ class _Seed:
                 "advantages": advantages.flatten(), "returns": returns.flatten(), "values": values.flatten()}
         agent.train()
         minibatch = self.batch // cfg.num_minibatches
-        clip_fractions, kls, stats, epochs = [], [], {}, 0
+        clip_fractions, kls, grad_norms, stats, epochs = [], [], [], {}, 0
         for _ in range(cfg.update_epochs):
             epochs += 1
             order = torch.randperm(self.batch, generator=self.generator)
@@ -375,7 +375,8 @@ class _Seed:
                         + neurocoder.regularization(agent, cfg.orthogonality_weight))
                 self.optimizer.zero_grad(set_to_none=True)
                 loss.backward()
-                nn.utils.clip_grad_norm_(agent.parameters(), cfg.max_grad_norm)
+                # The norm before clipping: above max_grad_norm every parameter's step shrinks.
+                grad_norms.append(nn.utils.clip_grad_norm_(agent.parameters(), cfg.max_grad_norm).item())
                 self.optimizer.step()
                 clip_fractions.append(((ratio - 1).abs() > cfg.clip_coef).float().mean().item())
                 with torch.no_grad():           # Schulman's low-variance estimator of KL(old || new)
@@ -390,6 +391,8 @@ class _Seed:
         record = {"seed": self.seed_index, "update": self.update, "frames": self.steps * self.envs.frames_per_step,
                   "steps_per_second": self.batch / seconds, "clip_fraction": sum(clip_fractions) / len(clip_fractions),
                   "approx_kl": sum(kls) / len(kls), "max_approx_kl": max(kls), "epochs": epochs,
+                  "grad_norm": sum(grad_norms) / len(grad_norms),
+                  "clipped_fraction": sum(g > cfg.max_grad_norm for g in grad_norms) / len(grad_norms),
                   "explained_variance": explained_variance(flat["returns"], flat["values"]), **stats}
         return record, episodes
 
