@@ -344,3 +344,28 @@ def test_report_keeps_a_row_for_each_run_of_the_same_game_and_variant(tmp_path):
     table = rl_tables(runs)
     assert "| nc-heads (first) | 1.50 +- 0.00" in table
     assert "| nc-heads (second) | 2.50 +- 0.00" in table
+
+
+def test_report_labels_same_named_folders_by_the_setting_that_differs(tmp_path):
+    """Two tables' folders of the same name (results/minatar/asterix-nc-heads and
+    results/minatar-residual/asterix-nc-heads) are two rows named by the option that differs
+    (the folder name alone would give both the same label, and one row would hide the other);
+    with the same settings, parent and folder name tell them apart."""
+    def runs_with(options_by_parent):
+        runs = []
+        for parent, options, value in options_by_parent:
+            folder = tmp_path / parent / "asterix-nc-heads"
+            (folder / "seeds").mkdir(parents=True, exist_ok=True)
+            runs.append({"path": str(folder), "config": {"kind": "rl", "env": "minatar:asterix", "variant": "nc-heads",
+                                                         "threads": 1, "layer_options": options},
+                         "final_return_mean": value, "final_return_std": 0.0, "seeds": 1, "frames": 10,
+                         "steps_per_second": 100.0, "parameters": 7})
+        return runs
+
+    table = rl_tables(runs_with([("minatar", {"rank": 4}, 1.5), ("minatar-residual", {"rank": 4, "residual": True}, 2.5)]))
+    rows = [line for line in table.splitlines() if line.startswith("| minatar:asterix | nc-heads")]
+    assert len(rows) == 2
+    assert "| nc-heads | 1.50 +- 0.00" in table        # the run that left the option unset: the plain label
+    assert "| nc-heads (layer_options.residual=true) | 2.50 +- 0.00" in table
+    table = rl_tables(runs_with([("a", {}, 1.5), ("b", {}, 2.5)]))
+    assert "| nc-heads (a/asterix-nc-heads) | 1.50" in table and "| nc-heads (b/asterix-nc-heads) | 2.50" in table

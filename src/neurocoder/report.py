@@ -7,6 +7,8 @@ import re
 from collections import defaultdict
 from pathlib import Path
 
+from .report_common import differing_settings
+
 __all__ = ["load_runs", "continual_tables", "write_report", "PUBLISHED"]
 
 STRATEGY_LABELS = {"sgd": "SGD", "adam": "Adam", "adagrad": "Adagrad", "l2": "L2", "ewc": "EWC",
@@ -85,8 +87,15 @@ def _row_label(config: dict) -> str:
 # Settings that never tell two runs' methods apart: the model is a column, the rest is bookkeeping.
 _NOT_A_SETTING = {"model", "strategy", "optimizer", "seed", "repeats", "threads", "data_dir", "data", "preset",
                   "kind", "data_source"}
-# What an option a run did not set compares as: unequal to any value a run did set.
-_UNSET = "\0unset"
+
+
+def _defaults() -> dict:
+    """What a setting missing from a run's recorded config meant: the value the code then ran
+    with (ContinualConfig.LEGACY), else today's default."""
+    from dataclasses import asdict
+
+    from .train.continual import ContinualConfig
+    return {**asdict(ContinualConfig()), **ContinualConfig.LEGACY}
 
 
 def _row_labels(members: list[dict]) -> dict[int, str]:
@@ -103,28 +112,9 @@ def _row_labels(members: list[dict]) -> dict[int, str]:
         if len(models) == len(set(models)):
             labels.update({id(r): label for r in runs})
             continue
-        flat = [_flat_settings(r["config"]) for r in runs]
-        keys = sorted({k for settings in flat for k in settings})
-        differing = [k for k in keys if len({json.dumps(f.get(k, _UNSET), sort_keys=True) for f in flat}) > 1]
-        for run, settings in zip(runs, flat):
-            shown = ", ".join(f"{k}={json.dumps(settings[k], sort_keys=True)}" for k in differing if k in settings)
+        for run, shown in zip(runs, differing_settings([r["config"] for r in runs], _NOT_A_SETTING, _defaults())):
             labels[id(run)] = f"{label} ({shown})" if shown else label
     return labels
-
-
-def _flat_settings(config: dict) -> dict:
-    """A run's settings with option groups opened: ``{"layer_options": {"rank": 2}}`` becomes
-    ``{"layer_options.rank": 2}``, so a label names the option that differs, not the whole group;
-    an option a run did not set is absent (its preset's default) and left out of its label."""
-    flat = {}
-    for key, value in config.items():
-        if key in _NOT_A_SETTING:
-            continue
-        if isinstance(value, dict):
-            flat.update({f"{key}.{sub}": inner for sub, inner in value.items()})
-        else:
-            flat[key] = value
-    return flat
 
 
 def _label_order(label: str) -> tuple:

@@ -2,28 +2,76 @@
 
 from __future__ import annotations
 
-from collections import Counter, defaultdict
+import json
+from collections import defaultdict
 from pathlib import Path
 from typing import Callable
 
-__all__ = ["group_runs", "member_order"]
+__all__ = ["group_runs", "member_order", "flat_settings", "differing_settings"]
+
+
+# What an option a config did not set compares as: unequal to any value a config did set.
+_UNSET = "\0unset"
+# Settings that never tell two runs' methods apart (bookkeeping).
+_BOOKKEEPING = {"kind", "preset", "threads", "data_dir"}
+
+
+def flat_settings(config: dict, skip: set[str] | frozenset = frozenset()) -> dict:
+    """A run's settings with option groups opened: ``{"layer_options": {"rank": 2}}`` becomes
+    ``{"layer_options.rank": 2}``, so a label can name the option that differs, not the whole
+    group; keys in ``skip`` are left out. An option a run did not set is absent (its preset's
+    default)."""
+    flat = {}
+    for key, value in config.items():
+        if key in skip:
+            continue
+        if isinstance(value, dict):
+            flat.update({f"{key}.{sub}": inner for sub, inner in value.items()})
+        else:
+            flat[key] = value
+    return flat
+
+
+def differing_settings(configs: list[dict], skip: set[str] | frozenset = frozenset(),
+                       defaults: dict | None = None) -> list[str]:
+    """For each config, ``"key=value, ..."`` of the settings in which the configs differ (an
+    option one config set and another left unset counts as differing; a config that left it
+    unset does not name it). ``defaults`` fills the top-level settings a config lacks (a run
+    made before the setting existed ran as its default, or as the value given here)."""
+    flat = [flat_settings({**(defaults or {}), **c}, skip) for c in configs]
+    keys = sorted({k for settings in flat for k in settings})
+    differing = [k for k in keys if len({json.dumps(f.get(k, _UNSET), sort_keys=True) for f in flat}) > 1]
+    return [", ".join(f"{k}={json.dumps(f[k], sort_keys=True)}" for k in differing if k in f) for f in flat]
 
 
 def group_runs(runs: list[dict], kind: str, group_field: str,
-               member_field: str | Callable[[dict], str]) -> dict[str, dict[str, dict]]:
+               member_field: str | Callable[[dict], str], defaults: dict | None = None) -> dict[str, dict[str, dict]]:
     """Run folders of one ``kind`` as {config[group_field]: {label: run}}, the label being
     config[member_field] (or ``member_field(config)`` when it is a function). Several runs of the
-    same group and member (other settings, other seeds) keep one entry each, labelled
-    ``"member (folder name)"``, instead of overwriting."""
+    same group and member keep one entry each: labelled by the settings in which they differ
+    (``"nc-heads (layer_options.residual=true)"``; a run that left those options at their
+    defaults keeps the bare label), or, where the settings are the same (other
+    seeds, another machine), by folder name, then by parent and folder name, so that no run
+    hides another. ``defaults``: see :func:`differing_settings`."""
     member = member_field if callable(member_field) else (lambda config: config[member_field])
     mine = [run for run in runs if run.get("config", {}).get("kind") == kind]
-    count = Counter((run["config"][group_field], member(run["config"])) for run in mine)
-    groups: dict[str, dict[str, dict]] = defaultdict(dict)
+    together: dict[tuple, list[dict]] = defaultdict(list)
     for run in mine:
-        group, label = run["config"][group_field], member(run["config"])
-        if count[group, label] > 1:
-            label = f"{label} ({Path(run['path']).name})"
-        groups[group][label] = run
+        together[run["config"][group_field], member(run["config"])].append(run)
+    groups: dict[str, dict[str, dict]] = defaultdict(dict)
+    for (group, label), members in together.items():
+        if len(members) == 1:
+            groups[group][label] = members[0]
+            continue
+        paths = [Path(run["path"]) for run in members]
+        for names in (differing_settings([run["config"] for run in members], _BOOKKEEPING, defaults),
+                      [path.name for path in paths], [f"{path.parent.name}/{path.name}" for path in paths],
+                      [str(path) for path in paths]):
+            # Unique, and at most one run without a name (it left every differing option unset).
+            if len(set(names)) == len(names):
+                break
+        for run, name in zip(members, names):
+            groups[group][f"{label} ({name})" if name else label] = run
     return groups
 
 

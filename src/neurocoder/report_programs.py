@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import asdict
 from pathlib import Path
 
 from .report_common import group_runs, member_order
@@ -31,7 +32,8 @@ TITLES = {"modular": "1. Modular programs", "reuse": "2. Reuse and composition",
 
 def _program_runs(runs: list[dict]) -> dict[str, dict[str, dict]]:
     """{task: {model label: run}} (see :func:`neurocoder.report_common.group_runs`)."""
-    return group_runs(runs, "programs", "task", "model")
+    from .train.programs import ProgramConfig    # settings a folder predates ran as these defaults
+    return group_runs(runs, "programs", "task", "model", asdict(ProgramConfig()))
 
 
 _model_order = member_order(MODEL_ORDER)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import warnings
+from dataclasses import asdict
 from collections import Counter
 from pathlib import Path
 
@@ -30,7 +31,8 @@ def _variant_label(config: dict) -> str:
 
 def _rl_runs(runs: list[dict]) -> dict[str, dict[str, dict]]:
     """{env: {variant label: run}} (see :func:`neurocoder.report_common.group_runs`)."""
-    return group_runs(runs, "rl", "env", _variant_label)
+    from .train.rl.ppo import PPOConfig          # settings a folder predates ran as these defaults
+    return group_runs(runs, "rl", "env", _variant_label, asdict(PPOConfig()))
 
 
 _variant_order = member_order(VARIANT_ORDER)
