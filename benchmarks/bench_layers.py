@@ -180,7 +180,12 @@ def main() -> None:
                   "fast path, composable (fused=False)": composable,
                   "composed weight + bmm (released)": layer.forward_explicit}
     if not args.no_compile:
+        # max-autotune also tries inductor's own GEMM kernels (C++ templates on a CPU) against
+        # the library's. nn.Linear is timed eager: compiled with max-autotune it was slower here
+        # (session 15: 1.30x its eager time).
         contenders["NeurocoderLinear, torch.compile"] = torch.compile(layer, fullgraph=True)
+        contenders["NeurocoderLinear, compile max-autotune"] = torch.compile(
+            copy.deepcopy(layer), fullgraph=True, mode="max-autotune-no-cudagraphs")
     times, per_block = time_in_blocks(contenders, x, args.repeats, device, args.blocks)
     speedup = times["composed weight + bmm (released)"] / times["NeurocoderLinear (fast path)"]
     spread = {name: block_ratios(per_block, name, "nn.Linear(1024, 400)") for name in contenders}
@@ -248,6 +253,27 @@ def main() -> None:
     per_sample_ratio = split["NeurocoderLinear"]["added_by_127_samples_s"] / split["nn.Linear"]["added_by_127_samples_s"]
     results["per_sample_ratio_batch128"] = per_sample_ratio
     print(f"    the samples' part alone: {per_sample_ratio:.2f}x nn.Linear's")
+
+    # Where the time goes, continued: the ratio against the number of CPU threads. nn.Linear is one
+    # large GEMM that splits across cores; the layer's ~60 small operations hardly do, so its ratio
+    # grows with the threads. Only thread counts up to the default (the machine's cores) are timed.
+    if device.type == "cpu":
+        default_threads = torch.get_num_threads()
+        thread_rows = []
+        for threads in sorted({1, 2, default_threads}):
+            if threads > default_threads:
+                continue
+            torch.set_num_threads(threads)
+            times = time_side_by_side({"nn.Linear": dense, "NeurocoderLinear": layer}, x, args.repeats, device)
+            thread_rows.append({"threads": threads, "seconds": times,
+                                "ratio": times["NeurocoderLinear"] / times["nn.Linear"]})
+        torch.set_num_threads(default_threads)
+        results["thread_sweep_released_shape"] = thread_rows
+        print("\n== released shape, batch 128, forward+backward against CPU threads (the targets use the default, "
+              f"{default_threads})")
+        for row in thread_rows:
+            print(f"  threads {row['threads']:>3}: nn.Linear {row['seconds']['nn.Linear'] * 1e3:8.3f} ms, "
+                  f"NeurocoderLinear {row['seconds']['NeurocoderLinear'] * 1e3:8.3f} ms {row['ratio']:7.2f}x")
 
     # 1b. On a GPU a layer this small is bound by kernel launches (the time hardly moves with the
     # batch). Captured as CUDA graphs, both layers lose that cost and the ratio shows the work.
