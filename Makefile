@@ -42,8 +42,8 @@ reproduce-classification: setup
 reproduce-programs: setup
 	bash scripts/reproduce_programs.sh 5 runs/programs
 
-# The MinAtar table (issue 6): 5 games x plain / Neurocoder heads x 3 seeds, 1M frames (~3 hours;
-# resumable: run it again to continue).
+# The MinAtar table (issue 6): 5 games x plain / Neurocoder heads x 3 seeds, 1M frames (1-3 hours
+# by machine; resumable: run it again to continue).
 reproduce-minatar: setup
 	bash scripts/reproduce_minatar.sh 3 runs/minatar
 

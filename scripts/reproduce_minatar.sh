@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Video games (issue 6): the MinAtar table, 5 games x 2 variants (plain, nc-heads) x SEEDS seeds
-# at FRAMES frames each (default 1M: ~10 minutes per seed on one core here; the whole table about
-# 3 hours on 2 cores). Resumable: run it again and it continues every unfinished run from its
+# at FRAMES frames each (default 1M: 3-10 minutes per seed on one core by machine; the whole table
+# 1-3 hours on 2 cores; session 15's AVX-512 machine ran 15 seed-runs in about 32 minutes). Resumable: run it again and it continues every unfinished run from its
 # last checkpoint (agent, optimiser, environments, RNG states), skipping finished ones.
 #   bash scripts/reproduce_minatar.sh [SEEDS] [OUT]
 #   env: GAMES (default "breakout space-invaders freeway asterix seaquest"), VARIANTS (default
