@@ -49,9 +49,13 @@ def time_side_by_side(contenders: dict, x: torch.Tensor, repeats: int, device: t
 
 
 def time_in_blocks(contenders: dict, x: torch.Tensor, repeats: int, device: torch.device,
-                   blocks: int) -> tuple[dict, list[dict]]:
+                   blocks: int, warm_calls: int = 0) -> tuple[dict, list[dict]]:
     """As :func:`time_side_by_side` over ``blocks`` x ``repeats`` rounds; also returns each
-    block's medians: the spread of a ratio across blocks shows how much a shared machine moves it."""
+    block's medians: the spread of a ratio across blocks shows how much a shared machine moves it.
+    ``warm_calls`` untimed calls precede each timed one, so that no contender pays for the caches
+    and memory the one before it used (the released formulation's 200 MB of per-sample weights
+    slowed whichever contender came next: before session 15's change the compiled row, right after
+    it, read 2.35-2.61x nn.Linear here against 1.72-1.84x in benchmarks/bench_compile.py)."""
     times = {name: [] for name in contenders}
     for fn in contenders.values():          # warm-up (allocator, kernels, compile)
         for _ in range(3):
@@ -62,6 +66,8 @@ def time_in_blocks(contenders: dict, x: torch.Tensor, repeats: int, device: torc
         block = {name: [] for name in contenders}
         for _ in range(repeats):
             for name, fn in contenders.items():
+                for _ in range(warm_calls):
+                    train_step(fn, x)
                 _sync(device)
                 start = time.perf_counter()
                 train_step(fn, x)
@@ -186,7 +192,7 @@ def main() -> None:
         contenders["NeurocoderLinear, torch.compile"] = torch.compile(layer, fullgraph=True)
         contenders["NeurocoderLinear, compile max-autotune"] = torch.compile(
             copy.deepcopy(layer), fullgraph=True, mode="max-autotune-no-cudagraphs")
-    times, per_block = time_in_blocks(contenders, x, args.repeats, device, args.blocks)
+    times, per_block = time_in_blocks(contenders, x, args.repeats, device, args.blocks, warm_calls=1)
     speedup = times["composed weight + bmm (released)"] / times["NeurocoderLinear (fast path)"]
     spread = {name: block_ratios(per_block, name, "nn.Linear(1024, 400)") for name in contenders}
     report("linear, released shape: B=128, 1024->400, P=50, r=10, k=5, feed-forward, content keys",
