@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -369,3 +370,26 @@ def test_report_labels_same_named_folders_by_the_setting_that_differs(tmp_path):
     assert "| nc-heads (layer_options.residual=true) | 2.50 +- 0.00" in table
     table = rl_tables(runs_with([("a", {}, 1.5), ("b", {}, 2.5)]))
     assert "| nc-heads (a/asterix-nc-heads) | 1.50" in table and "| nc-heads (b/asterix-nc-heads) | 2.50" in table
+
+
+def test_agent_gradient_probe_shares_the_squared_norm_out(capsys):
+    """scripts/probe_agent_gradients.py (README, games): per window, the tensors' shares of the
+    squared gradient norm sum to 1 and name the agent's parameters, and the clipping call is
+    restored afterwards."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(
+        "probe_agent_gradients", Path(__file__).resolve().parents[1] / "scripts" / "probe_agent_gradients.py")
+    probe = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(probe)
+    real = ppo_module.nn.utils.clip_grad_norm_
+    records = probe.main(["--env", "minatar:breakout", "--updates", "3", "--every", "2", "--set", "num_envs=4",
+                          "--set", "num_steps=32"])
+    assert [r["update"] for r in records] == [2, 3]
+    names = {n for n, _ in build_agent("nc-heads", (4, 10, 10), 3).named_parameters()}
+    for record in records:
+        assert sum(record["shares"].values()) == pytest.approx(1.0)
+        assert set(record["shares"]) <= names and any(n.startswith("heads.memory") for n in record["shares"])
+        assert record["grad_norm"] > 0 and 0 <= record["clipped_fraction"] <= 1
+    assert ppo_module.nn.utils.clip_grad_norm_ is real
+    assert "gradient norm before clipping" in capsys.readouterr().out
