@@ -6,7 +6,8 @@ Times a forward+backward at batch 128 (1024 -> 400, P=50, r=10, k=5, feed-forwar
 of: nn.Linear eager and compiled with ``mode="max-autotune-no-cudagraphs"``; NeurocoderLinear
 eager (fused path); and the layer compiled in the default mode and with max-autotune, once through
 its fused read-and-apply (an autograd Function with a hand-written backward) and once through its
-composable path (``fused=False``), whose elementwise work inductor fuses itself. Rounds are
+composable path (``fused=False``), whose elementwise work inductor fuses itself; and once with
+inductor's C++ wrapper (``options={"cpp_wrapper": True}``). Rounds are
 interleaved; each block prints every contender's median as a ratio to eager nn.Linear.
 The question it answers: which way of compiling the layer is fastest on this machine, and
 whether compiling nn.Linear moves the reference.
@@ -51,6 +52,8 @@ def main() -> None:
         "compiled, composable": torch.compile(copy.deepcopy(composable), fullgraph=True),
         "max-autotune, fused": torch.compile(copy.deepcopy(layer), fullgraph=True, mode=MAX),
         "max-autotune, composable": torch.compile(copy.deepcopy(composable), fullgraph=True, mode=MAX),
+        # Inductor's C++ wrapper calls the generated kernels from C++ instead of Python.
+        "C++ wrapper, fused": torch.compile(copy.deepcopy(layer), fullgraph=True, options={"cpp_wrapper": True}),
     }
     x = torch.randn(128, 1024)
     for fn in contenders.values():                   # warm-up, and compilation
