@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import json
 import warnings
-from dataclasses import asdict
 from collections import Counter
+from dataclasses import asdict
 from pathlib import Path
 
 from .report_common import group_runs, member_order

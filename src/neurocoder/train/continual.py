@@ -181,7 +181,7 @@ class _Repeat:
         torch.manual_seed(self.seed)
         self.model = build_mlp(cfg.model, stream.input_size, stream.num_heads, stream.head_size, cfg.hidden,
                                cfg.layer_options)
-        self.optimizer = OPTIMIZERS[cfg.optimizer](self.model.parameters(), lr=cfg.lr)
+        self.optimizer = self._new_optimizer()
         self.strategy = STRATEGIES[cfg.strategy](self.model, cfg.coef, memory_size=cfg.memory_size, seed=self.seed,
                                                  fisher_average=cfg.fisher_average)
         self.has_moe = any(isinstance(m, neurocoder.MoELinear) for m in self.model.modules())
@@ -228,8 +228,11 @@ class _Repeat:
         """What happens before a task's first step: the strategy's preparation and, with
         ``reset_optimizer``, a fresh optimiser (its moments from earlier tasks dropped)."""
         if self.cfg.reset_optimizer and task_index > 0:
-            self.optimizer = OPTIMIZERS[self.cfg.optimizer](self.model.parameters(), lr=self.cfg.lr)
+            self.optimizer = self._new_optimizer()
         self.strategy.before_task(task_index)
+
+    def _new_optimizer(self) -> torch.optim.Optimizer:
+        return OPTIMIZERS[self.cfg.optimizer](self.model.parameters(), lr=self.cfg.lr)
 
     def train_task(self, task_index: int, steps: int, bar: Progress | None) -> None:
         cfg, task = self.cfg, self.stream.tasks[task_index]
