@@ -287,6 +287,39 @@ def test_resume_without_set_reads_the_recorded_config(tmp_path, capsys):
     assert "holds no run (no config.json)" in capsys.readouterr().err
 
 
+def test_a_run_that_fails_before_any_progress_leaves_no_folder(tmp_path, capsys):
+    from neurocoder.cli import main
+
+    out = tmp_path / "run"
+    # The rank is checked by the layer's constructor, after the run folder was started.
+    assert main(["run", "program-modular", "--set", "nc_options.rank=0", "--set", "seeds=1", "--set", "epochs=1",
+                 "--out", str(out)]) == 2
+    assert "rank must be an integer >= 1, got 0" in capsys.readouterr().err
+    assert not out.exists()
+    # So the corrected command runs in the same folder without --resume.
+    assert main(["run", "program-modular", "--set", "seeds=1", "--set", "epochs=1", "--out", str(out)]) == 0
+    assert (out / "results.json").is_file()
+    # A folder that was already there is never removed, whatever fails.
+    assert main(["run", "program-modular", "--set", "nc_options.rank=0", "--set", "seeds=1", "--out", str(out)]) == 2
+    assert "already exists" in capsys.readouterr().err and (out / "results.json").is_file()
+
+
+def test_remove_if_unstarted_keeps_any_progress(tmp_path):
+    from neurocoder.runs import remove_if_unstarted
+
+    bare = tmp_path / "bare"
+    (bare / "seeds").mkdir(parents=True)
+    (bare / "config.json").write_text("{}")
+    assert remove_if_unstarted(bare) and not bare.exists()
+    for progress in ("metrics.jsonl", "seeds/seed-00.json", "checkpoint.pt"):
+        run = tmp_path / progress.replace("/", "-")
+        (run / "seeds").mkdir(parents=True)
+        (run / "config.json").write_text("{}")
+        (run / progress).write_text("1")
+        assert not remove_if_unstarted(run) and (run / progress).is_file() and (run / "config.json").is_file()
+    assert not remove_if_unstarted(tmp_path / "absent")
+
+
 def test_resume_refuses_a_different_config(isolated):  # noqa: F811
     make_idx_folder(isolated / "mnist", n_train=100, n_test=50)
     run_continual(_tiny_config(isolated / "mnist", repeats=1), isolated / "run", quiet=True)

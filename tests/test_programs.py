@@ -152,6 +152,33 @@ def test_report_reads_program_runs(tmp_path, monkeypatch):
     assert (tmp_path / "report" / "programs_modular_usage.png").is_file()
 
 
+def test_report_finds_runs_at_any_depth_and_leaves_demo_folders_out(tmp_path, capsys):
+    cfg = ProgramConfig(task="modular", model="mlp", seeds=1, epochs=1)
+    run_programs(cfg, tmp_path / "results" / "group" / "run", quiet=True)
+    demo = tmp_path / "results" / "demo"
+    demo.mkdir()
+    (demo / "config.json").write_text(json.dumps({"config": {"dataset": "fashion-mnist", "epochs": 1}}))
+    (demo / "results.json").write_text(json.dumps({"table": {}}))
+    runs = load_runs([tmp_path / "results"])
+    assert [run["path"] for run in runs] == [tmp_path / "results" / "group" / "run"]
+    assert "left out 1 `neurocoder demo` folder" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="holds no run config"):       # named on its own, it is no run
+        load_runs([demo])
+    with pytest.raises(FileNotFoundError, match="only demo folders"):
+        load_runs([_only_demo(tmp_path)])
+    (tmp_path / "results" / "group" / "run" / "results.json").write_text("{damaged")
+    with pytest.raises(ValueError, match="may be damaged"):
+        load_runs([tmp_path / "results"])
+
+
+def _only_demo(tmp_path):
+    folder = tmp_path / "demos"
+    (folder / "one").mkdir(parents=True)
+    (folder / "one" / "config.json").write_text(json.dumps({"config": {"dataset": "fashion-mnist"}}))
+    (folder / "one" / "results.json").write_text(json.dumps({"table": {}}))
+    return folder
+
+
 def test_bad_program_config():
     with pytest.raises(ValueError, match="model='transformer'"):
         ProgramConfig(model="transformer").check()

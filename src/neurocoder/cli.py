@@ -99,6 +99,7 @@ def _recorded_config(preset: str, cfg, out: Path):
 
 def _run(args: argparse.Namespace) -> int:
     from .experiments.registry import make_config
+    from .runs import remove_if_unstarted
     from .train.classification import ClassificationConfig, run_classification
     from .train.continual import run_continual
     from .train.programs import ProgramConfig, run_programs
@@ -111,7 +112,15 @@ def _run(args: argparse.Namespace) -> int:
         cfg = _recorded_config(args.preset, cfg, out)
     trainer = (run_ppo if isinstance(cfg, PPOConfig) else run_programs if isinstance(cfg, ProgramConfig)
                else run_classification if isinstance(cfg, ClassificationConfig) else run_continual)
-    trainer(cfg, out, resume=args.resume, preset=args.preset)
+    # A folder this command creates and that fails before any progress (an option only the model's
+    # constructor checks, missing data) is removed, so the corrected command needs no --resume.
+    fresh = not args.resume and not (out.exists() and any(out.iterdir()))
+    try:
+        trainer(cfg, out, resume=args.resume, preset=args.preset)
+    except BaseException:
+        if fresh:
+            remove_if_unstarted(out)
+        raise
     return 0
 
 
@@ -156,7 +165,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.set_defaults(func=_run)
 
     report = commands.add_parser("report", help="tables and figures from run folders (no recomputation)")
-    report.add_argument("runs", nargs="+", help="run folders, or folders holding run folders")
+    report.add_argument("runs", nargs="+", help="run folders, or folders holding run folders (at any depth)")
     report.add_argument("--out", default=None, help="also write report.md and figures here")
     report.set_defaults(func=_report)
 

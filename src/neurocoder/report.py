@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+import sys
 from collections import defaultdict
 from pathlib import Path
 
@@ -56,14 +57,32 @@ def _row_order(label: str) -> int:
     return ROW_ORDER.index(label) if label in ROW_ORDER else len(ROW_ORDER)
 
 
+def _run_folders(path: Path) -> list[Path]:
+    """Run folders at or below ``path``: a folder holding ``results.json`` is a run (nothing
+    below it is searched); any other folder is searched at every depth, in name order."""
+    if (path / "results.json").exists():
+        return [path]
+    return [run for child in sorted(p for p in path.iterdir() if p.is_dir()) for run in _run_folders(child)]
+
+
+def _is_demo(folder: Path) -> bool:
+    """A `neurocoder demo` folder: its config names no experiment kind (its table is the demo's own)."""
+    try:
+        return "kind" not in json.loads((folder / "config.json").read_text())["config"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+
+
 def load_runs(paths: list[str | Path]) -> list[dict]:
-    """Every finished run under the given folders (a run folder, or a folder of run folders)."""
-    runs = []
+    """Every finished run at or below the given folders (a run folder, or a folder holding run
+    folders at any depth). `neurocoder demo` folders found below a given folder are skipped (with
+    a note on stderr); a damaged results.json is an error that names it."""
+    runs, demos = [], []
     for path in paths:
         path = Path(path)
         if not path.exists():
             raise FileNotFoundError(f"report: {path} does not exist")
-        found = [path] if (path / "results.json").exists() else sorted(p.parent for p in path.glob("*/results.json"))
+        found = _run_folders(path)
         if not found:
             raise FileNotFoundError(f"report: no finished run in {path} (no results.json; an interrupted run "
                                     f"is finished with `neurocoder run ... --out {path} --resume`)")
@@ -71,11 +90,19 @@ def load_runs(paths: list[str | Path]) -> list[dict]:
             try:
                 results = json.loads((folder / "results.json").read_text())
                 if not isinstance(results, dict) or not isinstance(results.get("config"), dict):
+                    if folder != path and _is_demo(folder):
+                        demos.append(folder)
+                        continue
                     raise ValueError("it holds no run config")
             except ValueError as error:        # JSONDecodeError is a ValueError
                 raise ValueError(f"report: {folder / 'results.json'} is not a run's results ({error}); it may be "
                                  f"damaged: rerun that run, or leave {folder} out of the report") from None
             runs.append({"path": folder, **results})
+    if demos:
+        print(f"report: left out {len(demos)} `neurocoder demo` folder(s), whose table the demo prints itself: "
+              + ", ".join(str(d) for d in demos), file=sys.stderr)
+    if not runs:
+        raise FileNotFoundError(f"report: no experiment run in {', '.join(str(p) for p in paths)} (only demo folders)")
     return runs
 
 

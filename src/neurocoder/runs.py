@@ -19,7 +19,7 @@ import torch
 
 from ._version import __version__
 
-__all__ = ["RunFolder", "code_version", "atomic_write_text", "atomic_torch_save"]
+__all__ = ["RunFolder", "code_version", "atomic_write_text", "atomic_torch_save", "remove_if_unstarted"]
 
 
 def code_version() -> dict:
@@ -110,6 +110,25 @@ class RunFolder:
 
     def config(self) -> dict:
         return json.loads((self.path / "config.json").read_text())
+
+
+def remove_if_unstarted(path: str | os.PathLike) -> bool:
+    """Remove a run folder that holds nothing but its ``config.json`` and empty folders: a run that
+    failed before its first metric, checkpoint or result (a bad option found when the model is
+    built, missing data), so that the corrected command can use the same folder without
+    ``--resume``. Anything else in it is progress and is kept. Returns whether it was removed."""
+    path = Path(path)
+    if not path.is_dir():
+        return False
+    files = [p for p in path.rglob("*") if not p.is_dir()]
+    if any(p.relative_to(path) != Path("config.json") for p in files):
+        return False
+    for file in files:
+        file.unlink()
+    for folder in sorted((p for p in path.rglob("*") if p.is_dir()), key=lambda p: len(p.parts), reverse=True):
+        folder.rmdir()
+    path.rmdir()
+    return True
 
 
 def check_same_data(path: Path, started: dict | None, now: dict | None) -> None:
