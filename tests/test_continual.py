@@ -304,6 +304,23 @@ def test_a_run_that_fails_before_any_progress_leaves_no_folder(tmp_path, capsys)
     assert "already exists" in capsys.readouterr().err and (out / "results.json").is_file()
 
 
+def test_an_interrupted_run_names_the_command_that_continues_it(tmp_path, capsys, monkeypatch):
+    from neurocoder.cli import main
+    from neurocoder.train import programs
+
+    def interrupted(cfg, out, **kwargs):
+        (out / "seeds").mkdir(parents=True)
+        (out / "config.json").write_text("{}")
+        (out / "seeds" / "seed-00.json").write_text("{}")     # one seed done, then Ctrl-C
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(programs, "run_programs", interrupted)
+    assert main(["run", "program-modular", "--out", str(tmp_path / "run")]) == 130
+    err = capsys.readouterr().err
+    assert f"continue it with `neurocoder run program-modular --out {tmp_path / 'run'} --resume`" in err
+    assert (tmp_path / "run" / "seeds" / "seed-00.json").is_file()
+
+
 def test_remove_if_unstarted_keeps_any_progress(tmp_path):
     from neurocoder.runs import remove_if_unstarted
 

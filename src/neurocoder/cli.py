@@ -117,9 +117,12 @@ def _run(args: argparse.Namespace) -> int:
     fresh = not args.resume and not (out.exists() and any(out.iterdir()))
     try:
         trainer(cfg, out, resume=args.resume, preset=args.preset)
-    except BaseException:
+    except BaseException as error:
         if fresh:
             remove_if_unstarted(out)
+        if isinstance(error, KeyboardInterrupt) and out.is_dir():
+            print(f"neurocoder: {out} keeps what was done; continue it with "
+                  f"`neurocoder run {args.preset} --out {out} --resume`", file=sys.stderr)
         raise
     return 0
 
