@@ -80,6 +80,26 @@ def test_agent_variants_convert_the_named_layers():
     assert atari(torch.rand(2, 4, 84, 84))[0].shape == (2, 6)
 
 
+def test_nc_two_heads_composes_the_policy_and_the_value_apart():
+    """nc-two-heads: the logits and the value each come from a Neurocoder layer of their own, so
+    the value's gradient reaches only the value layer (and the torso), the policy's only the
+    policy layer (and the torso)."""
+    observations = torch.rand(16, 4, 10, 10)
+    agent = build_agent("nc-two-heads", (4, 10, 10), 3)
+    assert isinstance(agent.heads.policy, neurocoder.NeurocoderLinear)
+    assert isinstance(agent.heads.value, neurocoder.NeurocoderLinear)
+    assert (agent.heads.policy.out_features, agent.heads.value.out_features) == (3, 1)
+    logits, value = agent(observations)
+    assert logits.shape == (16, 3) and value.shape == (16,)
+    value.sum().backward(retain_graph=True)
+    assert all(p.grad is None or not p.grad.any() for p in agent.heads.policy.parameters())
+    assert agent.heads.value.memory.u_values.grad.abs().sum() > 0 and agent.fc[0].weight.grad.abs().sum() > 0
+    agent.zero_grad(set_to_none=True)
+    logits.sum(0)[1].backward()
+    assert all(p.grad is None or not p.grad.any() for p in agent.heads.value.parameters())
+    assert agent.heads.policy.memory.u_values.grad.abs().sum() > 0
+
+
 def test_nc_policy_variant_keeps_the_plain_value_row():
     """nc-policy: the logits come from a Neurocoder layer, the value from the plain agent's own
     value row (cut from the same initial output layer, so with the same seed the initial values

@@ -12,9 +12,10 @@ from .report_common import group_runs, member_order
 
 __all__ = ["rl_tables", "rl_figures", "read_episodes", "PUBLISHED_MINATAR"]
 
-VARIANT_ORDER = ["plain", "nc-heads", "nc-heads svd-init", "nc-policy", "nc-fc", "lowrank-heads"]
+VARIANT_ORDER = ["plain", "nc-heads", "nc-heads svd-init", "nc-two-heads", "nc-policy", "nc-fc", "lowrank-heads"]
 VARIANT_NAMES = {"nc-heads": "Neurocoder heads",
                  "nc-heads svd-init": "Neurocoder heads seeded from the plain head (layer_init=svd)",
+                 "nc-two-heads": "Neurocoder policy head and Neurocoder value head (two layers)",
                  "nc-policy": "Neurocoder policy head (plain value)",
                  "nc-fc": "Neurocoder in every fully connected layer"}
 # R4 of ../shared/REFERENCE_RESULTS.md: returns at 5M frames read off Young & Tian's curves.

@@ -56,6 +56,7 @@ AGENT_VARIANTS = {
     "nc-heads": "Neurocoder policy and value heads, one composed output layer (the paper's figure)",
     "nc-fc": "Neurocoder in every fully connected layer (torso layer and the output layer)",
     "nc-policy": "Neurocoder policy head, plain value head beside it (the value no longer shares the program)",
+    "nc-two-heads": "two Neurocoder output layers, one for the policy, one for the value, each composing its own program",
     "lowrank-heads": "control: the plain output layer as sum sigma_n u_n v_n^T of free factors (no memory, no reads)",
 }
 
@@ -242,6 +243,9 @@ def build_agent(variant: str, observation_shape, num_actions: int, hidden: int =
     elif variant == "nc-policy":
         agent.heads = _PolicyAndValueHeads(agent.heads, num_actions)
         neurocoder.convert(agent, ["heads.policy"], init=init, **options)
+    elif variant == "nc-two-heads":
+        agent.heads = _PolicyAndValueHeads(agent.heads, num_actions)
+        neurocoder.convert(agent, ["heads.policy", "heads.value"], init=init, **options)
     elif variant != "plain":
         raise ValueError(f"unknown variant {variant!r}; choose one of {sorted(AGENT_VARIANTS)}")
     return agent
