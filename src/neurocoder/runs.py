@@ -26,6 +26,10 @@ def code_version() -> dict:
     """The library version, and the git commit (with a dirty flag) when run from a checkout."""
     info = {"neurocoder": __version__, "torch": torch.__version__, "python": platform.python_version()}
     root = Path(__file__).resolve().parents[2]
+    if (root / "src" / "neurocoder" / "runs.py").resolve() != Path(__file__).resolve():
+        # An installed copy (site-packages): the folder above it may be some other project's
+        # checkout, whose commit says nothing about this code.
+        return info
     try:
         commit = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True,
                                 timeout=10)
