@@ -98,3 +98,17 @@ def test_baselines_read_a_separate_context():
     assert torch.allclose(weights.sum(-1), torch.ones(6), atol=1e-6)
     with pytest.raises(ValueError, match="built without context_features"):
         NSMLinear(8, 4)(x, cue)
+
+
+@pytest.mark.parametrize("dispatch", ["sparse", "dense"])
+def test_baselines_take_an_empty_batch(dispatch):
+    moe = MoELinear(8, 4, num_experts=4, top_k=2, dispatch=dispatch)
+    x = torch.randn(0, 8, requires_grad=True)
+    y = moe(x)
+    assert y.shape == (0, 4) and moe.balance_loss.item() == 0.0
+    (y.sum() + load_balancing_loss(moe)).backward()
+    assert x.grad.shape == (0, 8)
+    nsm = NSMLinear(8, 4, num_programs=3)
+    y = nsm(x)
+    assert y.shape == (0, 4)
+    y.sum().backward()

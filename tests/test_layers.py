@@ -138,6 +138,42 @@ def test_running_usage_average_updates_only_in_training():
     assert avg.shape == (3, 6) and (avg > 0).all()
 
 
+@pytest.mark.parametrize("options", OPTION_GRID, ids=option_id)
+def test_an_empty_batch_gives_an_empty_output_as_nn_linear(options):
+    """(0, d_in) -> (0, d_out) on both paths, in training and evaluation, with a backward pass;
+    the running usage average takes nothing from it (its mean over no rows would be NaN)."""
+    for fused in (True, False):
+        layer = NeurocoderLinear(12, 7, num_programs=9, rank=4, key_dim=5, **options)
+        layer.fused = fused
+        layer(torch.randn(3, 12))
+        before = layer.memory.usage_average.clone()
+        for training in (True, False):
+            layer.train(training)
+            x = torch.randn(0, 12, requires_grad=True)
+            y = layer(x)
+            assert y.shape == (0, 7)
+            y.sum().backward()
+            assert x.grad.shape == (0, 12)
+            assert layer(torch.randn(2, 0, 12), return_trace=True)[0].shape == (2, 0, 7)
+        torch.testing.assert_close(layer.memory.usage_average, before)
+    conv = NeurocoderConv2d(3, 4, 3, num_programs=6, rank=2, **{k: v for k, v in options.items() if k != "bias"})
+    y = conv(torch.randn(0, 3, 8, 8, requires_grad=True))
+    assert y.shape == (0, 4, 6, 6)
+    y.sum().backward()
+    assert torch.isfinite(conv.memory.usage_average).all()
+
+
+def test_conv_takes_an_unbatched_input_as_nn_conv2d():
+    conv = NeurocoderConv2d(3, 4, 3, padding=1, num_programs=6, rank=2, context_features=2)
+    conv.eval()
+    x, context = torch.randn(3, 8, 8), torch.randn(2)
+    y, trace = conv(x, context, return_trace=True)
+    assert y.shape == (4, 8, 8) and trace.sigma.shape == (1, 2)
+    torch.testing.assert_close(y, conv(x[None], context[None])[0])
+    with pytest.raises(ValueError, match=r"expected input of shape \(B, 3, H, W\), got \(5, 8, 8\)"):
+        conv(torch.randn(5, 8, 8), context)
+
+
 def test_extra_repr_names_options():
     text = repr(NeurocoderLinear(8, 5, least_used=2))
     assert "in_features=8" in text and "least_used=2" in text and "num_programs=50" in text

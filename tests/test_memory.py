@@ -161,3 +161,24 @@ def test_freeze_rejects_bad_slots():
     m = ProgramMemory(4, 3, 3, key_dim=2)
     with pytest.raises(ValueError, match=r"slot indices must lie in \[0, 4\)"):
         m.freeze([4])
+
+
+def test_a_grown_layers_state_dict_loads_once_the_memory_fits():
+    grown = NeurocoderLinear(8, 4, num_programs=6, rank=2)
+    grown.memory.grow(2)
+    grown.eval()
+    x = torch.randn(3, 8)
+    fresh = NeurocoderLinear(8, 4, num_programs=6, rank=2)
+    with pytest.raises(RuntimeError, match=r"memory.u_values: the state_dict holds 8 program slots, this memory 6; "
+                                           r"grow it first \(memory.grow\(2\)\), then load"):
+        fresh.load_state_dict(grown.state_dict())
+    with pytest.raises(RuntimeError, match="build the layer with num_programs=8"):
+        NeurocoderLinear(8, 4, num_programs=10, rank=2).load_state_dict(grown.state_dict())
+    fresh.memory.grow(2)
+    fresh.load_state_dict(grown.state_dict())
+    # A layer built with as many slots takes on the grown memory's attention offsets too.
+    built = NeurocoderLinear(8, 4, num_programs=8, rank=2)
+    built.load_state_dict(grown.state_dict())
+    for layer in (fresh, built):
+        layer.eval()
+        torch.testing.assert_close(layer(x), grown(x))

@@ -195,7 +195,9 @@ class MoELinear(nn.Module):
         flat = x.reshape(-1, self.in_features)
         sparse, dense = self.gates(_context(self._label, flat, context, self.context_features))
         routed = sparse > 0
-        dense_dispatch = self.dispatch == "dense" or (self.dispatch == "auto" and flat.device.type != "cpu")
+        # An empty batch goes the dense way too: its (0, out) output then stays part of the graph.
+        dense_dispatch = (self.dispatch == "dense" or (self.dispatch == "auto" and flat.device.type != "cpu")
+                          or flat.shape[0] == 0)
         if dense_dispatch:
             every = torch.einsum("bi,eio->beo", flat, self.experts)                 # (B, E, out)
             if self.expert_bias is not None:
@@ -203,8 +205,11 @@ class MoELinear(nn.Module):
             y = torch.einsum("beo,be->bo", every, sparse.to(every.dtype))
         else:
             y = self._sparse_dispatch(flat, sparse, routed)
-        fraction = routed.float().mean(dim=0) / self.top_k
-        self.balance_loss = self.num_experts * (fraction * dense.mean(dim=0)).sum()
+        if flat.shape[0]:
+            fraction = routed.float().mean(dim=0) / self.top_k
+            self.balance_loss = self.num_experts * (fraction * dense.mean(dim=0)).sum()
+        else:                       # nothing routed, nothing unbalanced (a mean over no rows is NaN)
+            self.balance_loss = dense.sum()
         y = y.reshape(*x.shape[:-1], self.out_features)
         return (y, sparse) if return_gates else y
 

@@ -189,7 +189,8 @@ class NeurocoderLayer(nn.Module):
             weights = weights.unbind(0)
             raw_sigma = weights[2] @ self.memory.s.to(dtype)                        # (B, R)
             sigma = singular_values(raw_sigma)
-        if self.training and not _under_functorch(sigma):
+        # An empty batch has no usage to average in (its mean would be NaN).
+        if self.training and sigma.shape[0] and not _under_functorch(sigma):
             with torch.no_grad():
                 # One reduction over the contiguous (3, B, R, P) weights.
                 batch_usage = usage if usage is not None else stacked.amax(dim=2)
@@ -380,7 +381,7 @@ class NeurocoderLinear(NeurocoderLayer):
         y, sigma, usage = fused_read_apply(head_out, through_memory, self.rank, self.key_dim, keys,
                                            sharpness, memory.slot_bias, memory.s, memory.v,
                                            want_usage=self.training)
-        if self.training:
+        if self.training and flat.shape[0]:
             memory.update_usage(usage)
         if self.residual_weight is not None:
             y = y + self._residual_scale(sigma, plan).unsqueeze(-1) * (flat @ self.residual_weight)
@@ -446,7 +447,8 @@ class NeurocoderConv2d(NeurocoderLayer):
     shared with :class:`NeurocoderLinear` and changes nothing here.
 
     Shapes:
-        x: (B, in_channels, H, W) -> y: (B, out_channels, H_out, W_out).
+        x: (B, in_channels, H, W) -> y: (B, out_channels, H_out, W_out); an unbatched
+        (in_channels, H, W) input gives (out_channels, H_out, W_out), as ``nn.Conv2d``.
     """
 
     _label = "NeurocoderConv2d"
@@ -514,6 +516,10 @@ class NeurocoderConv2d(NeurocoderLayer):
         return self.memory.u.reshape(self.num_programs, self.in_channels, *self.kernel_size)
 
     def forward(self, x: torch.Tensor, context: torch.Tensor | None = None, return_trace: bool = False):
+        if isinstance(x, torch.Tensor) and x.dim() == 3 and x.shape[0] == self.in_channels:
+            # Unbatched, as nn.Conv2d accepts it: a batch of one (the trace keeps that batch axis).
+            out = self.forward(x.unsqueeze(0), None if context is None else context.unsqueeze(0), return_trace)
+            return (out[0].squeeze(0), out[1]) if return_trace else out.squeeze(0)
         ctx = self._inputs(x, context)
         sigma, weights, plan, attention, usage = self.read(ctx)
         responses = self._conv(x, self._program_filters())                         # (B, P, H', W')

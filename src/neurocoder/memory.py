@@ -358,6 +358,24 @@ class ProgramMemory(nn.Module):
         return meta, tensors
 
     @torch.no_grad()
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs) -> None:
+        # A state_dict saved after ``grow`` holds more slots (and the per-slot attention offsets
+        # grow adds): say how to make this memory fit, instead of a list of size mismatches.
+        saved = state_dict.get(prefix + "u_values")
+        if saved is not None and saved.shape[0] != self.num_programs:
+            slots = saved.shape[0]
+            hint = (f"grow it first (memory.grow({slots - self.num_programs})), then load" if slots > self.num_programs
+                    else f"build the layer with num_programs={slots}")
+            error_msgs.append(f"{prefix}u_values: the state_dict holds {slots} program slots, this memory "
+                              f"{self.num_programs}; {hint}")
+            return
+        if prefix + "slot_bias" in state_dict and self.slot_bias is None:
+            self.slot_bias = nn.Parameter(torch.zeros_like(state_dict[prefix + "slot_bias"], device=self.u_values.device,
+                                                           dtype=self.u_values.dtype))
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+
     def load_programs(self, path: str | os.PathLike) -> None:
         """Load programs saved by :meth:`save_programs` into this memory.
 

@@ -39,10 +39,10 @@ def content_attention(queries: torch.Tensor, keys: torch.Tensor, sharpness: torc
         q = q * sharpness
     k = F.normalize(keys, dim=-1, eps=_EPS)
     if slot_bias is None:
-        logits = torch.bmm(q.reshape(J, B * R, -1), k.transpose(1, 2))
+        logits = torch.bmm(q.reshape(J, B * R, q.shape[-1]), k.transpose(1, 2))
     else:
-        logits = torch.baddbmm(slot_bias[:, None, :], q.reshape(J, B * R, -1), k.transpose(1, 2))
-    return torch.softmax(logits, dim=-1).view(J, B, R, -1)
+        logits = torch.baddbmm(slot_bias[:, None, :], q.reshape(J, B * R, q.shape[-1]), k.transpose(1, 2))
+    return torch.softmax(logits, dim=-1).view(J, B, R, keys.shape[1])
 
 
 def least_used_weights(usage: torch.Tensor, least_used: int) -> torch.Tensor:
