@@ -102,3 +102,50 @@ def test_svd_init_conv():
     # 6 components reach full rank (min(27, 6) = 6): the filters are reproduced up to the
     # attention that leaks onto the 21 unseeded slots (measured 0.022).
     assert _relative_error(model(x).detach(), expected) < 0.05
+
+
+def test_convert_a_transformer_encoders_feed_forward_layers():
+    """nn.TransformerEncoderLayer's inference fast path (and nn.TransformerEncoder's nested-tensor
+    path) read linear1/linear2's weights without calling them; after convert the converted layers
+    run in evaluation too, with and without a padding mask, exactly as on the ordinary path."""
+    torch.manual_seed(0)
+    stack = nn.TransformerEncoder(nn.TransformerEncoderLayer(16, 2, dim_feedforward=32, batch_first=True), 2,
+                                  enable_nested_tensor=True)
+    neurocoder.convert(stack, ["linear1", "linear2"], num_programs=4, rank=2)
+    assert all(isinstance(layer.linear1, NeurocoderLinear) for layer in stack.layers)
+    x = torch.randn(2, 5, 16)
+    mask = torch.zeros(2, 5, dtype=torch.bool)
+    mask[0, 3:] = True
+    stack.eval()
+    with torch.no_grad():
+        for padding in (None, mask):
+            expected = x
+            for layer in stack.layers:           # the ordinary path, written out
+                expected = layer.norm1(expected + layer._sa_block(expected, None, padding))
+                expected = layer.norm2(expected + layer._ff_block(expected))
+            torch.testing.assert_close(stack(x, src_key_padding_mask=padding), expected)
+    stack.train()
+    stack(x).sum().backward()
+    assert stack.layers[0].linear1.memory.u_values.grad is not None
+
+
+def test_convert_refuses_attentions_output_projection_and_changes_nothing():
+    layer = nn.TransformerEncoderLayer(16, 2, dim_feedforward=32, batch_first=True)
+    with pytest.raises(ValueError, match=r"self_attn.out_proj is nn.MultiheadAttention's output projection"):
+        neurocoder.convert(layer, ["*"], num_programs=4, rank=2)
+    # Nothing was replaced: a conversion that fails leaves the model as it was.
+    assert type(layer.linear1) is nn.Linear and type(layer.linear2) is nn.Linear
+    model = nn.Sequential(nn.Conv2d(4, 4, 3), nn.Conv2d(4, 4, 3, groups=2))
+    with pytest.raises(ValueError, match="grouped convolution"):
+        neurocoder.convert(model, ["*"], num_programs=4, rank=2)
+    assert type(model[0]) is nn.Conv2d
+
+
+def test_convert_never_reaches_inside_neurocoder_or_baseline_layers():
+    model = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2), neurocoder.MoELinear(2, 2, num_experts=2, top_k=1))
+    neurocoder.convert(model, ["0"], num_programs=4, rank=2)
+    neurocoder.convert(model, ["*"], num_programs=4, rank=2)           # converts "2" only
+    converted = [name for name, m in model.named_modules() if isinstance(m, NeurocoderLinear)]
+    assert converted == ["0", "2"]
+    with pytest.raises(ValueError, match="those it has: none"):
+        neurocoder.convert(model, ["*"], num_programs=4, rank=2)

@@ -9,6 +9,7 @@ from typing import Iterable
 import torch
 import torch.nn as nn
 
+from .baselines import MoELinear, NSMLinear
 from .layers import NeurocoderConv2d, NeurocoderLayer, NeurocoderLinear
 
 __all__ = ["convert", "seed_from_weight", "INITS"]
@@ -54,8 +55,14 @@ def convert(model: nn.Module, targets: str | Iterable[str], init: str = "random"
         raise ValueError("convert: targets is empty; name the modules to replace, e.g. targets=['fc2'] or ['*']")
     if "bias" in layer_options:
         raise ValueError("convert: do not pass 'bias'; each new layer keeps the bias setting of the module it replaces")
+    # The small linear maps inside Neurocoder layers (key maps, composers) and the baselines are
+    # their own machinery, not the model's layers: converting a model twice must not reach them.
+    internal = {f"{name}.{sub}" if name else sub for name, module in model.named_modules()
+                if isinstance(module, (NeurocoderLayer, NSMLinear, MoELinear))
+                for sub, _ in module.named_modules() if sub}
     convertible = [(name, module) for name, module in model.named_modules()
-                   if isinstance(module, (nn.Linear, nn.Conv2d)) and not isinstance(module, NeurocoderLayer)]
+                   if isinstance(module, (nn.Linear, nn.Conv2d)) and not isinstance(module, NeurocoderLayer)
+                   and name not in internal]
     chosen: dict[str, nn.Module] = {}
     for pattern in targets:
         hits = [(name, module) for name, module in convertible if _matches(name, pattern)]
@@ -64,13 +71,45 @@ def convert(model: nn.Module, targets: str | Iterable[str], init: str = "random"
             raise ValueError(f"convert: pattern {pattern!r} matches no nn.Linear or nn.Conv2d in "
                              f"{type(model).__name__}; those it has: {names}")
         chosen.update(hits)
+    # Every replacement is built (and checked) before the first is put in: a module that cannot
+    # be replaced leaves the model as it was, not half converted.
+    replacements = {}
     for name, module in chosen.items():
+        _check_called(model, name)
         replacement = _replacement(name, module, layer_options)
         if init == "svd":
             seed_from_weight(replacement, module.weight.detach(),
                              None if module.bias is None else module.bias.detach())
+        replacements[name] = replacement
+    for name, replacement in replacements.items():
         _set_submodule(model, name, replacement)
+        parent_name = name.rpartition(".")[0]
+        if isinstance(model.get_submodule(parent_name) if parent_name else model, nn.TransformerEncoderLayer):
+            # Its inference fast path reads linear1/linear2's .weight and computes without calling
+            # them; PyTorch takes that path only while no submodule has a hook, so one that does
+            # nothing keeps the layer on its ordinary path, which calls the Neurocoder layer.
+            replacement.register_forward_pre_hook(_keep_off_fast_path)
+    for module in model.modules():
+        if isinstance(module, nn.TransformerEncoder) and any(isinstance(m, NeurocoderLayer) for m in module.modules()):
+            # Its nested-tensor path (eval, with a padding mask) also reads the first layer's
+            # linear1/linear2 weights directly and would hand the layers nested tensors.
+            module.use_nested_tensor = False
     return model
+
+
+def _keep_off_fast_path(module: nn.Module, args):
+    return None
+
+
+def _check_called(model: nn.Module, name: str) -> None:
+    """Refuse a module its parent never calls: nn.MultiheadAttention applies ``out_proj`` through
+    its ``.weight`` and ``.bias``, so a Neurocoder layer there would never run."""
+    parent_name = name.rpartition(".")[0]
+    parent = model.get_submodule(parent_name) if parent_name else model
+    if isinstance(parent, nn.MultiheadAttention):
+        raise ValueError(f"convert: {name} is nn.MultiheadAttention's output projection, which it applies through "
+                         f"its .weight without calling the module, so it cannot be replaced; leave it out of targets "
+                         f"(a Transformer's feed-forward layers, e.g. 'linear1', 'linear2', can be)")
 
 
 def _replacement(name: str, module: nn.Module, options: dict) -> NeurocoderLayer:
