@@ -46,6 +46,26 @@ def test_split_stream_scenarios_and_heads():
         split_stream(torch.zeros(2, 3), torch.zeros(2).long(), torch.zeros(2, 3), torch.zeros(2).long(), [(0,)], "x")
 
 
+def test_stream_builders_name_what_is_wrong_with_their_tensors():
+    x, y = torch.randn(20, 6), torch.arange(20) % 4
+    split_stream(x, y, x, y, [(0, 1), (2, 3)], "domain")          # fine
+    cases = [
+        ((torch.randn(20, 2, 3), y, x, y), r"train_x must be a floating-point \(N, features\) tensor, got "
+                                           r"torch.float32 of shape \(20, 2, 3\)"),
+        ((x, y.float(), x, y), r"train_y must be an \(N,\) tensor of integer class labels, got torch.float32"),
+        ((x, y[:10], x, y), r"train_x has 20 rows but train_y 10 labels"),
+        ((x, y, torch.randn(20, 5), y), r"train_x has 6 features, test_x 5"),
+        ((x.long(), y, x, y), r"train_x must be a floating-point"),
+    ]
+    for args, message in cases:
+        with pytest.raises(ValueError, match=r"^split_stream: " + message):
+            split_stream(*args, [(0, 1), (2, 3)], "domain")
+        with pytest.raises(ValueError, match=r"^permuted_stream: " + message):
+            permuted_stream(*args, num_tasks=2, seed=0)
+    with pytest.raises(TypeError, match="train_x must be a torch.Tensor, got list"):
+        split_stream([[0.0]], y, x, y, [(0, 1)], "domain")
+
+
 def test_permuted_stream_and_preparation():
     images = torch.randint(0, 256, (10, 28, 28), dtype=torch.uint8)
     x = prepare_images(images)

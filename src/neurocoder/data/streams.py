@@ -69,6 +69,25 @@ def _check_scenario(scenario: str) -> None:
         raise ValueError(f"unknown scenario {scenario!r}; choose one of {SCENARIOS}")
 
 
+def _check_data(builder: str, train_x, train_y, test_x, test_y) -> None:
+    """Inputs (N, features) floating point, labels (N,) integers, as many of each, the same
+    features for training and test: else a ValueError naming the tensor, what it expected and got."""
+    for split, x, y in (("train", train_x, train_y), ("test", test_x, test_y)):
+        for name, t in ((f"{split}_x", x), (f"{split}_y", y)):
+            if not isinstance(t, torch.Tensor):
+                raise TypeError(f"{builder}: {name} must be a torch.Tensor, got {type(t).__name__}")
+        if x.dim() != 2 or not x.is_floating_point():
+            raise ValueError(f"{builder}: {split}_x must be a floating-point (N, features) tensor, got "
+                             f"{x.dtype} of shape {tuple(x.shape)} (images: flatten them, e.g. with prepare_images)")
+        if y.dim() != 1 or y.is_floating_point() or y.dtype == torch.bool:
+            raise ValueError(f"{builder}: {split}_y must be an (N,) tensor of integer class labels, got "
+                             f"{y.dtype} of shape {tuple(y.shape)}")
+        if len(x) != len(y):
+            raise ValueError(f"{builder}: {split}_x has {len(x)} rows but {split}_y {len(y)} labels")
+    if train_x.shape[1] != test_x.shape[1]:
+        raise ValueError(f"{builder}: train_x has {train_x.shape[1]} features, test_x {test_x.shape[1]}")
+
+
 def split_stream(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Tensor, test_y: torch.Tensor,
                  groups: list[tuple[int, ...]], scenario: str, description: str = "") -> Stream:
     """One task per group of classes, e.g. groups=[(0, 1), (2, 3), ...] for split MNIST.
@@ -80,6 +99,7 @@ def split_stream(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Ten
         scenario: ``'task'``, ``'domain'`` or ``'class'``.
     """
     _check_scenario(scenario)
+    _check_data("split_stream", train_x, train_y, test_x, test_y)
     sizes = {len(g) for g in groups}
     if scenario != "class" and len(sizes) != 1:
         raise ValueError(f"scenario {scenario!r} needs groups of equal size, got sizes {sorted(sizes)}")
@@ -107,8 +127,10 @@ def split_stream(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Ten
 
 def permuted_stream(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Tensor, test_y: torch.Tensor,
                     num_tasks: int, seed: int, scenario: str = "domain", description: str = "") -> Stream:
-    """Task t applies a fixed random pixel permutation (task 0 keeps the original order)."""
+    """Task t applies a fixed random pixel permutation (task 0 keeps the original order).
+    Inputs as :func:`split_stream`'s."""
     _check_scenario(scenario)
+    _check_data("permuted_stream", train_x, train_y, test_x, test_y)
     generator = torch.Generator().manual_seed(seed)
     classes = tuple(sorted(int(c) for c in train_y.unique()))
     tasks = []
