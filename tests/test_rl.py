@@ -413,3 +413,28 @@ def test_agent_gradient_probe_shares_the_squared_norm_out(capsys):
         assert record["grad_norm"] > 0 and 0 <= record["clipped_fraction"] <= 1
     assert ppo_module.nn.utils.clip_grad_norm_ is real
     assert "gradient norm before clipping" in capsys.readouterr().out
+
+
+def test_probe_head_rank_script(tmp_path):
+    """scripts/probe_head_rank.py (README, games): the spectrum of each output layer, a plain one's
+    from its weight, a Neurocoder one's from the weight it composes per observation; the
+    effective rank lies between 1 and the number of singular values."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(
+        "probe_head_rank", Path(__file__).resolve().parents[1] / "scripts" / "probe_head_rank.py")
+    probe = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(probe)
+    torch.testing.assert_close(probe.effective_rank(torch.tensor([[2.0, 2.0, 2.0], [1.0, 0.0, 0.0]])),
+                               torch.tensor([3.0, 1.0]))
+    small = ["--env", "minatar:breakout", "--updates", "2", "--every", "1", "--set", "num_envs=4", "--set", "num_steps=32"]
+    plain = probe.main(small + ["--variant", "plain"])
+    records = probe.main(small + ["--variant", "nc-two-heads", "--out", str(tmp_path / "rank.jsonl")])
+    assert [r["update"] for r in records] == [0, 1, 2] and len((tmp_path / "rank.jsonl").read_text().splitlines()) == 3
+    layer = plain[-1]["layers"]["heads"]
+    assert len(layer["singular_values"]) == 4 and len(layer["policy_singular_values"]) == 3 and "sigma" not in layer
+    policy, value = records[-1]["layers"]["heads.policy"], records[-1]["layers"]["heads.value"]
+    assert set(records[-1]["layers"]) == {"heads.policy", "heads.value"}
+    assert 1.0 <= policy["policy_effective_rank"] <= 3.0 + 1e-6 and len(policy["sigma"]) == 4
+    assert value["effective_rank"] == pytest.approx(1.0) and "policy_singular_values" not in value
+    assert 0.0 < policy["largest_read_u"] <= 1.0
