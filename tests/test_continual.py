@@ -198,6 +198,10 @@ def test_set_overrides_and_errors():
     with pytest.raises(ValueError, match="unknown preset"):
         make_config("cifar", [])
     assert ContinualConfig(optimizer="adagrad").resolved().lr == 1e-2
+    with pytest.raises(ValueError, match=r"num_tasks=3 \(it sets permuted-mnist's number of permutations; "
+                                         r"split-mnist always has its 5 class-pair tasks\)"):
+        make_config("split-mnist-domain", ["num_tasks=3"])
+    assert make_config("permuted-mnist", ["num_tasks=3"]).num_tasks == 3
 
 
 @pytest.mark.parametrize("preset, item, message", [

@@ -120,6 +120,11 @@ class ContinualConfig:
         from neurocoder.data.sources import DATA_SOURCES
         if self.data_source not in DATA_SOURCES:
             problems.append(f"data_source={self.data_source!r} (choose {list(DATA_SOURCES)})")
+        if self.benchmark != "permuted-mnist" and self.num_tasks != ContinualConfig.num_tasks:
+            # The split benchmarks always have their 5 class pairs; a setting they ignore would
+            # be recorded as if it had applied.
+            problems.append(f"num_tasks={self.num_tasks} (it sets permuted-mnist's number of permutations; "
+                            f"{self.benchmark} always has its 5 class-pair tasks)")
         if not isinstance(self.reset_optimizer, bool):
             problems.append(f"reset_optimizer={self.reset_optimizer!r} (must be true or false)")
         for name in ("epochs", "batch_size", "repeats", "hidden", "num_tasks"):
