@@ -152,16 +152,21 @@ def test_report_reads_program_runs(tmp_path, monkeypatch):
     assert (tmp_path / "report" / "programs_modular_usage.png").is_file()
 
 
-def test_report_finds_runs_at_any_depth_and_leaves_demo_folders_out(tmp_path, capsys):
+def test_report_finds_runs_at_any_depth_and_names_what_it_leaves_out(tmp_path, capsys):
     cfg = ProgramConfig(task="modular", model="mlp", seeds=1, epochs=1)
     run_programs(cfg, tmp_path / "results" / "group" / "run", quiet=True)
     demo = tmp_path / "results" / "demo"
     demo.mkdir()
     (demo / "config.json").write_text(json.dumps({"config": {"dataset": "fashion-mnist", "epochs": 1}}))
     (demo / "results.json").write_text(json.dumps({"table": {}}))
+    unfinished = tmp_path / "results" / "group" / "started"
+    (unfinished / "seeds").mkdir(parents=True)
+    (unfinished / "config.json").write_text("{}")
     runs = load_runs([tmp_path / "results"])
     assert [run["path"] for run in runs] == [tmp_path / "results" / "group" / "run"]
-    assert "left out 1 `neurocoder demo` folder" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "left out 1 `neurocoder demo` folder" in err and f"left out 1 unfinished run(s)" in err
+    assert str(unfinished) in err
     with pytest.raises(ValueError, match="holds no run config"):       # named on its own, it is no run
         load_runs([demo])
     with pytest.raises(FileNotFoundError, match="only demo folders"):

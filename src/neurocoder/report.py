@@ -57,12 +57,16 @@ def _row_order(label: str) -> int:
     return ROW_ORDER.index(label) if label in ROW_ORDER else len(ROW_ORDER)
 
 
-def _run_folders(path: Path) -> list[Path]:
+def _run_folders(path: Path, unfinished: list[Path]) -> list[Path]:
     """Run folders at or below ``path``: a folder holding ``results.json`` is a run (nothing
-    below it is searched); any other folder is searched at every depth, in name order."""
+    below it is searched); one holding only ``config.json`` is a run not yet finished (added to
+    ``unfinished``); any other folder is searched at every depth, in name order."""
     if (path / "results.json").exists():
         return [path]
-    return [run for child in sorted(p for p in path.iterdir() if p.is_dir()) for run in _run_folders(child)]
+    if (path / "config.json").exists():
+        unfinished.append(path)
+        return []
+    return [run for child in sorted(p for p in path.iterdir() if p.is_dir()) for run in _run_folders(child, unfinished)]
 
 
 def _is_demo(folder: Path) -> bool:
@@ -75,14 +79,15 @@ def _is_demo(folder: Path) -> bool:
 
 def load_runs(paths: list[str | Path]) -> list[dict]:
     """Every finished run at or below the given folders (a run folder, or a folder holding run
-    folders at any depth). `neurocoder demo` folders found below a given folder are skipped (with
-    a note on stderr); a damaged results.json is an error that names it."""
-    runs, demos = [], []
+    folders at any depth). Unfinished runs and `neurocoder demo` folders found below a given
+    folder are left out, each kind named in a note on stderr; a damaged results.json is an error
+    that names it."""
+    runs, demos, unfinished = [], [], []
     for path in paths:
         path = Path(path)
         if not path.exists():
             raise FileNotFoundError(f"report: {path} does not exist")
-        found = _run_folders(path)
+        found = _run_folders(path, unfinished)
         if not found:
             raise FileNotFoundError(f"report: no finished run in {path} (no results.json; an interrupted run "
                                     f"is finished with `neurocoder run ... --out {path} --resume`)")
@@ -98,6 +103,9 @@ def load_runs(paths: list[str | Path]) -> list[dict]:
                 raise ValueError(f"report: {folder / 'results.json'} is not a run's results ({error}); it may be "
                                  f"damaged: rerun that run, or leave {folder} out of the report") from None
             runs.append({"path": folder, **results})
+    if unfinished and runs:
+        print(f"report: left out {len(unfinished)} unfinished run(s) (no results.json yet; `neurocoder run ... "
+              f"--out DIR --resume` finishes one): " + ", ".join(str(u) for u in unfinished), file=sys.stderr)
     if demos:
         print(f"report: left out {len(demos)} `neurocoder demo` folder(s), whose table the demo prints itself: "
               + ", ".join(str(d) for d in demos), file=sys.stderr)
