@@ -165,7 +165,7 @@ def test_report_finds_runs_at_any_depth_and_names_what_it_leaves_out(tmp_path, c
     runs = load_runs([tmp_path / "results"])
     assert [run["path"] for run in runs] == [tmp_path / "results" / "group" / "run"]
     err = capsys.readouterr().err
-    assert "left out 1 `neurocoder demo` folder" in err and f"left out 1 unfinished run(s)" in err
+    assert "left out 1 `neurocoder demo` folder" in err and "left out 1 unfinished run(s)" in err
     assert str(unfinished) in err
     with pytest.raises(ValueError, match="holds no run config"):       # named on its own, it is no run
         load_runs([demo])
