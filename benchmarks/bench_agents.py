@@ -47,7 +47,7 @@ def main() -> None:
     print(f"{args.env}, {cfg.num_envs} envs x {cfg.num_steps} steps per update, {args.threads} thread(s):")
     for name in trainers:
         ratio = rate[name] / rate["plain"] if "plain" in rate else float("nan")
-        print(f"  {name:<9} {rate[name]:8.0f} steps/s   {ratio:5.2f}x plain")
+        print(f"  {name:<12} {rate[name]:8.0f} steps/s   {ratio:5.2f}x plain")
     if "plain" in trainers and "nc-heads" in trainers:
         extra = head_costs(trainers["plain"].agent.heads, trainers["nc-heads"].agent.heads, cfg)
         update_ms = {v: 1e3 * batch / rate[v] for v in ("plain", "nc-heads")}
