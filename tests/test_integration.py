@@ -91,3 +91,13 @@ def test_usage_by_label_separates_classes():
     torch.testing.assert_close(usage[0], trace.slot_usage("u").mean(0).detach())
     with pytest.raises(ValueError, match="holds no Neurocoder layer"):
         neurocoder.usage_by_label(nn.Linear(3, 2), batches, 2)
+    # Labels it cannot count are errors that name them, not silent truncation or an index error.
+    for labels, message in ((torch.tensor([0, 1, 7]), r"label 7 lies outside \[0, 3\)"),
+                            (torch.tensor([0, -1, 2]), r"label -1 lies outside \[0, 3\)"),
+                            (torch.tensor([0.0, 0.5, 1.0]), "labels must be whole numbers .*got 0.5")):
+        with pytest.raises(ValueError, match=message):
+            neurocoder.usage_by_label(model, [(x[:3], labels)], num_labels=3)
+    with pytest.raises(ValueError, match="num_labels must be an integer >= 1, got 0"):
+        neurocoder.usage_by_label(model, batches, num_labels=0)
+    floats = neurocoder.usage_by_label(model, [(x[:64], y[:64].float())], num_labels=3)     # 0.0, 1.0 are fine
+    torch.testing.assert_close(floats["0"][0], usage[0])

@@ -85,6 +85,8 @@ def test_load_corrupt_or_foreign_file(tmp_path):
     truncated.write_bytes(good.read_bytes()[:-100])
     with pytest.raises(ValueError):
         ProgramMemory.from_file(truncated)
+    with pytest.raises(FileNotFoundError, match=r"save_programs: the folder .*nope does not exist; create it first"):
+        NeurocoderLinear(4, 3).save_programs(tmp_path / "nope" / "p.safetensors")
 
 
 @pytest.mark.parametrize("key_mode", ["learned", "content"])

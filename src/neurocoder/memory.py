@@ -326,6 +326,8 @@ class ProgramMemory(nn.Module):
         from safetensors.torch import save_file
 
         path = Path(path)
+        if not path.parent.is_dir():
+            raise FileNotFoundError(f"save_programs: the folder {path.parent} does not exist; create it first")
         tensors = {name: t.detach().contiguous().cpu() for name, t in self.state_dict().items()}
         tmp = path.with_name(path.name + ".tmp")
         save_file(tensors, str(tmp), metadata={"neurocoder": json.dumps(self.metadata())})

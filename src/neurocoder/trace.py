@@ -101,6 +101,20 @@ def record(model: nn.Module, detach: bool = True):
 
 
 @torch.no_grad()
+def _label_indices(labels, num_labels: int) -> torch.Tensor:
+    """A batch's labels as int64 indices on the CPU, or a ValueError naming the first bad one."""
+    labels = torch.as_tensor(labels).cpu().flatten()
+    if labels.is_floating_point() and not torch.equal(labels, labels.round()):
+        bad = labels[labels != labels.round()][0].item()
+        raise ValueError(f"usage_by_label: labels must be whole numbers (class indices), got {bad}")
+    labels = labels.long()
+    outside = (labels < 0) | (labels >= num_labels)
+    if outside.any():
+        raise ValueError(f"usage_by_label: label {labels[outside][0].item()} lies outside [0, {num_labels}); "
+                         f"pass num_labels larger than the largest label")
+    return labels
+
+
 def usage_by_label(model: nn.Module, batches: Iterable, num_labels: int, bank: str = "u",
                    device: torch.device | str | None = None) -> dict[str, torch.Tensor]:
     """Mean read weight of every slot, per label, for each Neurocoder layer of ``model``.
@@ -117,6 +131,8 @@ def usage_by_label(model: nn.Module, batches: Iterable, num_labels: int, bank: s
     """
     if bank not in BANK_NAMES:
         raise ValueError(f"usage_by_label: bank must be one of {BANK_NAMES}, got {bank!r}")
+    if not isinstance(num_labels, int) or num_labels < 1:
+        raise ValueError(f"usage_by_label: num_labels must be an integer >= 1, got {num_labels!r}")
     was_training = model.training
     model.eval()
     sums: dict[str, torch.Tensor] = {}
@@ -126,7 +142,7 @@ def usage_by_label(model: nn.Module, batches: Iterable, num_labels: int, bank: s
             for inputs, labels in batches:
                 if device is not None:
                     inputs = inputs.to(device)
-                labels = torch.as_tensor(labels).long().cpu()
+                labels = _label_indices(labels, num_labels)
                 for name in traces:
                     traces[name].clear()
                 model(inputs)
