@@ -202,6 +202,12 @@ def test_set_overrides_and_errors():
                                          r"split-mnist always has its 5 class-pair tasks\)"):
         make_config("split-mnist-domain", ["num_tasks=3"])
     assert make_config("permuted-mnist", ["num_tasks=3"]).num_tasks == 3
+    with pytest.raises(ValueError, match=r"lr=0.0 \(must be > 0\); coef=-1.0 \(a regularisation strength"):
+        make_config("split-mnist-domain", ["lr=0", "coef=-1", "strategy=ewc"])
+    with pytest.raises(ValueError, match=r"lr=-1.0 \(must be > 0\); online_lr=0.0 \(must be > 0\)"):
+        make_config("program-shift", ["lr=-1", "online_lr=0"])
+    with pytest.raises(ValueError, match=r"lr=0.0 \(must be > 0\)"):
+        make_config("minatar-breakout", ["lr=0"])
 
 
 @pytest.mark.parametrize("preset, item, message", [

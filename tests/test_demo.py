@@ -29,3 +29,12 @@ def test_demo_end_to_end_on_generated_idx(isolated, capsys):  # noqa: F811
 def test_cli_missing_data_is_a_clear_error(isolated, capsys):  # noqa: F811
     assert main(["demo", "--out", str(isolated / "run")]) == 2
     assert "apt-get install dataset-fashion-mnist" in capsys.readouterr().err
+
+
+def test_demo_settings_are_checked_before_any_data_or_folder(isolated, capsys):  # noqa: F811
+    for args, message in ((["--epochs", "0"], "epochs=0 (must be >= 1)"),
+                          (["--train-limit", "-5"], "train_limit=-5 (must be >= 1, or None for every image)"),
+                          (["--preset", "foo"], "preset='foo' (choose ['default', 'released'])")):
+        assert main(["demo", "--out", str(isolated / "run")] + args) == 2
+        assert message in capsys.readouterr().err
+        assert not (isolated / "run").exists()

@@ -37,6 +37,19 @@ class DemoConfig:
     seed: int = 0
     data_dir: str | None = None
 
+    def check(self) -> None:
+        """ValueError naming every setting out of range (before any data is read or folder made)."""
+        problems = [f"{name}={getattr(self, name)} (must be >= 1)" for name in ("epochs", "batch_size", "hidden")
+                    if getattr(self, name) < 1]
+        if self.train_limit is not None and self.train_limit < 1:
+            problems.append(f"train_limit={self.train_limit} (must be >= 1, or None for every image)")
+        if not self.lr > 0:
+            problems.append(f"lr={self.lr} (must be > 0)")
+        if self.preset not in neurocoder.presets.PRESETS:
+            problems.append(f"preset={self.preset!r} (choose {sorted(neurocoder.presets.PRESETS)})")
+        if problems:
+            raise ValueError("bad demo settings: " + "; ".join(problems))
+
 
 def _mlp(hidden: int) -> nn.Module:
     return nn.Sequential(nn.Flatten(), nn.Linear(784, hidden), nn.ReLU(), nn.Linear(hidden, 10))
@@ -84,6 +97,7 @@ def _train(name: str, model: nn.Module, cfg: DemoConfig, x, y, x_test, y_test, r
 
 def run_demo(cfg: DemoConfig, out: str | Path) -> dict:
     """Train both models, write the run folder, print the table and what the layers read."""
+    cfg.check()
     torch.manual_seed(cfg.seed)
     data = load_dataset(cfg.dataset, data_dir=cfg.data_dir)
     x, y = _prepare(data.train_x), data.train_y

@@ -120,6 +120,10 @@ class ContinualConfig:
         from neurocoder.data.sources import DATA_SOURCES
         if self.data_source not in DATA_SOURCES:
             problems.append(f"data_source={self.data_source!r} (choose {list(DATA_SOURCES)})")
+        if self.lr is not None and not self.lr > 0:
+            problems.append(f"lr={self.lr} (must be > 0)")
+        if self.coef is not None and not self.coef >= 0:
+            problems.append(f"coef={self.coef} (a regularisation strength: must be >= 0)")
         if self.benchmark != "permuted-mnist" and self.num_tasks != ContinualConfig.num_tasks:
             # The split benchmarks always have their 5 class pairs; a setting they ignore would
             # be recorded as if it had applied.

@@ -78,6 +78,9 @@ class ProgramConfig:
         for name in ("seeds", "epochs", "batch_size"):
             if getattr(self, name) < 1:
                 problems.append(f"{name}={getattr(self, name)} (must be >= 1)")
+        for name in ("lr", "online_lr"):
+            if not getattr(self, name) > 0:
+                problems.append(f"{name}={getattr(self, name)} (must be > 0)")
         if problems:
             raise ValueError("bad config: " + "; ".join(problems))
 

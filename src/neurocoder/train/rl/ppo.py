@@ -111,6 +111,8 @@ class PPOConfig:
                      "checkpoint_every", "hidden"):
             if getattr(self, name) < 1:
                 problems.append(f"{name}={getattr(self, name)} (must be >= 1)")
+        if not self.lr > 0:
+            problems.append(f"lr={self.lr} (must be > 0)")
         if not self.neurocoder_lr_scale > 0:
             problems.append(f"neurocoder_lr_scale={self.neurocoder_lr_scale} (must be > 0)")
         if self.layer_init not in ("random", "svd"):
