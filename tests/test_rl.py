@@ -337,6 +337,13 @@ def test_atari_short_run(tmp_path):
     assert result["frames"] == 512 and seed["agent_steps"] == 128        # 4 emulator frames per agent step
 
 
+def test_unknown_atari_game_is_named_with_the_rom_it_may_mean():
+    with pytest.raises(ValueError, match=r"unknown Atari game 'MsPacman': .*did you mean 'ms_pacman'\?"):
+        make_vector_env("atari:MsPacman", 1, 0)
+    with pytest.raises(ValueError, match=r"unknown Atari game 'nosuch': ALE names its ROMs in snake_case \("):
+        make_vector_env("atari:nosuch", 1, 0)
+
+
 def test_report_reads_gzipped_episodes(tmp_path):
     """Archived results keep episodes.jsonl gzipped; the report reads either form alike."""
     import gzip

@@ -125,6 +125,13 @@ class AtariVector(VectorEnv):
             from ale_py.vector_env import AtariVectorEnv
         except ImportError as error:
             raise ImportError("ALE is not installed: pip install 'neurocoder[rl]' (make setup installs it)") from error
+        from ale_py.roms import get_all_rom_ids
+
+        games = get_all_rom_ids()
+        if game not in games:
+            near = [g for g in games if g.replace("_", "") == game.lower().replace("_", "")]
+            hint = f"; did you mean {near[0]!r}?" if near else f" ({len(games)} ROMs, e.g. pong, breakout, ms_pacman)"
+            raise ValueError(f"unknown Atari game {game!r}: ALE names its ROMs in snake_case{hint}")
         self.env = AtariVectorEnv(game=game, num_envs=num_envs, num_threads=1, autoreset_mode="SameStep",
                                   reward_clipping=False, repeat_action_probability=0.0, frameskip=4,
                                   stack_num=4, img_height=84, img_width=84, grayscale=True)
