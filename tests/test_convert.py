@@ -149,3 +149,23 @@ def test_convert_never_reaches_inside_neurocoder_or_baseline_layers():
     assert converted == ["0", "2"]
     with pytest.raises(ValueError, match="those it has: none"):
         neurocoder.convert(model, ["*"], num_programs=4, rank=2)
+
+
+def test_convert_keeps_a_shared_module_shared_and_warns_of_a_tied_weight():
+    shared = nn.Linear(4, 4)
+    model = nn.Module()
+    model.a, model.b = shared, shared                       # one module, two places
+    neurocoder.convert(model, ["a"], num_programs=4, rank=2)
+    assert isinstance(model.a, NeurocoderLinear) and model.b is model.a
+
+    class TiedLM(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb = nn.Embedding(10, 8)
+            self.head = nn.Linear(8, 10, bias=False)
+            self.head.weight = self.emb.weight
+
+    lm = TiedLM()
+    with pytest.warns(UserWarning, match=r"head.weight is also emb.weight \(tied weights\).*the tie is gone"):
+        neurocoder.convert(lm, ["head"], num_programs=4, rank=2)
+    assert isinstance(lm.head, NeurocoderLinear) and isinstance(lm.emb, nn.Embedding)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import fnmatch
 import math
+import warnings
 from typing import Iterable
 
 import torch
@@ -71,16 +72,31 @@ def convert(model: nn.Module, targets: str | Iterable[str], init: str = "random"
             raise ValueError(f"convert: pattern {pattern!r} matches no nn.Linear or nn.Conv2d in "
                              f"{type(model).__name__}; those it has: {names}")
         chosen.update(hits)
+    # A module used in several places (named_modules lists it once) is replaced in all of them by
+    # one Neurocoder layer, so what was shared stays shared.
+    aliases: dict[int, list[str]] = {}
+    for name, module in model.named_modules(remove_duplicate=False):
+        aliases.setdefault(id(module), []).append(name)
+    parameter_names: dict[int, list[str]] = {}
+    for name, parameter in model.named_parameters(remove_duplicate=False):
+        parameter_names.setdefault(id(parameter), []).append(name)
     # Every replacement is built (and checked) before the first is put in: a module that cannot
     # be replaced leaves the model as it was, not half converted.
     replacements = {}
     for name, module in chosen.items():
-        _check_called(model, name)
+        for alias in aliases[id(module)]:
+            _check_called(model, alias)
         replacement = _replacement(name, module, layer_options)
         if init == "svd":
             seed_from_weight(replacement, module.weight.detach(),
                              None if module.bias is None else module.bias.detach())
-        replacements[name] = replacement
+        tied = [other for other in parameter_names.get(id(module.weight), [])
+                if not any(other.startswith(alias + ".") or alias == "" for alias in aliases[id(module)])]
+        if tied:
+            warnings.warn(f"convert: {name}.weight is also {', '.join(tied)} (tied weights); the Neurocoder layer "
+                          f"that replaces {name} holds programs of its own, so the tie is gone", stacklevel=2)
+        for alias in aliases[id(module)]:
+            replacements[alias] = replacement
     for name, replacement in replacements.items():
         _set_submodule(model, name, replacement)
         parent_name = name.rpartition(".")[0]
