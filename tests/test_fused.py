@@ -210,6 +210,22 @@ def test_reuse_programs_computes_parameter_constants_once_and_changes_nothing(ke
         with neurocoder.reuse_programs(model):
             changed = model(x)
     assert not torch.allclose(changed, expected)
+    # A parameter changed inside the block (an optimiser step, freeze, load_state_dict) is seen
+    # too: version counters mark what was kept as stale, and it is computed once more.
+    calls.clear()
+    with torch.no_grad(), neurocoder.reuse_programs(model):
+        before = model(x)
+        model[0].memory.u_values.add_(0.5)
+        model[0].composer.head.linear.weight.mul_(1.5)
+        after = [model(x) for _ in range(3)]
+        model[2].memory.freeze([0, 1])
+        frozen = model(x)
+    assert len(calls) == 2 + 1 + 1                # both layers at first, then only the one that changed
+    with torch.no_grad():
+        torch.testing.assert_close(frozen, model(x))
+        assert not torch.allclose(after[0], before)
+        for y in after:
+            assert torch.equal(y, after[0])
 
 
 @pytest.mark.parametrize("length", [10, 64, 100, 257])

@@ -345,8 +345,15 @@ class NeurocoderLinear(NeurocoderLayer):
         """
         reused = getattr(self, "_reused", None)          # absent on modules pickled by older versions
         reuse = reused is not None and not torch.is_grad_enabled() and not torch.compiler.is_compiling()
-        if reuse and joined in reused:
-            return reused[joined]
+        if reuse:
+            # In-place updates (an optimiser step, load_state_dict, freeze) bump the tensors'
+            # version counters: then what was kept is stale and is computed again.
+            stamp = (self.memory.num_programs, tuple(t._version for t in reused["watch"]))
+            if reused.get("stamp") != stamp:
+                reused.clear()
+                reused.update(watch=reused_watch(self), stamp=stamp)
+            elif joined in reused:
+                return reused[joined]
         memory, linear = self.memory, self.composer.head.linear
         weight = bias = None
         if joined:
@@ -563,6 +570,11 @@ class NeurocoderConv2d(NeurocoderLayer):
         return y
 
 
+def reused_watch(layer: nn.Module) -> list[torch.Tensor]:
+    """The tensors whose changes make :func:`reuse_programs`' kept tensors stale."""
+    return list(layer.parameters()) + list(layer.buffers())
+
+
 @contextlib.contextmanager
 def reuse_programs(model: nn.Module):
     """Within this block, no-grad forward passes of ``model``'s Neurocoder linear layers compute
@@ -575,13 +587,14 @@ def reuse_programs(model: nn.Module):
             for t in range(steps):
                 logits, value = agent(observations)
 
-    The promise is the caller's: do not change the model's parameters inside the block (the
-    reused tensors would be stale). Calls with gradients enabled are unaffected. Leaving the block
-    drops what was kept. Blocks may nest; the outer one owns the reuse.
+    Changing parameters inside the block is safe but undoes the saving: in-place updates (an
+    optimiser step, ``load_state_dict``, ``memory.freeze``) bump the tensors' version counters and
+    the layer computes the kept tensors again. Calls with gradients enabled are unaffected.
+    Leaving the block drops what was kept. Blocks may nest; the outer one owns the reuse.
     """
     layers = [m for m in model.modules() if isinstance(m, NeurocoderLinear) and getattr(m, "_reused", None) is None]
     for layer in layers:
-        layer._reused = {}
+        layer._reused = {"watch": reused_watch(layer)}
     try:
         yield model
     finally:
