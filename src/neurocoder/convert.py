@@ -152,6 +152,15 @@ def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
     setattr(parent, child, new)
 
 
+def _remove_span(rows: torch.Tensor, count: int) -> None:
+    """In place: rows[count:] lose every part in the span of rows[:count] (2-D; the rows' space)."""
+    if count == 0 or count >= rows.shape[0]:
+        return
+    basis = torch.linalg.qr(rows[:count].T.to(torch.float64)).Q                   # (dim, count)
+    rest = rows[count:].to(torch.float64)
+    rows[count:] = (rest - (rest @ basis) @ basis.T).to(rows.dtype)
+
+
 def _inverse_softplus(y: torch.Tensor) -> torch.Tensor:
     y = y.clamp_min(1e-6)
     return torch.where(y > 20, y, torch.log(torch.expm1(y)))
@@ -195,21 +204,43 @@ def seed_from_weight(layer: NeurocoderLayer, weight: torch.Tensor, bias: torch.T
     basis = torch.linalg.qr(raw).Q[:R, :k]
     keys = torch.nn.functional.normalize(basis, dim=-1)                          # (R, k)
     slots = min(R, P)
-    memory.s_keys[:slots] = keys[:slots].to(dtype)
-    if memory.key_mode == "learned":
-        memory.u_keys[:slots] = keys[:slots].to(dtype)
-        memory.v_keys[:slots] = keys[:slots].to(dtype)
-    else:
-        # key(u) = A u + b; with orthonormal seeded rows, A = E^T U_R maps slot n to key E_n.
+    # Slots no component reads at first must draw no attention. A key with no part along the read
+    # keys is not enough (a float32 residue of ~1e-8, once normalised, points anywhere), so such
+    # keys also get a part along ``sink``, the opposite of the read keys' mean direction: their
+    # cosine with every query is then negative, a weight below e^-30 at sharpness 30.
+    sink = -torch.nn.functional.normalize(keys[:slots].sum(0), dim=0)                # (k,)
+    for bank_keys in ((memory.s_keys, memory.u_keys, memory.v_keys) if memory.key_mode == "learned"
+                      else (memory.s_keys,)):
+        bank_keys[:slots] = keys[:slots].to(dtype)
+        _remove_span(bank_keys, slots)
+        bank_keys[slots:] += sink.to(dtype)
+    if memory.key_mode == "content":
+        # key(u) = A u + b; over the orthonormal singular vectors, A = E^T U maps slot n to key E_n.
+        # Every other slot's value loses its part along them, so A maps it to ~0 and its key is
+        # ~b, a small step along ``sink`` that moves the read keys by little (cosine 0.997 with
+        # their queries). With more slots than the values' width, the slots past the singular
+        # vectors could not all have keys of their own anyway.
         for key_map, values in ((memory.u_key_map, memory.u_values), (memory.v_key_map, memory.v_values)):
-            key_map.weight.copy_((keys[:slots].T @ values[:slots].to(torch.float64)).to(dtype))
-            key_map.bias.zero_()
+            _remove_span(values, used)
+            key_map.weight.copy_((keys[:used].T @ values[:used].to(torch.float64)).to(dtype))
+            key_map.bias.copy_((0.1 * sink).to(dtype))
 
     head = layer.composer.head
     if layer.composer_kind == "feedforward":
         linear = head.linear
         linear.weight.mul_(0.01)
-        query_bias = keys[torch.arange(R) % slots].repeat(3, 1).reshape(-1)      # banks U, V, S
+        read = torch.arange(R) % slots
+        s_read = read.clone()
+        if R > P:
+            # Components beyond the P slots read the U and V slots again; their singular values
+            # must come out ~0, from an S slot that holds ~0 (the first one no singular value uses).
+            if used < P:
+                s_read[P:] = used
+            else:
+                warnings.warn(f"seed_from_weight: rank {R} exceeds num_programs {P} and the weight fills every slot, "
+                              f"so components {P}..{R - 1} cannot start silent and the layer does not start at "
+                              f"the truncated SVD; use num_programs > rank", stacklevel=2)
+        query_bias = torch.cat([keys[read], keys[read], keys[s_read]]).reshape(-1)   # banks U, V, S
         linear.bias[:head.sizes[0]] = query_bias.to(dtype)
         start = head.sizes[0]
         if head.least_used:
