@@ -40,12 +40,16 @@ def convert(model: nn.Module, targets: str | Iterable[str], init: str = "random"
 
     Returns:
         ``model``, with the replacements made. The new layers are on the replaced module's
-        device and dtype.
+        device and dtype. All or none: every replacement is checked before the first is put in.
+        A module used in several places is replaced in all of them by one layer; a replaced
+        weight tied to another module's (an LM head tied to its embedding) gives a warning, as
+        the tie ends. Modules inside Neurocoder, NSM and MoE layers are never candidates.
 
     Raises:
         ValueError: a pattern matches no Linear or Conv2d module (the message lists those that
-            exist), a Conv2d uses groups or a padding mode Neurocoder does not support, or an
-            unknown ``init``.
+            exist), a Conv2d uses groups or a padding mode Neurocoder does not support, a module
+            is one its parent applies without calling it (``nn.MultiheadAttention.out_proj``), or
+            an unknown ``init``.
     """
     if init not in INITS:
         raise ValueError(f"convert: init must be one of {INITS}, got {init!r}")
@@ -218,7 +222,7 @@ def seed_from_weight(layer: NeurocoderLayer, weight: torch.Tensor, bias: torch.T
         # key(u) = A u + b; over the orthonormal singular vectors, A = E^T U maps slot n to key E_n.
         # Every other slot's value loses its part along them, so A maps it to ~0 and its key is
         # ~b, a small step along ``sink`` that moves the read keys by little (cosine 0.997 with
-        # their queries). With more slots than the values' width, the slots past the singular
+        # their queries: above 0.99). With more slots than the values' width, the slots past the singular
         # vectors could not all have keys of their own anyway.
         for key_map, values in ((memory.u_key_map, memory.u_values), (memory.v_key_map, memory.v_values)):
             _remove_span(values, used)
