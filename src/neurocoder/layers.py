@@ -119,8 +119,8 @@ class NeurocoderLayer(nn.Module):
             self.composer = RecurrentComposer(context_features, key_dim, rank, steps,
                                               hidden_size=composer_hidden, **options)
         self._trace_sink = None
-        # Set by neurocoder.reuse_programs: a dict while the block runs (parameters promised not to
-        # change), filled by the first no-grad call with the tensors that depend only on parameters.
+        # Set by neurocoder.reuse_programs: a dict while the block runs, filled by the first no-grad
+        # call with the tensors that depend only on parameters (and the parameters' versions).
         self._reused: dict | None = None
 
     @property
