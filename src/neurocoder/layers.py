@@ -351,7 +351,7 @@ class NeurocoderLinear(NeurocoderLayer):
             stamp = (self.memory.num_programs, tuple(t._version for t in reused["watch"]))
             if reused.get("stamp") != stamp:
                 reused.clear()
-                reused.update(watch=reused_watch(self), stamp=stamp)
+                reused.update(watch=_reused_watch(self), stamp=stamp)
             elif joined in reused:
                 return reused[joined]
         memory, linear = self.memory, self.composer.head.linear
@@ -570,7 +570,7 @@ class NeurocoderConv2d(NeurocoderLayer):
         return y
 
 
-def reused_watch(layer: nn.Module) -> list[torch.Tensor]:
+def _reused_watch(layer: nn.Module) -> list[torch.Tensor]:
     """The tensors whose changes make :func:`reuse_programs`' kept tensors stale."""
     return list(layer.parameters()) + list(layer.buffers())
 
@@ -594,7 +594,7 @@ def reuse_programs(model: nn.Module):
     """
     layers = [m for m in model.modules() if isinstance(m, NeurocoderLinear) and getattr(m, "_reused", None) is None]
     for layer in layers:
-        layer._reused = {"watch": reused_watch(layer)}
+        layer._reused = {"watch": _reused_watch(layer)}
     try:
         yield model
     finally:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import shutil
 import subprocess
 import sys
 import time
@@ -127,11 +128,7 @@ def remove_if_unstarted(path: str | os.PathLike) -> bool:
     files = [p for p in path.rglob("*") if not p.is_dir()]
     if any(p.relative_to(path) != Path("config.json") for p in files):
         return False
-    for file in files:
-        file.unlink()
-    for folder in sorted((p for p in path.rglob("*") if p.is_dir()), key=lambda p: len(p.parts), reverse=True):
-        folder.rmdir()
-    path.rmdir()
+    shutil.rmtree(path)
     return True
 
 
