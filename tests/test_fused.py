@@ -228,6 +228,34 @@ def test_reuse_programs_computes_parameter_constants_once_and_changes_nothing(ke
             assert torch.equal(y, after[0])
 
 
+def test_reuse_programs_also_reuses_in_training_mode(monkeypatch):
+    """An agent's rollout runs no-grad calls in training mode, where every call updates the
+    running usage average in place: that must not mark the kept keys as stale."""
+    import neurocoder
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(NeurocoderLinear(12, 9, num_programs=6, rank=3, key_dim=4), torch.nn.ReLU(),
+                                NeurocoderLinear(9, 5, num_programs=6, rank=2, key_dim=4))
+    _perturb(model)
+    model.train()
+    x = torch.randn(7, 12)
+    with torch.no_grad():
+        expected = model(x)
+    usage_before = model[0].memory.usage_average.clone()
+    calls = []
+    original = neurocoder.ProgramMemory.keys
+    monkeypatch.setattr(neurocoder.ProgramMemory, "keys", lambda self: calls.append(self) or original(self))
+    with torch.no_grad(), neurocoder.reuse_programs(model):
+        outputs = [model(x) for _ in range(5)]
+        assert len(calls) == 2                   # once per layer, although usage changed every call
+        model[0].memory.v_values.mul_(2.0)       # a parameter change is still seen
+        changed = model(x)
+    assert len(calls) == 3
+    assert not torch.equal(model[0].memory.usage_average, usage_before)     # usage kept counting
+    for y in outputs:
+        assert torch.equal(y, expected)
+    assert not torch.allclose(changed, expected)
+
+
 @pytest.mark.parametrize("length", [10, 64, 100, 257])
 def test_split_long_inner_product_equals_bmm(length):
     """The hand-made split-K of the keys' gradient (taken on CUDA) equals the plain product,
