@@ -47,7 +47,14 @@ def main() -> None:
     print(f"{args.env}, {cfg.num_envs} envs x {cfg.num_steps} steps per update, {args.threads} thread(s):")
     for name in trainers:
         ratio = rate[name] / rate["plain"] if "plain" in rate else float("nan")
-        print(f"  {name:<12} {rate[name]:8.0f} steps/s   {ratio:5.2f}x plain")
+        paired = ""
+        if "plain" in rate and name != "plain" and len(seconds[name]) >= 4:
+            # Each round's own ratio (the two updates ran back to back, under the same load): its
+            # quartiles show how far a busy host moves the ratio of medians.
+            rounds = [p / t for p, t in zip(seconds["plain"], seconds[name])]
+            q1, q2, q3 = statistics.quantiles(rounds, n=4)
+            paired = f"   (per round: median {q2:.2f}x, quartiles {q1:.2f}-{q3:.2f}x)"
+        print(f"  {name:<12} {rate[name]:8.0f} steps/s   {ratio:5.2f}x plain{paired}")
     if "plain" in trainers and "nc-heads" in trainers:
         extra = head_costs(trainers["plain"].agent.heads, trainers["nc-heads"].agent.heads, cfg)
         update_ms = {v: 1e3 * batch / rate[v] for v in ("plain", "nc-heads")}
@@ -59,16 +66,18 @@ def main() -> None:
 
 def head_costs(plain: torch.nn.Module, neurocoder_head: torch.nn.Module, cfg: PPOConfig, rounds: int = 200) -> float:
     """Per-call time of the output layer alone, plain vs Neurocoder, interleaved: a rollout call
-    (batch = num_envs, no grad, inside reuse_programs) and a training minibatch (forward+backward).
+    (batch = num_envs, eval mode, no grad, inside reuse_programs) and a training minibatch (forward+backward).
     Prints both; returns the Neurocoder layer's extra milliseconds per PPO update."""
     hidden = plain.in_features
     minibatch = cfg.num_envs * cfg.num_steps // cfg.num_minibatches
     x_roll, x_train = torch.randn(cfg.num_envs, hidden), torch.randn(minibatch, hidden)
 
     def rollout(layer):
+        layer.eval()                     # as the trainer's rollout: no usage bookkeeping
         with torch.no_grad(), neurocoder.reuse_programs(layer):
             for _ in range(8):
                 layer(x_roll)
+        layer.train()
 
     def train(layer):
         layer(x_train).square().sum().backward()
