@@ -399,6 +399,22 @@ def test_report_labels_same_named_folders_by_the_setting_that_differs(tmp_path):
     assert "| nc-heads (a/asterix-nc-heads) | 1.50" in table and "| nc-heads (b/asterix-nc-heads) | 2.50" in table
 
 
+def test_report_names_the_options_a_lone_run_set(tmp_path):
+    """A single run of a variant that set layer options is not labelled as the variant's default
+    configuration; options equal to the trainer's defaults are not named."""
+    runs = []
+    for name, variant, options in (("a", "nc-heads", {"num_programs": 16, "rank": 4}),
+                                   ("b", "nc-two-heads", {"num_programs": 16, "rank": 4, "sharpness": 20})):
+        (tmp_path / name / "seeds").mkdir(parents=True)
+        runs.append({"path": str(tmp_path / name), "config": {"kind": "rl", "env": "minatar:asterix", "variant": variant,
+                                                              "layer_options": options},
+                     "final_return_mean": 1.0, "final_return_std": 0.0, "seeds": 1, "frames": 10,
+                     "steps_per_second": 100.0, "parameters": 7})
+    table = rl_tables(runs)
+    assert "| minatar:asterix | nc-heads | 1.00 +- 0.00" in table
+    assert "| minatar:asterix | nc-two-heads (layer_options.sharpness=20) | 1.00 +- 0.00" in table
+
+
 def test_agent_gradient_probe_shares_the_squared_norm_out(capsys):
     """scripts/probe_agent_gradients.py (README, games): per window, the tensors' shares of the
     squared gradient norm sum to 1 and name the agent's parameters, and the clipping call is

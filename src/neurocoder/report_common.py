@@ -7,7 +7,7 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Callable
 
-__all__ = ["group_runs", "member_order", "flat_settings", "differing_settings"]
+__all__ = ["group_runs", "member_order", "flat_settings", "differing_settings", "explicit_options"]
 
 
 # What an option a config did not set compares as: unequal to any value a config did set.
@@ -44,6 +44,21 @@ def differing_settings(configs: list[dict], skip: set[str] | frozenset = frozens
     return [", ".join(f"{k}={json.dumps(f[k], sort_keys=True)}" for k in differing if k in f) for f in flat]
 
 
+def explicit_options(config: dict, defaults: dict | None = None) -> str:
+    """``"key=value, ..."`` of the entries of a config's option groups (dict-valued settings such
+    as ``layer_options``) that differ from ``defaults``' group of the same name: the options a run
+    set on purpose. Top-level settings are not named (every config holds all of them)."""
+    defaults = defaults or {}
+    named = []
+    for key, value in sorted(config.items()):
+        if not isinstance(value, dict) or key in _BOOKKEEPING:
+            continue
+        default = defaults.get(key) if isinstance(defaults.get(key), dict) else {}
+        named += [f"{key}.{sub}={json.dumps(inner, sort_keys=True)}" for sub, inner in sorted(value.items())
+                  if sub not in default or json.dumps(default[sub], sort_keys=True) != json.dumps(inner, sort_keys=True)]
+    return ", ".join(named)
+
+
 def group_runs(runs: list[dict], kind: str, group_field: str,
                member_field: str | Callable[[dict], str], defaults: dict | None = None) -> dict[str, dict[str, dict]]:
     """Run folders of one ``kind`` as {config[group_field]: {label: run}}, the label being
@@ -61,7 +76,10 @@ def group_runs(runs: list[dict], kind: str, group_field: str,
     groups: dict[str, dict[str, dict]] = defaultdict(dict)
     for (group, label), members in together.items():
         if len(members) == 1:
-            groups[group][label] = members[0]
+            # A lone run is named by the options it set (its table row would otherwise read as
+            # the member's default configuration).
+            name = explicit_options(members[0]["config"], defaults)
+            groups[group][f"{label} ({name})" if name else label] = members[0]
             continue
         paths = [Path(run["path"]) for run in members]
         for names in (differing_settings([run["config"] for run in members], _BOOKKEEPING, defaults),
