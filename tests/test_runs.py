@@ -37,3 +37,25 @@ def test_an_installed_copy_does_not_record_the_commit_of_the_project_around_it(t
     out = subprocess.run([sys.executable, "-c", probe], cwd=tmp_path, capture_output=True, text=True, check=True,
                          env={"PYTHONPATH": str(site), "PATH": "/usr/bin:/bin"}).stdout
     assert '"neurocoder"' in out and "git_commit" not in out
+
+
+def test_a_damaged_run_file_is_named_with_what_to_do(tmp_path):
+    """A finished seed's file or a run's config.json that is not valid JSON (cut short or edited
+    outside the run) gives an error naming the file and the remedy, not a bare decoder message;
+    deleting the seed's file and resuming runs that seed again."""
+    from neurocoder.runs import RunFolder
+    from neurocoder.train.programs import ProgramConfig, run_programs
+
+    cfg = ProgramConfig(task="reuse", model="mlp", seeds=2, epochs=1)
+    out = tmp_path / "run"
+    first = run_programs(cfg, out, quiet=True)
+    seed_file = out / "seeds" / "seed-01.json"
+    seed_file.write_text('{"unseen_error": 0.1')
+    with pytest.raises(ValueError, match=r"seed-01\.json is not valid JSON .*delete it and resume to run that seed again"):
+        run_programs(cfg, out, resume=True, quiet=True)
+    seed_file.unlink()
+    again = run_programs(cfg, out, resume=True, quiet=True)
+    assert again["summary"] == first["summary"]
+    (out / "config.json").write_text("{")
+    with pytest.raises(ValueError, match=r"config\.json is not valid JSON .*start a new run folder"):
+        RunFolder.start(out, {"kind": "programs"}, 0, resume=True)

@@ -20,7 +20,8 @@ import torch
 
 from ._version import __version__
 
-__all__ = ["RunFolder", "code_version", "atomic_write_text", "atomic_torch_save", "remove_if_unstarted"]
+__all__ = ["RunFolder", "code_version", "atomic_write_text", "atomic_torch_save", "remove_if_unstarted",
+           "read_json"]
 
 
 def code_version() -> dict:
@@ -49,6 +50,17 @@ def atomic_write_text(path: Path, text: str) -> None:
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     tmp.write_text(text)
     os.replace(tmp, path)
+
+
+def read_json(path: str | os.PathLike, remedy: str) -> Any:
+    """A run folder's JSON file, or a ValueError that names the file and ``remedy`` (what to do
+    about it) when it is not valid JSON: these files are written atomically, so a damaged one was
+    edited or cut short outside the run, and a raw decoder message would name neither."""
+    path = Path(path)
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ValueError(f"{path} is not valid JSON ({error}); {remedy}") from error
 
 
 def atomic_torch_save(obj: Any, path: Path) -> None:
@@ -88,7 +100,8 @@ class RunFolder:
         if resume:
             if not (path / "config.json").is_file():
                 raise FileNotFoundError(f"--resume: {path} holds no run (no config.json); start it without --resume")
-            saved = json.loads((path / "config.json").read_text())["config"]
+            saved = read_json(path / "config.json", "the run's recorded settings are lost: start a new run "
+                              "folder")["config"]
             changed = sorted(k for k in config if k not in ignore and saved.get(k) != config[k])
             if changed:
                 raise ValueError(f"--resume: the config differs from the one in {path} in {changed}; resume with "

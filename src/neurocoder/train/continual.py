@@ -25,7 +25,7 @@ from neurocoder.data import load_dataset
 from neurocoder.data.streams import Stream, permuted_stream, prepare_images, split_stream
 from neurocoder.experiments.models import build_mlp, count_parameters
 from neurocoder.progress import Progress
-from neurocoder.runs import RunFolder, atomic_torch_save, atomic_write_text, check_same_data
+from neurocoder.runs import RunFolder, atomic_torch_save, atomic_write_text, check_same_data, read_json
 from neurocoder.train.strategies import STRATEGIES
 
 __all__ = ["ContinualConfig", "run_continual", "build_stream", "BENCHMARKS", "OPTIMIZERS"]
@@ -425,7 +425,7 @@ def run_continual(cfg: ContinualConfig, out: str | Path, resume: bool = False, p
     if resume:
         if not (out / "config.json").exists():
             raise FileNotFoundError(f"--resume: {out} holds no run to resume (no config.json)")
-        saved = json.loads((out / "config.json").read_text())["config"]
+        saved = read_json(out / "config.json", "the run's recorded settings are lost: start a new run folder")["config"]
         # Which data the run used is checked below (check_same_data), not the data_source setting
         # that found it, as in RunFolder.start for the other trainers.
         given = {k: v for k, v in json.loads(json.dumps(asdict(cfg))).items() if k != "data_source"}
@@ -450,7 +450,7 @@ def run_continual(cfg: ContinualConfig, out: str | Path, resume: bool = False, p
     for repeat in range(cfg.repeats):
         done_file = out / "repeats" / f"repeat-{repeat:02d}.json"
         if done_file.exists():
-            finished.append(json.loads(done_file.read_text()))
+            finished.append(read_json(done_file, "delete it and resume to run that repeat again"))
             continue
         fresh_permutations = cfg.benchmark == "permuted-mnist" and not custom
         stream_r = build_stream(cfg, cfg.seed * 1000 + repeat)[0] if fresh_permutations else stream
