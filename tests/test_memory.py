@@ -79,6 +79,10 @@ def test_load_corrupt_or_foreign_file(tmp_path):
         ProgramMemory.from_file(foreign)
     with pytest.raises(FileNotFoundError):
         ProgramMemory.from_file(tmp_path / "missing.safetensors")
+    damaged = tmp_path / "damaged-metadata.safetensors"
+    save_file({"x": torch.zeros(2)}, str(damaged), metadata={"neurocoder": '{"format": '})
+    with pytest.raises(ValueError, match="'neurocoder' metadata is not valid JSON"):
+        ProgramMemory.from_file(damaged)
     # A truncated file (an interrupted copy) is refused, not half-loaded.
     good = NeurocoderLinear(4, 3).save_programs(tmp_path / "good.safetensors")
     truncated = tmp_path / "truncated.safetensors"
@@ -163,6 +167,10 @@ def test_freeze_rejects_bad_slots():
     m = ProgramMemory(4, 3, 3, key_dim=2)
     with pytest.raises(ValueError, match=r"slot indices must lie in \[0, 4\)"):
         m.freeze([4])
+    with pytest.raises(ValueError, match=r"down to -4\), got \[-5\]"):
+        m.freeze([-5])
+    m.freeze([-1])                               # counted from the end, as Python indexes
+    assert m.frozen.tolist() == [False, False, False, True]
 
 
 def test_a_grown_layers_state_dict_loads_once_the_memory_fits():

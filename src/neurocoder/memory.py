@@ -198,7 +198,8 @@ class ProgramMemory(nn.Module):
         index = torch.as_tensor(list(slots) if not isinstance(slots, torch.Tensor) else slots,
                                 dtype=torch.long).flatten()
         if index.numel() and (index.min() < -P or index.max() >= P):
-            raise ValueError(f"ProgramMemory: slot indices must lie in [0, {P}), got {index.tolist()}")
+            raise ValueError(f"ProgramMemory: slot indices must lie in [0, {P}) (or count back from the end, "
+                             f"down to -{P}), got {index.tolist()}")
         mask = torch.zeros(P, dtype=torch.bool)
         mask[index] = True
         return mask.to(self.frozen.device)
@@ -352,7 +353,11 @@ class ProgramMemory(nn.Module):
         if "neurocoder" not in header:
             raise ValueError(f"{path} is a safetensors file but holds no Neurocoder programs "
                              f"(no 'neurocoder' metadata); save one with memory.save_programs()")
-        meta = json.loads(header["neurocoder"])
+        try:
+            meta = json.loads(header["neurocoder"])
+        except json.JSONDecodeError as error:
+            raise ValueError(f"{path}: its 'neurocoder' metadata is not valid JSON ({error}); the file was "
+                             f"damaged or written by another tool") from error
         if meta.get("format") != _FORMAT or meta.get("format_version", 0) > _FORMAT_VERSION:
             raise ValueError(f"{path}: unsupported programs format {meta.get('format')!r} "
                              f"version {meta.get('format_version')!r}; this library reads "
