@@ -38,6 +38,8 @@ def test_regularization_sums_over_layers():
     torch.testing.assert_close(neurocoder.regularization(model), expected)
     torch.testing.assert_close(neurocoder.regularization(model, weight=0.5), 0.5 * expected)
     assert neurocoder.regularization(torch.nn.Linear(3, 2)).item() == 0.0
+    with pytest.raises(TypeError, match="regularization: expected an nn.Module .*got list"):
+        neurocoder.regularization(list(model.parameters()))
 
 
 def test_save_load_round_trip(tmp_path):

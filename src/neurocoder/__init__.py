@@ -39,6 +39,9 @@ def regularization(model: nn.Module, weight: float = 1.0) -> torch.Tensor:
 
     Returns a scalar tensor on the model's device (zero when the model has no Neurocoder layer).
     """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"regularization: expected an nn.Module (the model holding Neurocoder layers), "
+                        f"got {type(model).__name__}")
     layers = neurocoder_layers(model)
     if not layers:
         reference = next(model.parameters(), None)
