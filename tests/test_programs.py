@@ -216,3 +216,46 @@ def test_report_keeps_a_row_for_each_run_of_the_same_task_and_model(tmp_path):
     assert "| Neurocoder, feed-forward (lr-a) | 7 | - | 11.0 +- 0.0 |" in table
     assert "| Neurocoder, feed-forward (lr-b) | 7 | - | 22.0 +- 0.0 |" in table
     program_figures(runs, tmp_path)              # no seeds/ folders: nothing to draw, no error
+
+
+@pytest.mark.parametrize("kind", sorted(PROGRAM_MODELS))
+def test_routing_parameters_and_their_learning_rate(kind):
+    """Every model splits into routing parameters (what chooses the read: composer and keys, NSM's
+    query and keys, MoE's gate; the MLP's hidden layer as the control) and the rest; with
+    routing_lr_scale 0 an optimiser step leaves the routing untouched and moves the rest; at 1 the
+    optimiser is the plain one (one group), so earlier runs are reproduced exactly."""
+    from neurocoder.experiments.program_models import parameter_groups, routing_parameters
+
+    torch.manual_seed(0)
+    model = build_program_model(kind, 4, 4, 12)
+    names = dict(model.named_parameters())
+    routing = routing_parameters(model)
+    assert routing and set(routing) < set(names)
+    if kind.startswith("nc"):
+        assert any(n.startswith("layer.composer.") for n in routing)
+        assert not any(n.endswith("_values") for n in routing)        # the programs themselves learn at lr
+    assert len(parameter_groups(model, 0.1)) == 1
+    groups = parameter_groups(model, 0.1, 0.0)
+    assert [g["lr"] for g in groups] == [0.1, 0.0]
+    assert sum(len(g["params"]) for g in groups) == len(names)
+    optimizer = torch.optim.SGD(groups, lr=0.1)
+    before = {n: p.detach().clone() for n, p in names.items()}
+    x, context = torch.randn(8, 4), torch.randn(8, 12)
+    model(x, context).square().sum().backward()
+    optimizer.step()
+    for n, p in names.items():
+        if n in routing:
+            assert torch.equal(p, before[n]), n
+    assert any(not torch.equal(p, before[n]) for n, p in names.items() if n not in routing)
+
+
+def test_routing_lr_scale_is_checked_and_one_reproduces_the_default(tmp_path, monkeypatch):
+    original = program_trainer.shift_stream
+    monkeypatch.setattr(program_trainer, "shift_stream", lambda seed, **options: original(seed, segment=40, cycles=2, **options))
+    with pytest.raises(ValueError, match="routing_lr_scale=-0.5 \\(must be >= 0\\)"):
+        ProgramConfig(routing_lr_scale=-0.5).check()
+    default = run_programs(ProgramConfig(task="shift", model="nc-ff", seeds=1), tmp_path / "a", quiet=True)
+    same = run_programs(ProgramConfig(task="shift", model="nc-ff", seeds=1, routing_lr_scale=1.0), tmp_path / "b", quiet=True)
+    slower = run_programs(ProgramConfig(task="shift", model="nc-ff", seeds=1, routing_lr_scale=0.3), tmp_path / "c", quiet=True)
+    assert same["summary"] == default["summary"]
+    assert slower["summary"] != default["summary"]

@@ -23,7 +23,7 @@ import torch.nn as nn
 import neurocoder
 from neurocoder import MoELinear, NeurocoderLinear, NSMLinear
 
-__all__ = ["PROGRAM_MODELS", "ProgramModel", "build_program_model"]
+__all__ = ["PROGRAM_MODELS", "ProgramModel", "build_program_model", "routing_parameters", "parameter_groups"]
 
 PROGRAM_MODELS = {
     "mlp": "MLP, one hidden layer sized to nc-ff's parameter count",
@@ -95,6 +95,38 @@ def build_program_model(kind: str, in_features: int, out_features: int, context_
 
     n = min(range(2, 65), key=lambda n: abs(_count(baseline(n)) - target))
     return ProgramModel(kind, baseline(n), uses_context)
+
+
+# The parameters that decide what is read, per model kind (name prefixes / parts): Neurocoder's
+# composer and keys, NSM's query map and keys, MoE's gate. The MLP reads nothing; its hidden layer,
+# whose units decide which features respond, stands in for the same split (a control: the
+# MLP given the same two learning rates).
+_ROUTING = {
+    "nc": ("layer.composer.", "layer.memory.u_key", "layer.memory.v_key", "layer.memory.s_keys",
+           "layer.memory.slot_bias"),
+    "nsm": ("layer.query.", "layer.keys"),
+    "moe": ("layer.gate.", "layer.noise."),
+    "mlp": ("layer.0.",),
+}
+
+
+def routing_parameters(model: ProgramModel) -> list[str]:
+    """Names of the parameters that choose what is read (see ``_ROUTING``); the rest are the
+    programs themselves (slot values, stored matrices, experts, the output layer) and biases."""
+    prefixes = _ROUTING["nc" if model.kind.startswith("nc") else model.kind]
+    return [name for name, _ in model.named_parameters() if name.startswith(prefixes)]
+
+
+def parameter_groups(model: ProgramModel, lr: float, routing_lr_scale: float = 1.0) -> list[dict]:
+    """Optimiser parameter groups: everything at ``lr``, or, when ``routing_lr_scale`` != 1, the
+    routing parameters at ``lr * routing_lr_scale`` (two timescales: what is read changes more
+    slowly than what is stored)."""
+    if routing_lr_scale == 1.0:
+        return [{"params": list(model.parameters()), "lr": lr}]
+    routing = set(routing_parameters(model))
+    named = list(model.named_parameters())
+    return [{"params": [p for n, p in named if n not in routing], "lr": lr},
+            {"params": [p for n, p in named if n in routing], "lr": lr * routing_lr_scale}]
 
 
 def regularization(model: ProgramModel) -> torch.Tensor:

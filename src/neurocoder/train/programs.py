@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from neurocoder.data.programs import modular_task, remember_task, reuse_task, shift_stream
-from neurocoder.experiments.program_models import PROGRAM_MODELS, build_program_model, regularization
+from neurocoder.experiments.program_models import PROGRAM_MODELS, build_program_model, parameter_groups, regularization
 from neurocoder.runs import RunFolder, atomic_write_text, read_json
 
 __all__ = ["ProgramConfig", "run_programs", "PROGRAM_TASKS", "normalised_mutual_information"]
@@ -61,6 +61,9 @@ class ProgramConfig:
     online_lr: float = 1e-2          # shift: the learning rate of the online updates
     online_optimizer: str = "adam"   # shift: 'adam' or 'sgd' (plain SGD: a slot nobody reads gets ~no update)
     shift_centre_spread: float = 0.0  # shift: > 0 gives each program a centre of its own (see shift_stream)
+    # The learning rate of the parameters that choose what is read (composer and keys; NSM's query
+    # and keys; MoE's gate; the MLP's hidden layer as a control), relative to the rest.
+    routing_lr_scale: float = 1.0
     orthogonality_weight: float = 0.1
     nc_options: dict | None = None   # Neurocoder layer options (NC_OPTIONS otherwise)
     threads: int | None = None
@@ -73,6 +76,8 @@ class ProgramConfig:
             problems.append(f"model={self.model!r} (choose {sorted(PROGRAM_MODELS)})")
         if self.online_optimizer not in ONLINE_OPTIMIZERS:
             problems.append(f"online_optimizer={self.online_optimizer!r} (choose {sorted(ONLINE_OPTIMIZERS)})")
+        if not self.routing_lr_scale >= 0:
+            problems.append(f"routing_lr_scale={self.routing_lr_scale} (must be >= 0)")
         if not self.shift_centre_spread >= 0:
             problems.append(f"shift_centre_spread={self.shift_centre_spread} (must be >= 0)")
         for name in ("seeds", "epochs", "batch_size"):
@@ -108,7 +113,7 @@ def _relative_error(model, data) -> float:
 
 
 def _fit(model, data, cfg: ProgramConfig, generator: torch.Generator, optimizer=None):
-    optimizer = optimizer or torch.optim.Adam(model.parameters(), lr=cfg.lr)
+    optimizer = optimizer or torch.optim.Adam(parameter_groups(model, cfg.lr, cfg.routing_lr_scale), lr=cfg.lr)
     model.train()
     for _ in range(cfg.epochs):
         order = torch.randperm(len(data), generator=generator)
@@ -186,7 +191,8 @@ def _shift(cfg, seed, generator) -> dict:
     stream = shift_stream(seed, centre_spread=cfg.shift_centre_spread)
     dim = stream.states.shape[-1]
     model = build_program_model(cfg.model, dim, dim, dim * stream.history, cfg.nc_options)
-    optimizer = ONLINE_OPTIMIZERS[cfg.online_optimizer](model.parameters(), lr=cfg.online_lr)
+    optimizer = ONLINE_OPTIMIZERS[cfg.online_optimizer](parameter_groups(model, cfg.online_lr, cfg.routing_lr_scale),
+                                                        lr=cfg.online_lr)
     errors = []
     model.train()
     for t in range(len(stream.program)):
