@@ -218,6 +218,26 @@ def test_report_keeps_a_row_for_each_run_of_the_same_task_and_model(tmp_path):
     program_figures(runs, tmp_path)              # no seeds/ folders: nothing to draw, no error
 
 
+def test_report_names_the_settings_that_set_a_row_apart_from_the_defaults(tmp_path):
+    """In one table, a lone row whose settings vary from the other rows' names those where it is
+    not at the trainer's default (so an NSM run at another learning rate never reads as the
+    default NSM), and a row at the defaults stays bare."""
+    from neurocoder.report_programs import program_tables
+
+    runs = []
+    for name, model, extra in (("mlp", "mlp", {}), ("nsm", "nsm", {"routing_lr_scale": 0.3, "online_lr": 0.003}),
+                               ("nc", "nc-ff", {"routing_lr_scale": 0.3, "nc_options": {"rank": 6}})):
+        (tmp_path / name).mkdir()
+        runs.append({"path": str(tmp_path / name),
+                     "config": {"kind": "programs", "task": "shift", "model": model, "online_lr": 0.01,
+                                "routing_lr_scale": 1.0, **extra},
+                     "parameters": 7, "seeds": 1, "summary": {"recovery_recurring": {"mean": 5.0, "std": 0.0}}})
+    table = program_tables(runs)
+    assert "| MLP (same size) | 7 |" in table
+    assert "| NSM (online_lr=0.003, routing_lr_scale=0.3) | 7 |" in table
+    assert "| Neurocoder, feed-forward (nc_options.rank=6, routing_lr_scale=0.3) | 7 |" in table
+
+
 @pytest.mark.parametrize("kind", sorted(PROGRAM_MODELS))
 def test_routing_parameters_and_their_learning_rate(kind):
     """Every model splits into routing parameters (what chooses the read: composer and keys, NSM's

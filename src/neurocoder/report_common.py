@@ -59,37 +59,69 @@ def explicit_options(config: dict, defaults: dict | None = None) -> str:
     return ", ".join(named)
 
 
+def _deviations(configs: list[dict], skip: set[str], defaults: dict | None) -> list[list[str]]:
+    """For each config, ``key=value`` of the settings that vary across ``configs`` and in which it
+    differs from ``defaults`` (a setting that varies but where a run keeps the default is left
+    out, so labels stay short)."""
+    flat = [flat_settings({**(defaults or {}), **c}, skip) for c in configs]
+    reference = flat_settings(defaults or {}, skip)
+    keys = sorted({k for settings in flat for k in settings})
+    varying = [k for k in keys if len({json.dumps(f.get(k, _UNSET), sort_keys=True) for f in flat}) > 1]
+    return [[f"{k}={json.dumps(f[k], sort_keys=True)}" for k in varying
+             if k in f and json.dumps(f[k], sort_keys=True) != json.dumps(reference.get(k, _UNSET), sort_keys=True)]
+            for f in flat]
+
+
 def group_runs(runs: list[dict], kind: str, group_field: str,
-               member_field: str | Callable[[dict], str], defaults: dict | None = None) -> dict[str, dict[str, dict]]:
+               member_field: str | Callable[[dict], str], defaults: dict | None = None,
+               member_keys: tuple[str, ...] = ()) -> dict[str, dict[str, dict]]:
     """Run folders of one ``kind`` as {config[group_field]: {label: run}}, the label being
-    config[member_field] (or ``member_field(config)`` when it is a function). Several runs of the
-    same group and member keep one entry each: labelled by the settings in which they differ
-    (``"nc-heads (layer_options.residual=true)"``; a run that left those options at their
-    defaults keeps the bare label), or, where the settings are the same (other
-    seeds, another machine), by folder name, then by parent and folder name, so that no run
-    hides another. ``defaults``: see :func:`differing_settings`."""
+    config[member_field] (or ``member_field(config)`` when it is a function, whose config keys
+    ``member_keys`` names), followed by what sets the run apart, so that a row never reads as
+    another configuration than the one that ran: the settings that vary across the group's runs
+    where this run's value is not the default (``"nc-heads (layer_options.residual=true)"``);
+    for several runs of one member, every setting in which they differ; for a lone run, the
+    options it set (:func:`explicit_options`). Runs of one member with the same settings (other
+    seeds, another machine) are told apart by folder name, then by parent and folder name, so
+    that no run hides another. ``defaults``: the config class's defaults (see
+    :func:`differing_settings`)."""
     member = member_field if callable(member_field) else (lambda config: config[member_field])
+    skip = set(_BOOKKEEPING) | {group_field} | set(member_keys) | (set() if callable(member_field) else {member_field})
     mine = [run for run in runs if run.get("config", {}).get("kind") == kind]
-    together: dict[tuple, list[dict]] = defaultdict(list)
+    by_group: dict[str, list[dict]] = defaultdict(list)
     for run in mine:
-        together[run["config"][group_field], member(run["config"])].append(run)
+        by_group[run["config"][group_field]].append(run)
+
+    def joined(*lists: list[str]) -> str:
+        parts: list[str] = []
+        for part in (p for items in lists for p in items):
+            if part and part not in parts:
+                parts.append(part)
+        return ", ".join(sorted(parts))
+
     groups: dict[str, dict[str, dict]] = defaultdict(dict)
-    for (group, label), members in together.items():
-        if len(members) == 1:
-            # A lone run is named by the options it set (its table row would otherwise read as
-            # the member's default configuration).
-            name = explicit_options(members[0]["config"], defaults)
-            groups[group][f"{label} ({name})" if name else label] = members[0]
-            continue
-        paths = [Path(run["path"]) for run in members]
-        for names in (differing_settings([run["config"] for run in members], _BOOKKEEPING, defaults),
-                      [path.name for path in paths], [f"{path.parent.name}/{path.name}" for path in paths],
-                      [str(path) for path in paths]):
-            # Unique, and at most one run without a name (it left every differing option unset).
-            if len(set(names)) == len(names):
-                break
-        for run, name in zip(members, names):
-            groups[group][f"{label} ({name})" if name else label] = run
+    for group, in_group in by_group.items():
+        together: dict[str, list[tuple[dict, list[str]]]] = defaultdict(list)
+        for run, deviation in zip(in_group, _deviations([run["config"] for run in in_group], skip, defaults)):
+            together[member(run["config"])].append((run, deviation))
+        for label, members in together.items():
+            if len(members) == 1:
+                run, deviation = members[0]
+                # A lone run also names the options it set (its table row would otherwise read
+                # as the member's default configuration).
+                name = joined(deviation, explicit_options(run["config"], defaults).split(", "))
+                groups[group][f"{label} ({name})" if name else label] = run
+                continue
+            within = differing_settings([run["config"] for run, _ in members], skip, defaults)
+            paths = [Path(run["path"]) for run, _ in members]
+            named = [joined(deviation, other.split(", ")) for (_, deviation), other in zip(members, within)]
+            for names in (named, [path.name for path in paths], [f"{path.parent.name}/{path.name}" for path in paths],
+                          [str(path) for path in paths]):
+                # Unique, and at most one run without a name (it left every differing option unset).
+                if len(set(names)) == len(names):
+                    break
+            for (run, _), name in zip(members, names):
+                groups[group][f"{label} ({name})" if name else label] = run
     return groups
 
 

@@ -33,7 +33,7 @@ def _variant_label(config: dict) -> str:
 def _rl_runs(runs: list[dict]) -> dict[str, dict[str, dict]]:
     """{env: {variant label: run}} (see :func:`neurocoder.report_common.group_runs`)."""
     from .train.rl.ppo import PPOConfig          # settings a folder predates ran as these defaults
-    return group_runs(runs, "rl", "env", _variant_label, asdict(PPOConfig()))
+    return group_runs(runs, "rl", "env", _variant_label, asdict(PPOConfig()), member_keys=("variant", "layer_init"))
 
 
 _variant_order = member_order(VARIANT_ORDER)
