@@ -32,22 +32,26 @@ def flat_settings(config: dict, skip: set[str] | frozenset = frozenset()) -> dic
     return flat
 
 
+def _differing_parts(configs: list[dict], skip: set[str] | frozenset = frozenset(),
+                     defaults: dict | None = None) -> list[list[str]]:
+    """:func:`differing_settings` as lists of ``key=value`` strings."""
+    flat = [flat_settings({**(defaults or {}), **c}, skip) for c in configs]
+    keys = sorted({k for settings in flat for k in settings})
+    differing = [k for k in keys if len({json.dumps(f.get(k, _UNSET), sort_keys=True) for f in flat}) > 1]
+    return [[f"{k}={json.dumps(f[k], sort_keys=True)}" for k in differing if k in f] for f in flat]
+
+
 def differing_settings(configs: list[dict], skip: set[str] | frozenset = frozenset(),
                        defaults: dict | None = None) -> list[str]:
     """For each config, ``"key=value, ..."`` of the settings in which the configs differ (an
     option one config set and another left unset counts as differing; a config that left it
     unset does not name it). ``defaults`` fills the top-level settings a config lacks (a run
     made before the setting existed ran as its default, or as the value given here)."""
-    flat = [flat_settings({**(defaults or {}), **c}, skip) for c in configs]
-    keys = sorted({k for settings in flat for k in settings})
-    differing = [k for k in keys if len({json.dumps(f.get(k, _UNSET), sort_keys=True) for f in flat}) > 1]
-    return [", ".join(f"{k}={json.dumps(f[k], sort_keys=True)}" for k in differing if k in f) for f in flat]
+    return [", ".join(parts) for parts in _differing_parts(configs, skip, defaults)]
 
 
-def explicit_options(config: dict, defaults: dict | None = None) -> str:
-    """``"key=value, ..."`` of the entries of a config's option groups (dict-valued settings such
-    as ``layer_options``) that differ from ``defaults``' group of the same name: the options a run
-    set on purpose. Top-level settings are not named (every config holds all of them)."""
+def _explicit_parts(config: dict, defaults: dict | None = None) -> list[str]:
+    """:func:`explicit_options` as a list of ``key.option=value`` strings."""
     defaults = defaults or {}
     named = []
     for key, value in sorted(config.items()):
@@ -56,7 +60,14 @@ def explicit_options(config: dict, defaults: dict | None = None) -> str:
         default = defaults.get(key) if isinstance(defaults.get(key), dict) else {}
         named += [f"{key}.{sub}={json.dumps(inner, sort_keys=True)}" for sub, inner in sorted(value.items())
                   if sub not in default or json.dumps(default[sub], sort_keys=True) != json.dumps(inner, sort_keys=True)]
-    return ", ".join(named)
+    return named
+
+
+def explicit_options(config: dict, defaults: dict | None = None) -> str:
+    """``"key=value, ..."`` of the entries of a config's option groups (dict-valued settings such
+    as ``layer_options``) that differ from ``defaults``' group of the same name: the options a run
+    set on purpose. Top-level settings are not named (every config holds all of them)."""
+    return ", ".join(_explicit_parts(config, defaults))
 
 
 def _deviations(configs: list[dict], skip: set[str], defaults: dict | None) -> list[list[str]]:
@@ -109,12 +120,12 @@ def group_runs(runs: list[dict], kind: str, group_field: str,
                 run, deviation = members[0]
                 # A lone run also names the options it set (its table row would otherwise read
                 # as the member's default configuration).
-                name = joined(deviation, explicit_options(run["config"], defaults).split(", "))
+                name = joined(deviation, _explicit_parts(run["config"], defaults))
                 groups[group][f"{label} ({name})" if name else label] = run
                 continue
-            within = differing_settings([run["config"] for run, _ in members], skip, defaults)
+            within = _differing_parts([run["config"] for run, _ in members], skip, defaults)
             paths = [Path(run["path"]) for run, _ in members]
-            named = [joined(deviation, other.split(", ")) for (_, deviation), other in zip(members, within)]
+            named = [joined(deviation, other) for (_, deviation), other in zip(members, within)]
             for names in (named, [path.name for path in paths], [f"{path.parent.name}/{path.name}" for path in paths],
                           [str(path) for path in paths]):
                 # Unique, and at most one run without a name (it left every differing option unset).
