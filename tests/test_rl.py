@@ -415,6 +415,25 @@ def test_report_names_the_options_a_lone_run_set(tmp_path):
     assert "| minatar:asterix | nc-two-heads (layer_options.sharpness=20) | 1.00 +- 0.00" in table
 
 
+def test_report_compares_a_row_with_the_plain_agent_of_the_same_frame_budget(tmp_path):
+    """Explorations mix frame budgets: a row's steps/s ratio is taken against the plain run with
+    its own budget, and a row whose budget no plain run shares gets none."""
+    runs = []
+    for name, variant, frames, rate in (("plain-short", "plain", 300, 100.0), ("nc-short", "nc-heads", 300, 70.0),
+                                        ("nc-long", "nc-heads", 3000, 50.0)):
+        (tmp_path / name / "seeds").mkdir(parents=True)
+        runs.append({"path": str(tmp_path / name),
+                     "config": {"kind": "rl", "env": "minatar:asterix", "variant": variant, "total_frames": frames},
+                     "final_return_mean": 1.0, "final_return_std": 0.0, "seeds": 1, "frames": frames,
+                     "steps_per_second": rate, "parameters": 7})
+    rows = {line.split(" | ")[1]: line for line in rl_tables(runs).splitlines() if line.startswith("| minatar:asterix")}
+    assert set(rows) == {"plain (total_frames=300)", "nc-heads (total_frames=300)", "nc-heads (total_frames=3000)"}
+    vs_plain = {label: row.split(" | ")[6] for label, row in rows.items()}    # the "vs plain" column
+    assert vs_plain == {"plain (total_frames=300)": "", "nc-heads (total_frames=300)": "0.70x",
+                        "nc-heads (total_frames=3000)": ""}
+    assert "~17 / ~19" in rows["plain (total_frames=300)"]          # the published numbers stay beside the plain row
+
+
 def test_agent_gradient_probe_shares_the_squared_norm_out(capsys):
     """scripts/probe_agent_gradients.py (README, games): per window, the tensors' shares of the
     squared gradient norm sum to 1 and name the agent's parameters, and the clipping call is

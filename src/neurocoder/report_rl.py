@@ -45,6 +45,20 @@ def _seed_speeds(run: dict) -> list[float]:
     return [json.loads(f.read_text())["steps_per_second"] for f in files]
 
 
+def _is_plain(label: str) -> bool:
+    return label == "plain" or label.startswith("plain (")
+
+
+def _plain_reference(members: dict[str, dict], run: dict) -> dict | None:
+    """The plain agent a row is compared with: the one plain run of the same frame budget, else
+    the plain run at the default settings (the bare ``plain`` label), else none; so a row is never
+    compared with a plain agent trained for another number of frames by accident of labels."""
+    same_budget = [other for label, other in members.items() if _is_plain(label) and other["frames"] == run["frames"]]
+    if len(same_budget) == 1:
+        return same_budget[0]
+    return members.get("plain")
+
+
 def rl_tables(runs: list[dict]) -> str:
     """Markdown: per environment a row per variant: final return (mean of the last 100 episodes,
     mean +- std over seeds), steps per second and its ratio to the plain agent, and R4's
@@ -59,22 +73,24 @@ def rl_tables(runs: list[dict]) -> str:
     wins, games = Counter(), Counter()           # per Neurocoder variant, over MinAtar games
     for env in sorted(groups):
         members = groups[env]
-        plain = members.get("plain")
         game = env.split(":", 1)[1] if env.startswith("minatar:") else None
         for variant in sorted(members, key=_variant_order):
             run = members[variant]
-            speed = f"{run['steps_per_second'] / plain['steps_per_second']:.2f}x" if plain and variant != "plain" else ""
-            published = " / ".join(PUBLISHED_MINATAR[game]) if game in PUBLISHED_MINATAR and variant == "plain" else ""
+            is_plain = _is_plain(variant)
+            plain = _plain_reference(members, run)
+            speed = f"{run['steps_per_second'] / plain['steps_per_second']:.2f}x" if plain and not is_plain else ""
+            published = " / ".join(PUBLISHED_MINATAR[game]) if game in PUBLISHED_MINATAR and is_plain else ""
             # Per seed, because seeds of one run may have run on different machines (a resumed run):
             # only seeds that ran side by side compare fairly.
-            mine, theirs = _seed_speeds(run), _seed_speeds(plain) if plain and variant != "plain" else []
+            mine, theirs = _seed_speeds(run), _seed_speeds(plain) if plain and not is_plain else []
             by_seed = ", ".join(f"{rate:.0f}" + (f" ({rate / theirs[i]:.2f}x)" if i < len(theirs) else "")
                                 for i, rate in enumerate(mine))
             lines.append(f"| {env} | {variant} | {run['final_return_mean']:.2f} +- {run['final_return_std']:.2f} | "
                          f"{run['seeds']} | {run['frames']:,} | {run['steps_per_second']:.0f} | {speed} | "
                          f"{by_seed} | {run['parameters']:,} | {published} |")
         for variant in VARIANT_NAMES:
-            if game and plain and variant in members:
+            plain = _plain_reference(members, members[variant]) if variant in members else None
+            if game and plain:
                 games[variant] += 1
                 wins[variant] += members[variant]["final_return_mean"] >= plain["final_return_mean"]
     text = "### Video games (PPO)\n\n" + "\n".join(lines) + "\n"
