@@ -59,3 +59,27 @@ def test_a_damaged_run_file_is_named_with_what_to_do(tmp_path):
     (out / "config.json").write_text("{")
     with pytest.raises(ValueError, match=r"config\.json is not valid JSON .*start a new run folder"):
         RunFolder.start(out, {"kind": "programs"}, 0, resume=True)
+
+
+def test_a_run_older_than_a_setting_resumes_as_that_setting_s_default(tmp_path):
+    """A run folder recorded before a setting existed (here routing_lr_scale, session 17) resumes:
+    the missing setting compares as its default, the behaviour the run had; another value is
+    still refused."""
+    import json
+
+    from neurocoder.train.programs import ProgramConfig, run_programs
+
+    cfg = ProgramConfig(task="reuse", model="mlp", seeds=2, epochs=1)
+    out = tmp_path / "run"
+    first = run_programs(ProgramConfig(task="reuse", model="mlp", seeds=1, epochs=1), out, quiet=True)
+    record = json.loads((out / "config.json").read_text())
+    del record["config"]["routing_lr_scale"]
+    (out / "config.json").write_text(json.dumps(record))
+    (out / "results.json").unlink()
+    with pytest.raises(ValueError, match=r"differs from the one in .* in \['seeds'\]"):
+        run_programs(cfg, out, resume=True, quiet=True)
+    resumed = run_programs(ProgramConfig(task="reuse", model="mlp", seeds=1, epochs=1), out, resume=True, quiet=True)
+    assert resumed["summary"] == first["summary"]
+    with pytest.raises(ValueError, match=r"in \['routing_lr_scale'\]"):
+        run_programs(ProgramConfig(task="reuse", model="mlp", seeds=1, epochs=1, routing_lr_scale=0.5), out,
+                     resume=True, quiet=True)

@@ -574,8 +574,8 @@ def _reused_watch(layer: nn.Module) -> list[torch.Tensor]:
     """The tensors whose changes make :func:`reuse_programs`' kept tensors stale.
 
     Every parameter and buffer except the running usage average: a training-mode call updates
-    it in place on every forward (an agent's rollout runs in training mode), and the kept keys
-    and joined weight do not depend on it, so watching it would recompute them on every call.
+    it in place on every forward (a rollout run without ``model.eval()``), and the kept keys and
+    joined weight do not depend on it, so watching it would recompute them on every call.
     """
     usage = {id(m.usage_average) for m in layer.modules() if isinstance(m, ProgramMemory)}
     return list(layer.parameters()) + [b for b in layer.buffers() if id(b) not in usage]

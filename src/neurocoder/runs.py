@@ -91,18 +91,22 @@ class RunFolder:
 
     @classmethod
     def start(cls, path: str | os.PathLike, config: dict, seed: int, resume: bool,
-              ignore: tuple[str, ...] = ("threads",), write: bool = True) -> "RunFolder":
+              ignore: tuple[str, ...] = ("threads",), write: bool = True,
+              defaults: dict | None = None) -> "RunFolder":
         """A new run folder (``resume=False``), or the existing one to continue (``resume=True``),
         after checking that its recorded config equals ``config`` except for the ``ignore`` keys
         (settings that do not change results, such as thread counts). ``write=False``: only open
-        it (the other processes of a distributed run)."""
+        it (the other processes of a distributed run). ``defaults``: the config class's defaults; a
+        setting the recorded config lacks (the run predates it) compares as its default, the value
+        the code behaved as before the setting existed."""
         path = Path(path)
         if resume:
             if not (path / "config.json").is_file():
                 raise FileNotFoundError(f"--resume: {path} holds no run (no config.json); start it without --resume")
             saved = read_json(path / "config.json", "the run's recorded settings are lost: start a new run "
                               "folder")["config"]
-            changed = sorted(k for k in config if k not in ignore and saved.get(k) != config[k])
+            recorded = {**(defaults or {}), **saved}
+            changed = sorted(k for k in config if k not in ignore and recorded.get(k) != config[k])
             if changed:
                 raise ValueError(f"--resume: the config differs from the one in {path} in {changed}; resume with "
                                  f"the same settings, or start a new run folder")

@@ -273,7 +273,8 @@ def run_classification(cfg: ClassificationConfig, out: str | os.PathLike, resume
               "data": data.describe(), "device_used": str(device)}
     # Where it ran is recorded, not checked: a run may be resumed on another device.
     run = RunFolder.start(out, config, cfg.seed, resume, write=rank == 0,
-                          ignore=("data", "data_source", "world_size", "threads", "device", "device_used"))
+                          ignore=("data", "data_source", "world_size", "threads", "device", "device_used"),
+                          defaults=asdict(ClassificationConfig()))
     if world > 1:
         dist.barrier()
     say(f"{cfg.dataset} / {cfg.backbone} / {cfg.variant}: {data.source}; train {len(data.train_y):,}, "

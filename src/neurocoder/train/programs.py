@@ -253,7 +253,7 @@ def run_programs(cfg: ProgramConfig, out: str | os.PathLike, resume: bool = Fals
     out = Path(out)
     say = (lambda *a: None) if quiet else print
     config = {"kind": "programs", "preset": preset, **asdict(cfg)}
-    run = RunFolder.start(out, config, cfg.seed, resume)
+    run = RunFolder.start(out, config, cfg.seed, resume, defaults=asdict(ProgramConfig()))
     (out / "seeds").mkdir(exist_ok=True)
     say(f"{cfg.task} / {cfg.model}: {PROGRAM_TASKS[cfg.task]}; {cfg.seeds} seeds")
     for index in range(cfg.seeds):

@@ -422,7 +422,7 @@ def run_ppo(cfg: PPOConfig, out: str | os.PathLike, resume: bool = False, preset
     out = Path(out)
     say = (lambda *a: None) if quiet else print
     config = {"kind": "rl", "preset": preset, **asdict(cfg)}
-    run = RunFolder.start(out, config, cfg.seed, resume)
+    run = RunFolder.start(out, config, cfg.seed, resume, defaults=asdict(PPOConfig()))
     (out / "seeds").mkdir(exist_ok=True)
     checkpoint = out / "checkpoint.pt"
     for seed_index in range(cfg.seeds):
