@@ -480,3 +480,31 @@ def test_probe_head_rank_script(tmp_path):
     assert 1.0 <= policy["policy_effective_rank"] <= 3.0 + 1e-6 and len(policy["sigma"]) == 4
     assert value["effective_rank"] == pytest.approx(1.0) and "policy_singular_values" not in value
     assert 0.0 < policy["largest_read_u"] <= 1.0
+
+
+def test_return_curves_put_a_long_legend_under_its_plot(tmp_path):
+    """With many rows for one game (an exploration), each legend goes below its plot instead of
+    over the curves, and the figure grows to hold it; with a few, the legend stays inside."""
+    pytest.importorskip("matplotlib")
+    from neurocoder.report_rl import rl_figures
+
+    def runs(count):
+        made = []
+        for i in range(count):
+            folder = tmp_path / f"n{count}" / f"run{i}"
+            (folder / "seeds").mkdir(parents=True)
+            episodes = [{"seed": 0, "frame": 50 * (j + 1), "return": float(i + j), "length": 3} for j in range(20)]
+            (folder / "episodes.jsonl").write_text("\n".join(json.dumps(e) for e in episodes) + "\n")
+            made.append({"path": str(folder), "config": {"kind": "rl", "env": "minatar:asterix", "variant": "nc-heads",
+                                                         "seed": i},
+                         "final_return_mean": 1.0, "final_return_std": 0.0, "seeds": 1, "frames": 1000,
+                         "steps_per_second": 100.0, "parameters": 7})
+        return made
+
+    sizes = {}
+    for count in (2, 12):
+        (tmp_path / f"out{count}").mkdir()
+        [path] = rl_figures(runs(count), tmp_path / f"out{count}")
+        import matplotlib.image
+        sizes[count] = matplotlib.image.imread(path).shape[0]          # pixel rows
+    assert sizes[12] > 1.3 * sizes[2]

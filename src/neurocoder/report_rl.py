@@ -211,7 +211,12 @@ def rl_figures(runs: list[dict], out: Path) -> list[Path]:
     envs = sorted(groups)
     columns = min(3, len(envs))
     rows = -(-len(envs) // columns)
-    fig, axes = plt.subplots(rows, columns, figsize=(4.4 * columns, 3.3 * rows), squeeze=False)
+    # Many rows per game (explorations): each legend goes under its plot, with room made for the
+    # longest, instead of covering the curves.
+    entries = max(len(groups[env]) for env in envs)
+    below = entries > 4
+    legend_height = 0.16 * entries if below else 0.0
+    fig, axes = plt.subplots(rows, columns, figsize=(4.4 * columns, (3.3 + legend_height) * rows), squeeze=False)
     for ax in axes.flat[len(envs):]:
         ax.axis("off")
     for ax, env in zip(axes.flat, envs):
@@ -243,13 +248,16 @@ def rl_figures(runs: list[dict], out: Path) -> list[Path]:
         ax.set_title(env, fontsize=9)
         ax.set_xlabel("frames")
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
+        if below:
+            ax.legend(fontsize=6, loc="upper left", bbox_to_anchor=(0.0, -0.2), borderaxespad=0.0)
+        else:
+            ax.legend(fontsize=7)
     for row in axes:
         row[0].set_ylabel("episodic return")
     fig.suptitle("mean over seeds of the returns of episodes ending in each frame bin; band: min..max over seeds",
                  fontsize=8)
     fig.tight_layout()
     path = out / "rl_returns.png"
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=110, bbox_inches="tight" if below else None)
     plt.close(fig)
     return [path]
