@@ -91,6 +91,12 @@ def test_usage_by_label_separates_classes():
     torch.testing.assert_close(usage[0], trace.slot_usage("u").mean(0).detach())
     with pytest.raises(ValueError, match="holds no Neurocoder layer"):
         neurocoder.usage_by_label(nn.Linear(3, 2), batches, 2)
+    # A summary builds no autograd graph (the model runs under no_grad).
+    grad_modes = []
+    hook = model[0].register_forward_hook(lambda *_: grad_modes.append(torch.is_grad_enabled()))
+    neurocoder.usage_by_label(model, batches, num_labels=3)
+    hook.remove()
+    assert grad_modes and not any(grad_modes)
     # Labels it cannot count are errors that name them, not silent truncation or an index error.
     for labels, message in ((torch.tensor([0, 1, 7]), r"label 7 lies outside \[0, 3\)"),
                             (torch.tensor([0, -1, 2]), r"label -1 lies outside \[0, 3\)"),

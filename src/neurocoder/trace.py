@@ -100,7 +100,6 @@ def record(model: nn.Module, detach: bool = True):
             layer._trace_sink = None
 
 
-@torch.no_grad()
 def _label_indices(labels, num_labels: int) -> torch.Tensor:
     """A batch's labels as int64 indices on the CPU, or a ValueError naming the first bad one."""
     labels = torch.as_tensor(labels).cpu().flatten()
@@ -115,6 +114,7 @@ def _label_indices(labels, num_labels: int) -> torch.Tensor:
     return labels
 
 
+@torch.no_grad()
 def usage_by_label(model: nn.Module, batches: Iterable, num_labels: int, bank: str = "u",
                    device: torch.device | str | None = None) -> dict[str, torch.Tensor]:
     """Mean read weight of every slot, per label, for each Neurocoder layer of ``model``.
