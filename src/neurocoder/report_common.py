@@ -74,13 +74,8 @@ def _deviations(configs: list[dict], skip: set[str], defaults: dict | None) -> l
     """For each config, ``key=value`` of the settings that vary across ``configs`` and in which it
     differs from ``defaults`` (a setting that varies but where a run keeps the default is left
     out, so labels stay short)."""
-    flat = [flat_settings({**(defaults or {}), **c}, skip) for c in configs]
-    reference = flat_settings(defaults or {}, skip)
-    keys = sorted({k for settings in flat for k in settings})
-    varying = [k for k in keys if len({json.dumps(f.get(k, _UNSET), sort_keys=True) for f in flat}) > 1]
-    return [[f"{k}={json.dumps(f[k], sort_keys=True)}" for k in varying
-             if k in f and json.dumps(f[k], sort_keys=True) != json.dumps(reference.get(k, _UNSET), sort_keys=True)]
-            for f in flat]
+    at_default = {f"{k}={json.dumps(v, sort_keys=True)}" for k, v in flat_settings(defaults or {}, skip).items()}
+    return [[part for part in parts if part not in at_default] for parts in _differing_parts(configs, skip, defaults)]
 
 
 def group_runs(runs: list[dict], kind: str, group_field: str,

@@ -21,7 +21,7 @@ import torch
 from ._version import __version__
 
 __all__ = ["RunFolder", "code_version", "atomic_write_text", "atomic_torch_save", "remove_if_unstarted",
-           "read_json"]
+           "read_json", "finished_seeds"]
 
 
 def code_version() -> dict:
@@ -61,6 +61,12 @@ def read_json(path: str | os.PathLike, remedy: str) -> Any:
         return json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise ValueError(f"{path} is not valid JSON ({error}); {remedy}") from error
+
+
+def finished_seeds(out: str | os.PathLike) -> list[dict]:
+    """The ``seeds/seed-NN.json`` records of a run folder, in seed order."""
+    return [read_json(p, "delete it and resume to run that seed again")
+            for p in sorted((Path(out) / "seeds").glob("seed-*.json"))]
 
 
 def atomic_torch_save(obj: Any, path: Path) -> None:

@@ -36,7 +36,7 @@ from neurocoder.data.classification import CLASSIFICATION_DATASETS, augment, loa
 from neurocoder.experiments.backbones import BACKBONES, build_classifier, variants_for
 from neurocoder.experiments.models import count_parameters
 from neurocoder.progress import Progress
-from neurocoder.runs import RunFolder, atomic_torch_save, atomic_write_text, read_json
+from neurocoder.runs import RunFolder, atomic_torch_save, atomic_write_text, finished_seeds
 
 __all__ = ["ClassificationConfig", "run_classification", "DEFAULT_EPOCHS"]
 
@@ -343,8 +343,7 @@ def run_classification(cfg: ClassificationConfig, out: str | os.PathLike, resume
 def summarise(out: str | os.PathLike) -> dict:
     """Mean and std over the finished seeds of a run folder (from its ``seeds/`` files)."""
     out = Path(out)
-    seeds = [read_json(p, "delete it and resume to run that seed again")
-             for p in sorted((out / "seeds").glob("seed-*.json"))]
+    seeds = finished_seeds(out)
     if not seeds:
         raise ValueError(f"{out}: no finished seed yet")
     accuracy = torch.tensor([s["test_accuracy"] for s in seeds], dtype=torch.float64)

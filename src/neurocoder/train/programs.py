@@ -34,7 +34,7 @@ import torch.nn.functional as F
 
 from neurocoder.data.programs import modular_task, remember_task, reuse_task, shift_stream
 from neurocoder.experiments.program_models import PROGRAM_MODELS, build_program_model, parameter_groups, regularization
-from neurocoder.runs import RunFolder, atomic_write_text, read_json
+from neurocoder.runs import RunFolder, atomic_write_text, finished_seeds
 
 __all__ = ["ProgramConfig", "run_programs", "PROGRAM_TASKS", "normalised_mutual_information"]
 
@@ -270,8 +270,7 @@ def run_programs(cfg: ProgramConfig, out: str | os.PathLike, resume: bool = Fals
         atomic_write_text(path, json.dumps(result))
         run.log(seed=index, **{k: result[k] for k in SUMMARY_KEYS[cfg.task] if k in result})
         say(f"seed {index}: " + ", ".join(f"{k} {result[k]:.3f}" for k in SUMMARY_KEYS[cfg.task] if k in result))
-    seeds = [read_json(p, "delete it and resume to run that seed again")
-             for p in sorted((out / "seeds").glob("seed-*.json"))]
+    seeds = finished_seeds(out)
     summary = {}
     for key in SUMMARY_KEYS[cfg.task]:
         values = torch.tensor([s[key] for s in seeds if key in s], dtype=torch.float64)

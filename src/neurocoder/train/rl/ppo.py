@@ -45,7 +45,7 @@ import torch.nn as nn
 import neurocoder
 from neurocoder import presets
 from neurocoder.progress import Progress
-from neurocoder.runs import RunFolder, atomic_torch_save, atomic_write_text, read_json
+from neurocoder.runs import RunFolder, atomic_torch_save, atomic_write_text, finished_seeds
 from neurocoder.train.rl.envs import make_vector_env
 
 __all__ = ["PPOConfig", "ActorCritic", "run_ppo", "AGENT_VARIANTS", "build_agent", "generalized_advantages",
@@ -470,8 +470,7 @@ def run_ppo(cfg: PPOConfig, out: str | os.PathLike, resume: bool = False, preset
         checkpoint.unlink(missing_ok=True)
         say(f"seed {seed_index}: final return (last 100 episodes) {result['final_return']:.2f}, "
             f"{result['steps_per_second']:.0f} steps/s")
-    seeds = [read_json(p, "delete it and resume to run that seed again")
-             for p in sorted((out / "seeds").glob("seed-*.json"))]
+    seeds = finished_seeds(out)
     finals = torch.tensor([s["final_return"] for s in seeds], dtype=torch.float64)
     results = {"config": config, "seeds": len(seeds), "final_return": finals.tolist(),
                "final_return_mean": finals.mean().item(),
