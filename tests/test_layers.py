@@ -138,6 +138,32 @@ def test_running_usage_average_updates_only_in_training():
     assert avg.shape == (3, 6) and (avg > 0).all()
 
 
+@pytest.mark.parametrize("reentrant", [False, True], ids=["non-reentrant", "reentrant"])
+@pytest.mark.parametrize("kind", ["fused", "composable", "least-used", "conv"])
+def test_activation_checkpointing_counts_a_batch_once_in_the_usage_average(kind, reentrant):
+    """torch.utils.checkpoint runs a training-mode forward again inside backward: the running
+    usage average must move as for one plain step, and the gradients must be the plain ones."""
+    from torch.utils.checkpoint import checkpoint
+
+    def make():
+        torch.manual_seed(3)
+        if kind == "conv":
+            return NeurocoderConv2d(3, 4, 3, num_programs=6, rank=2), torch.randn(5, 3, 8, 8)
+        layer = NeurocoderLinear(8, 5, num_programs=6, rank=3, least_used=2 if kind == "least-used" else 0)
+        layer.fused = kind == "fused"
+        return layer, torch.randn(5, 8)
+
+    plain, x = make()
+    plain(x.requires_grad_()).square().sum().backward()
+    checkpointed, x2 = make()
+    checkpoint(checkpointed, x2.requires_grad_(), use_reentrant=reentrant).square().sum().backward()
+    assert plain.memory.usage_average.abs().sum() > 0
+    torch.testing.assert_close(checkpointed.memory.usage_average, plain.memory.usage_average)
+    torch.testing.assert_close(x2.grad, x.grad)
+    for (name, a), b in zip(plain.named_parameters(), checkpointed.parameters()):
+        torch.testing.assert_close(b.grad, a.grad, msg=name)
+
+
 @pytest.mark.parametrize("options", OPTION_GRID, ids=option_id)
 def test_an_empty_batch_gives_an_empty_output_as_nn_linear(options):
     """(0, d_in) -> (0, d_out) on both paths, in training and evaluation, with a backward pass;

@@ -66,6 +66,13 @@ def _under_functorch(tensor: torch.Tensor) -> bool:
     return bool(check is not None and check(tensor))
 
 
+def _recomputing() -> bool:
+    """Whether this forward runs inside a backward pass: activation checkpointing
+    (``torch.utils.checkpoint``) recomputes a training-mode forward there, and its batch must
+    not count twice in the running usage average."""
+    return not torch.compiler.is_compiling() and torch._C._current_graph_task_id() != -1
+
+
 def _max_over_components(weights: tuple[torch.Tensor, ...]) -> torch.Tensor:
     """Three (B, R, P) read weights -> (3, B, P) usage: each slot's largest weight."""
     return torch.stack([w.amax(dim=1) for w in weights])
@@ -190,7 +197,7 @@ class NeurocoderLayer(nn.Module):
             raw_sigma = weights[2] @ self.memory.s.to(dtype)                        # (B, R)
             sigma = singular_values(raw_sigma)
         # An empty batch has no usage to average in (its mean would be NaN).
-        if self.training and sigma.shape[0] and not _under_functorch(sigma):
+        if self.training and sigma.shape[0] and not _under_functorch(sigma) and not _recomputing():
             with torch.no_grad():
                 # One reduction over the contiguous (3, B, R, P) weights.
                 batch_usage = usage if usage is not None else stacked.amax(dim=2)
@@ -388,7 +395,7 @@ class NeurocoderLinear(NeurocoderLayer):
         y, sigma, usage = fused_read_apply(head_out, through_memory, self.rank, self.key_dim, keys,
                                            sharpness, memory.slot_bias, memory.s, memory.v,
                                            want_usage=self.training)
-        if self.training and flat.shape[0]:
+        if self.training and flat.shape[0] and not _recomputing():
             memory.update_usage(usage)
         if self.residual_weight is not None:
             y = y + self._residual_scale(sigma, plan).unsqueeze(-1) * (flat @ self.residual_weight)
