@@ -399,6 +399,27 @@ def test_report_labels_same_named_folders_by_the_setting_that_differs(tmp_path):
     assert "| nc-heads (a/asterix-nc-heads) | 1.50" in table and "| nc-heads (b/asterix-nc-heads) | 2.50" in table
 
 
+def test_report_counts_games_won_for_every_neurocoder_row(tmp_path):
+    """The "N of M MinAtar games" line is given for each Neurocoder row, also one named by the
+    settings it ran with, each against the plain agent of its game."""
+    runs = []
+    returns = {("asterix", "plain", None): 2.0, ("asterix", "nc-heads", None): 1.0,
+               ("asterix", "nc-heads", True): 2.5, ("breakout", "plain", None): 5.0,
+               ("breakout", "nc-heads", None): 6.0, ("breakout", "nc-heads", True): 7.0}
+    for (game, variant, residual), value in returns.items():
+        folder = tmp_path / f"{game}-{variant}-{residual}"
+        (folder / "seeds").mkdir(parents=True)
+        options = {"num_programs": 16, "rank": 4, **({"residual": True} if residual else {})}
+        runs.append({"path": str(folder), "config": {"kind": "rl", "env": f"minatar:{game}", "variant": variant,
+                                                     "layer_options": options},
+                     "final_return_mean": value, "final_return_std": 0.0, "seeds": 1, "frames": 10,
+                     "steps_per_second": 100.0, "parameters": 7})
+    table = rl_tables(runs)
+    assert "\nNeurocoder heads >= plain on 1 of 2 MinAtar games here" in table
+    assert "\nNeurocoder heads (layer_options.residual=true) >= plain on 2 of 2 MinAtar games here" in table
+    assert "plain >= plain" not in table and "plain (" not in table.split("|")[-1]
+
+
 def test_report_names_the_options_a_lone_run_set(tmp_path):
     """A single run of a variant that set layer options is not labelled as the variant's default
     configuration; options equal to the trainer's defaults are not named."""

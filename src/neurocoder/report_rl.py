@@ -17,7 +17,8 @@ VARIANT_NAMES = {"nc-heads": "Neurocoder heads",
                  "nc-heads svd-init": "Neurocoder heads seeded from the plain head (layer_init=svd)",
                  "nc-two-heads": "Neurocoder policy head and Neurocoder value head (two layers)",
                  "nc-policy": "Neurocoder policy head (plain value)",
-                 "nc-fc": "Neurocoder in every fully connected layer"}
+                 "nc-fc": "Neurocoder in every fully connected layer",
+                 "lowrank-heads": "Low-rank output layer without a memory (control)"}
 # R4 of ../shared/REFERENCE_RESULTS.md: returns at 5M frames read off Young & Tian's curves.
 PUBLISHED_MINATAR = {"asterix": ("~17", "~19"), "breakout": ("~10", "~17.5"), "freeway": ("~50", "~47"),
                      "seaquest": ("~20", "~15.5"), "space_invaders": ("~43", "~185")}
@@ -43,6 +44,13 @@ def _seed_speeds(run: dict) -> list[float]:
     """Environment steps per second of each finished seed of a run folder, in seed order."""
     files = sorted((Path(run["path"]) / "seeds").glob("seed-*.json"))
     return [json.loads(f.read_text())["steps_per_second"] for f in files]
+
+
+def _row_name(label: str) -> str:
+    """A row label in words: ``"nc-two-heads (layer_options.residual=true)"`` ->
+    ``"Neurocoder policy head and ... (two layers) (layer_options.residual=true)"``."""
+    base = max((v for v in VARIANT_NAMES if label == v or label.startswith(v + " (")), key=len, default=None)
+    return label if base is None else VARIANT_NAMES[base] + label[len(base):]
 
 
 def _is_plain(label: str) -> bool:
@@ -88,16 +96,15 @@ def rl_tables(runs: list[dict]) -> str:
             lines.append(f"| {env} | {variant} | {run['final_return_mean']:.2f} +- {run['final_return_std']:.2f} | "
                          f"{run['seeds']} | {run['frames']:,} | {run['steps_per_second']:.0f} | {speed} | "
                          f"{by_seed} | {run['parameters']:,} | {published} |")
-        for variant in VARIANT_NAMES:
-            plain = _plain_reference(members, members[variant]) if variant in members else None
+        for label, run in members.items():
+            plain = None if _is_plain(label) else _plain_reference(members, run)
             if game and plain:
-                games[variant] += 1
-                wins[variant] += members[variant]["final_return_mean"] >= plain["final_return_mean"]
+                games[label] += 1
+                wins[label] += run["final_return_mean"] >= plain["final_return_mean"]
     text = "### Video games (PPO)\n\n" + "\n".join(lines) + "\n"
-    for variant, name in VARIANT_NAMES.items():
-        if games[variant]:
-            text += (f"\n{name} >= plain on {wins[variant]} of {games[variant]} MinAtar games here (final return, "
-                     f"mean over seeds).\n")
+    for label in sorted(games, key=_variant_order):
+        text += (f"\n{_row_name(label)} >= plain on {wins[label]} of {games[label]} MinAtar games here (final "
+                 f"return, mean over seeds).\n")
     # Each folder's per-update metrics, read once for both tables below.
     metrics = {run["path"]: _read_jsonl_maybe_gz(Path(run["path"]), "metrics.jsonl")
                for members in groups.values() for run in members.values()}
