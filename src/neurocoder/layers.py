@@ -70,7 +70,8 @@ def _recomputing() -> bool:
     """Whether this forward runs inside a backward pass: activation checkpointing
     (``torch.utils.checkpoint``) recomputes a training-mode forward there, and its batch must
     not count twice in the running usage average."""
-    return not torch.compiler.is_compiling() and torch._C._current_graph_task_id() != -1
+    task_id = getattr(torch._C, "_current_graph_task_id", None)       # private; guard other torch versions
+    return task_id is not None and not torch.compiler.is_compiling() and task_id() != -1
 
 
 def _max_over_components(weights: tuple[torch.Tensor, ...]) -> torch.Tensor:
