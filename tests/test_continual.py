@@ -738,3 +738,39 @@ def test_report_labels_name_the_layer_option_that_differs(isolated):  # noqa: F8
     assert [labels[id(r)] for r in runs] == ['Online EWC (layer_options.num_programs=200)',
                                              'Online EWC (layer_options.sharpness="learned")',
                                              "Online EWC", "Online EWC"]
+
+
+def test_pool_repeats_pools_seed_sets_and_names_what_is_missing(tmp_path, capsys):
+    """scripts/pool_repeats.py (README, R1 seed sets): per-set gaps, the pooled gap and its
+    standard error from every repeat's accuracy; methods missing from a set are left out, and a
+    damaged results.json names the folder."""
+    import importlib.util
+    import math
+    import statistics
+
+    spec = importlib.util.spec_from_file_location(
+        "pool_repeats", Path(__file__).resolve().parents[1] / "scripts" / "pool_repeats.py")
+    pool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(pool)
+
+    values = {("a", "adam-naive-mlp"): [50.0, 52.0], ("a", "adam-naive-neurocoder-released"): [55.0, 57.0],
+              ("b", "adam-naive-mlp"): [51.0, 53.0, 55.0], ("b", "adam-naive-neurocoder-released"): [54.0, 54.0, 54.0],
+              ("a", "sgd-naive-mlp"): [60.0, 61.0], ("a", "sgd-naive-neurocoder-released"): [50.0, 52.0]}
+    for (s, run), accuracies in values.items():
+        (tmp_path / s / run).mkdir(parents=True)
+        (tmp_path / s / run / "results.json").write_text(json.dumps({"final_average_accuracy": {"values": accuracies}}))
+    rows = pool.pool([tmp_path / "a", tmp_path / "b"], "neurocoder-released", "mlp")
+    assert [row["method"] for row in rows] == ["adam-naive"]          # sgd-naive is not in set b
+    model, reference = [55.0, 57.0, 54.0, 54.0, 54.0], [50.0, 52.0, 51.0, 53.0, 55.0]
+    assert rows[0]["per_set"] == pytest.approx([5.0, 1.0])
+    assert rows[0]["gap"] == pytest.approx(statistics.mean(model) - statistics.mean(reference))
+    assert rows[0]["standard_error"] == pytest.approx(
+        math.sqrt(statistics.variance(model) / 5 + statistics.variance(reference) / 5))
+    assert rows[0]["repeats"] == 5
+    pool.main([str(tmp_path / "a"), str(tmp_path / "b")])
+    assert "| adam-naive | +5.00 | +1.00 | +2.60 +- " in capsys.readouterr().out
+    (tmp_path / "b" / "adam-naive-mlp" / "results.json").write_text("{")
+    with pytest.raises(SystemExit, match="adam-naive-mlp/results.json has no final_average_accuracy"):
+        pool.main([str(tmp_path / "a"), str(tmp_path / "b")])
+    with pytest.raises(SystemExit, match="no method has both"):
+        pool.main([str(tmp_path / "a"), str(tmp_path / "b"), "--model", "nsm"])
