@@ -55,7 +55,9 @@ def prepare_images(images: torch.Tensor, pad_to: int | None = 32, mean: float = 
                    std: float = 0.3081) -> torch.Tensor:
     """uint8 (N, 28, 28) -> float (N, side*side): scale to [0, 1], zero-pad, normalise, flatten.
 
-    Hsu et al.'s protocol pads MNIST to 32 x 32 and normalises with MNIST's mean and std.
+    Hsu et al.'s protocol pads MNIST to 32 x 32; their code then normalises with the padded
+    images' mean and std (0.1000, 0.2752), the defaults here are the 28 x 28 images' (see
+    ``ContinualConfig.normalisation`` and ``padded_statistics`` in :mod:`neurocoder.train.continual`).
     """
     x = images.float() / 255.0
     if pad_to is not None:
