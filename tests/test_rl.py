@@ -100,6 +100,31 @@ def test_nc_two_heads_composes_the_policy_and_the_value_apart():
     assert agent.heads.policy.memory.u_values.grad.abs().sum() > 0
 
 
+def test_nc_added_heads_starts_as_the_plain_agent_and_then_learns_the_program():
+    """nc-added-heads: with the same seed its initial logits and value equal the plain agent's
+    exactly (the Neurocoder layer enters through a scale of 0); the first gradient reaches only the
+    scale among the head's new parameters, and once the scale is off 0 the program learns too."""
+    observations = torch.rand(16, 4, 10, 10)
+    torch.manual_seed(0)
+    plain = build_agent("plain", (4, 10, 10), 3)
+    torch.manual_seed(0)
+    agent = build_agent("nc-added-heads", (4, 10, 10), 3)
+    assert isinstance(agent.heads.program, neurocoder.NeurocoderLinear)
+    assert type(agent.heads.static) is torch.nn.Linear
+    for ours, theirs in zip(agent(observations), plain(observations)):
+        torch.testing.assert_close(ours, theirs, rtol=0, atol=0)
+    logits, value = agent(observations)
+    (logits.square().sum() + value.sum()).backward()
+    assert agent.heads.scale.grad.abs().sum() > 0
+    assert all(p.grad is None or not p.grad.any() for p in agent.heads.program.parameters())
+    agent.zero_grad(set_to_none=True)
+    with torch.no_grad():
+        agent.heads.scale.fill_(0.5)
+    logits, value = agent(observations)
+    (logits.square().sum() + value.sum()).backward()
+    assert agent.heads.program.memory.u_values.grad.abs().sum() > 0
+
+
 def test_nc_policy_variant_keeps_the_plain_value_row():
     """nc-policy: the logits come from a Neurocoder layer, the value from the plain agent's own
     value row (cut from the same initial output layer, so with the same seed the initial values
@@ -292,6 +317,21 @@ def test_bad_agent_config():
         _tiny(num_minibatches=3).check()
     with pytest.raises(ValueError, match="target_kl=0"):
         _tiny(target_kl=0).check()
+
+
+def test_neurocoder_settings_on_the_plain_agent_are_refused():
+    """Settings of Neurocoder layers given to the plain agent, which has none, are refused by
+    name instead of being recorded in the run folder as if they had applied."""
+    _tiny(variant="plain").check()
+    _tiny(variant="nc-heads", layer_options={"num_programs": 8, "rank": 2}, layer_init="svd").check()
+    for setting, shown in ((dict(layer_options={"num_programs": 8, "rank": 4}), "layer_options="),
+                           (dict(layer_init="svd"), "layer_init='svd'"),
+                           (dict(neurocoder_lr_scale=0.5), "neurocoder_lr_scale=0.5"),
+                           (dict(orthogonality_weight=1.0), "orthogonality_weight=1.0")):
+        with pytest.raises(ValueError, match=f"{shown}.*variant='plain', which has no Neurocoder layer"):
+            _tiny(variant="plain", **setting).check()
+    with pytest.raises(ValueError, match="does not apply to variant='lowrank-heads'"):
+        _tiny(variant="lowrank-heads", layer_init="svd").check()
 
 
 def test_target_kl_stops_the_update_epochs_early():

@@ -45,7 +45,7 @@ PRESETS: dict[str, tuple[str, ContinualConfig | ClassificationConfig | ProgramCo
                          ClassificationConfig(dataset="mnist1d", backbone="cnn1d")),
     **{f"program-{task}": (f"synthetic programs: {description}; --set model=mlp|nsm|moe|nc-ff|nc-rnn",
                            ProgramConfig(task=task)) for task, description in PROGRAM_TASKS.items()},
-    **{f"minatar-{game.replace('_', '-')}": (f"PPO on MinAtar {game}; --set variant=plain|nc-heads|nc-two-heads|nc-fc|nc-policy|lowrank-heads (a control)",
+    **{f"minatar-{game.replace('_', '-')}": (f"PPO on MinAtar {game}; --set variant=plain|nc-heads|nc-two-heads|nc-added-heads|nc-fc|nc-policy|lowrank-heads (a control)",
                                              PPOConfig(env=f"minatar:{game}")) for game in MINATAR_GAMES},
     "atari-pong": ("PPO on ALE Pong (frame skip 4, grey 84x84, stack 4): a short run",
                    PPOConfig(env="atari:pong", total_frames=400_000, seeds=1)),

@@ -16,6 +16,10 @@ layer, a policy head and a value head. Variants (``AGENT_VARIANTS``) are that ne
 * ``lowrank-heads``: a control, not Neurocoder: the plain output layer factorised as
   sum_n sigma_n u_n v_n^T with ordered positive sigma (Neurocoder's form of a program) but with
   u, v and sigma free parameters, no memory, no reads, the same for every input.
+* ``nc-added-heads``: the plain output layer kept, and a Neurocoder layer's output added to it
+  through a learned per-output scale that starts at 0 (as ReZero, Bachlechner et al. 2020): the
+  agent starts as the plain agent, and the composed program is learnt as an input-dependent
+  correction of a static head.
 
 The policy and value heads are one output layer of A + 1 units (A logits, then the value): for
 the plain agent this is exactly two linear heads side by side (their rows are initialised with
@@ -58,6 +62,7 @@ AGENT_VARIANTS = {
     "nc-policy": "Neurocoder policy head, plain value head beside it (the value no longer shares the program)",
     "nc-two-heads": "two Neurocoder output layers, one for the policy, one for the value, each composing its own program",
     "lowrank-heads": "control: the plain output layer as sum sigma_n u_n v_n^T of free factors (no memory, no reads)",
+    "nc-added-heads": "the plain output layer plus a Neurocoder layer added through a scale that starts at 0",
 }
 
 
@@ -117,6 +122,19 @@ class PPOConfig:
             problems.append(f"neurocoder_lr_scale={self.neurocoder_lr_scale} (must be > 0)")
         if self.layer_init not in ("random", "svd"):
             problems.append(f"layer_init={self.layer_init!r} (choose 'random' or 'svd')")
+        if self.variant == "plain":
+            # Settings of the Neurocoder layers, which the plain agent does not have: a run would
+            # record them as if they had applied.
+            default = PPOConfig()
+            ignored = [f"{name}={getattr(self, name)!r}" for name in
+                       ("layer_options", "layer_init", "neurocoder_lr_scale", "orthogonality_weight")
+                       if getattr(self, name) != getattr(default, name)]
+            if ignored:
+                problems.append(f"{', '.join(ignored)} set for variant='plain', which has no Neurocoder layer "
+                                f"(drop them, or choose a Neurocoder variant: {sorted(set(AGENT_VARIANTS) - {'plain'})})")
+        if self.variant == "lowrank-heads" and self.layer_init != "random":
+            problems.append(f"layer_init={self.layer_init!r} does not apply to variant='lowrank-heads' "
+                            f"(it has no memory to seed; drop the setting)")
         if self.detach_context and self.constant_context:
             problems.append("detach_context and constant_context are both true (choose one probe)")
         if self.target_kl is not None and not self.target_kl > 0:
@@ -224,6 +242,23 @@ class _ProbeContext(nn.Module):
         return self.layer(features, context=features.new_ones(*features.shape[:-1], 1))
 
 
+class _AddedHeads(nn.Module):
+    """``static(h) + scale * program(h)``: the plain output layer (``static``, kept with its
+    initialisation) and a second layer of the same shape (``program``, converted to Neurocoder by
+    :func:`build_agent`) whose output enters through ``scale`` (out,), initialised to 0. At the
+    start the head is the plain one exactly; the program's parameters receive gradient once the
+    scale has moved off 0. (N, hidden) -> (N, out)."""
+
+    def __init__(self, heads: nn.Linear) -> None:
+        super().__init__()
+        self.static = heads
+        self.program = nn.Linear(heads.in_features, heads.out_features)
+        self.scale = nn.Parameter(torch.zeros(heads.out_features))
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return self.static(features) + self.scale * self.program(features)
+
+
 def build_agent(variant: str, observation_shape, num_actions: int, hidden: int = 128,
                 layer_options: dict | None = None, init: str = "random",
                 detach_context: bool = False, constant_context: bool = False) -> ActorCritic:
@@ -248,6 +283,9 @@ def build_agent(variant: str, observation_shape, num_actions: int, hidden: int =
     elif variant == "nc-two-heads":
         agent.heads = _PolicyAndValueHeads(agent.heads, num_actions)
         neurocoder.convert(agent, ["heads.policy", "heads.value"], init=init, **options)
+    elif variant == "nc-added-heads":
+        agent.heads = _AddedHeads(agent.heads)
+        neurocoder.convert(agent, ["heads.program"], init=init, **options)
     elif variant != "plain":
         raise ValueError(f"unknown variant {variant!r}; choose one of {sorted(AGENT_VARIANTS)}")
     return agent
