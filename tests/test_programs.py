@@ -119,7 +119,8 @@ def test_trainer_runs_every_task(tmp_path, task, monkeypatch):
     if task == "shift":   # a short stream keeps the test quick
         original = program_trainer.shift_stream
         monkeypatch.setattr(program_trainer, "shift_stream", lambda seed, **options: original(seed, segment=60, cycles=2, **options))
-    cfg = ProgramConfig(task=task, model="nc-ff", seeds=2, epochs=3)
+    short = {} if task == "shift" else {"epochs": 3}       # the stream has no epochs
+    cfg = ProgramConfig(task=task, model="nc-ff", seeds=2, **short)
     results = run_programs(cfg, tmp_path / task, quiet=True)
     assert results["seeds"] == 2
     for key in program_trainer.SUMMARY_KEYS[task]:
@@ -134,7 +135,7 @@ def test_trainer_runs_every_task(tmp_path, task, monkeypatch):
     again = run_programs(cfg, tmp_path / task, resume=True, quiet=True)      # finished seeds are kept
     assert again["summary"] == results["summary"]
     with pytest.raises(ValueError, match="differs"):
-        run_programs(ProgramConfig(task=task, model="mlp", seeds=2, epochs=3), tmp_path / task, resume=True, quiet=True)
+        run_programs(ProgramConfig(task=task, model="mlp", seeds=2, **short), tmp_path / task, resume=True, quiet=True)
 
 
 def test_report_reads_program_runs(tmp_path, monkeypatch):
@@ -189,6 +190,20 @@ def test_bad_program_config():
         ProgramConfig(model="transformer").check()
     with pytest.raises(ValueError, match="online_optimizer='rmsprop'"):
         ProgramConfig(online_optimizer="rmsprop").check()
+
+
+def test_settings_a_task_ignores_are_refused():
+    """The online stream's settings on the offline tasks, and the offline training's on the
+    stream, are refused by name instead of being recorded as if they had applied."""
+    ProgramConfig(task="shift", online_lr=3e-3, online_optimizer="sgd", shift_centre_spread=2.0).check()
+    ProgramConfig(task="reuse", lr=1e-3, epochs=150, batch_size=32).check()
+    for task in ("modular", "reuse", "remember"):
+        with pytest.raises(ValueError, match=f"online_lr=0.003 set for task='{task}'.*task 'shift' only"):
+            ProgramConfig(task=task, online_lr=3e-3).check()
+    with pytest.raises(ValueError, match="shift_centre_spread=2.0 set for task='reuse'"):
+        ProgramConfig(task="reuse", shift_centre_spread=2.0).check()
+    with pytest.raises(ValueError, match="epochs=150, lr=0.001 set for task='shift'.*online_lr"):
+        ProgramConfig(task="shift", epochs=150, lr=1e-3).check()
 
 
 def test_shift_runs_with_plain_sgd(monkeypatch):
