@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -294,3 +295,40 @@ def test_routing_lr_scale_is_checked_and_one_reproduces_the_default(tmp_path, mo
     slower = run_programs(ProgramConfig(task="shift", model="nc-ff", seeds=1, routing_lr_scale=0.3), tmp_path / "c", quiet=True)
     assert same["summary"] == default["summary"]
     assert slower["summary"] != default["summary"]
+
+
+def test_paired_seeds_matches_seeds_by_their_recorded_value(tmp_path, capsys):
+    """scripts/paired_seeds.py (README, pattern shift): the paired difference over the seeds both
+    folders have, matched by the recorded seed (not by file name), its standard error, the counts
+    of each side lower; a missing figure or no shared seed is named."""
+    import importlib.util
+    import math
+    import statistics
+
+    spec = importlib.util.spec_from_file_location(
+        "paired_seeds", Path(__file__).resolve().parents[1] / "scripts" / "paired_seeds.py")
+    paired = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(paired)
+
+    def folder(name, records):
+        (tmp_path / name / "seeds").mkdir(parents=True)
+        for i, (seed, value) in enumerate(records):
+            record = {"seed": seed, "recovery_recurring": value, "errors": [1.0]}
+            (tmp_path / name / "seeds" / f"seed-{i:02d}.json").write_text(json.dumps(record))
+        return tmp_path / name
+
+    a = folder("a", [(7, 10.0), (8, 12.0), (9, 9.0), (11, 1.0)])
+    b = folder("b", [(9, 13.0), (8, 12.5), (7, 11.0)])          # other file order; no seed 11
+    row = paired.main([str(a), str(b)])
+    differences = [-1.0, -0.5, -4.0]
+    assert row["seeds"] == 3 and row["only_one"] == 1
+    assert row["difference"] == pytest.approx(statistics.mean(differences))
+    assert row["standard_error"] == pytest.approx(statistics.stdev(differences) / math.sqrt(3))
+    assert (row["a_lower"], row["b_lower"]) == (3, 0)
+    assert "A lower on 3, B lower on 0" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="has no 'final_error'.*recovery_recurring"):
+        paired.main([str(a), str(b), "--key", "final_error"])
+    with pytest.raises(SystemExit, match="share no seed"):
+        paired.main([str(a), str(folder("c", [(1, 3.0)]))])
+    with pytest.raises(SystemExit, match="no seeds/seed"):
+        paired.main([str(a), str(tmp_path)])

@@ -1,0 +1,73 @@
+"""Compare two run folders seed by seed: the mean paired difference of one per-seed figure, its
+standard error, and how often each side is lower.
+
+    python scripts/paired_seeds.py RUN_A RUN_B [--key recovery_recurring]
+
+Both folders must hold ``seeds/seed-NN.json`` files (as every ``neurocoder run`` writes them)
+with the recorded ``seed`` and the figure ``--key``; seeds are matched by that recorded value, so
+two runs made with the same ``seed`` and ``seeds`` settings compare the same streams or data
+(for example program-shift: each seed is one stream both models see). The difference is A - B
+per seed; a lower figure is better for recovery steps and errors. Nothing is recomputed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+import sys
+from pathlib import Path
+
+
+def read_seeds(folder: Path, key: str) -> dict[int, float]:
+    """{recorded seed: figure} for every finished seed of one run folder."""
+    files = sorted((folder / "seeds").glob("seed-*.json"))
+    if not files:
+        raise SystemExit(f"paired_seeds: {folder} has no seeds/seed-*.json: is it a run folder with a finished seed?")
+    values = {}
+    for path in files:
+        try:
+            record = json.loads(path.read_text())
+            values[int(record["seed"])] = float(record[key])
+        except json.JSONDecodeError as error:
+            raise SystemExit(f"paired_seeds: {path} is not valid JSON ({error}); rerun that folder with --resume")
+        except KeyError as error:
+            raise SystemExit(f"paired_seeds: {path} has no {error.args[0]!r} (figures there: "
+                             f"{', '.join(k for k in record if not isinstance(record[k], list))})")
+    return values
+
+
+def paired(a: dict[int, float], b: dict[int, float]) -> dict:
+    """Over the seeds both have: mean of a - b, its standard error, and the counts a < b, a > b."""
+    common = sorted(set(a) & set(b))
+    if not common:
+        raise SystemExit("paired_seeds: the two folders share no seed (make both runs with the same "
+                         "--set seed=N and --set seeds=M)")
+    differences = [a[s] - b[s] for s in common]
+    error = statistics.stdev(differences) / math.sqrt(len(differences)) if len(differences) > 1 else float("nan")
+    return {"seeds": len(common), "mean_a": statistics.mean(a[s] for s in common),
+            "mean_b": statistics.mean(b[s] for s in common), "difference": statistics.mean(differences),
+            "standard_error": error, "a_lower": sum(d < 0 for d in differences),
+            "b_lower": sum(d > 0 for d in differences), "only_one": len(set(a) ^ set(b))}
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("run_a", type=Path)
+    parser.add_argument("run_b", type=Path)
+    parser.add_argument("--key", default="recovery_recurring", help="the per-seed figure to compare")
+    args = parser.parse_args(argv)
+    row = paired(read_seeds(args.run_a, args.key), read_seeds(args.run_b, args.key))
+    print(f"{args.key}, {row['seeds']} seeds both have"
+          + (f" ({row['only_one']} seeds in one folder only, left out)" if row["only_one"] else "") + ":")
+    print(f"  A {args.run_a}: {row['mean_a']:.3f}")
+    print(f"  B {args.run_b}: {row['mean_b']:.3f}")
+    print(f"  A - B = {row['difference']:+.3f} +- {row['standard_error']:.3f} (standard error of the paired "
+          f"difference); A lower on {row['a_lower']}, B lower on {row['b_lower']}, "
+          f"equal on {row['seeds'] - row['a_lower'] - row['b_lower']}")
+    return row
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
