@@ -436,6 +436,10 @@ def test_report_lays_out_published_numbers(isolated):  # noqa: F811
     assert path.exists() and list((isolated / "report").glob("accuracy_after_each_task_*.png"))
     with pytest.raises(FileNotFoundError, match="no finished run"):
         load_runs([isolated / "mnist"])
+    # A file among the paths (a glob that also matched the runs' logs) is named, not a traceback.
+    (isolated / "runs" / "mlp.log").write_text("log")
+    with pytest.raises(ValueError, match=r"mlp.log is a file, not a run folder.*runs/\*/"):
+        load_runs([isolated / "runs" / "mlp", isolated / "runs" / "mlp.log"])
     # A damaged results.json is named, with what to do (was a bare JSON decoding message).
     (isolated / "runs" / "mlp" / "results.json").write_text('{"config": {"kind"')
     with pytest.raises(ValueError, match=r"runs/mlp/results.json is not a run's results \(Expecting"):

@@ -87,6 +87,10 @@ def load_runs(paths: list[str | Path]) -> list[dict]:
         path = Path(path)
         if not path.exists():
             raise FileNotFoundError(f"report: {path} does not exist")
+        if not path.is_dir():
+            # Typically a shell glob such as runs/x-* that also matched the runs' .log files.
+            raise ValueError(f"report: {path} is a file, not a run folder: give run folders or folders holding "
+                             f"them (a glob that should match folders only ends in a slash: {path.parent}/*/)")
         found = _run_folders(path, unfinished)
         if not found:
             raise FileNotFoundError(f"report: no finished run in {path} (no results.json; an interrupted run "
