@@ -235,7 +235,9 @@ def test_set_unknown_layer_option_is_named():
         make_config("program-shift", ["nc_options.colour=1"])
     with pytest.raises(ValueError, match=r"unknown layer option\(s\) \['colour'\]"):
         make_config("minatar-asterix", ['layer_options={"rank": 2, "colour": 1}'])
-    assert make_config("minatar-asterix", ["layer_options.rank=8"]).layer_options["rank"] == 8
+    assert make_config("minatar-asterix", ["variant=nc-heads", "layer_options.rank=8"]).layer_options["rank"] == 8
+    with pytest.raises(ValueError, match="variant='plain', which has no Neurocoder layer"):
+        make_config("minatar-asterix", ["layer_options.rank=8"])        # the preset's variant is plain
 
 
 def test_set_values_take_the_field_type():
