@@ -42,6 +42,37 @@ def test_regularization_sums_over_layers():
         neurocoder.regularization(list(model.parameters()))
 
 
+def test_routing_parameters_are_what_decides_the_reads():
+    """neurocoder.routing_parameters: composer, keys (learned, or the content-key maps) and a grown
+    memory's slot bias, with their names in the model; never the stored values, working program
+    or bias. A change to any of them changes what is read; a change to the rest does not."""
+    model = torch.nn.Sequential(NeurocoderLinear(6, 5, key_mode="learned", residual=True), torch.nn.ReLU(),
+                                NeurocoderLinear(5, 2, composer="recurrent", steps=2))
+    names = [name for name, _ in neurocoder.routing_parameters(model)]
+    assert {n.split(".")[0] for n in names} == {"0", "2"}
+    assert {n for n in names if n.startswith("0.memory")} == {"0.memory.s_keys", "0.memory.u_keys", "0.memory.v_keys"}
+    assert {n for n in names if n.startswith("2.memory")} == {
+        "2.memory.s_keys", "2.memory.u_key_map.weight", "2.memory.u_key_map.bias", "2.memory.v_key_map.weight",
+        "2.memory.v_key_map.bias"}
+    assert all(n.startswith(("0.composer.", "2.composer.")) for n in names if ".memory." not in n)
+    assert not any(n.endswith(("_values", "residual_weight")) or n in ("0.bias", "2.bias") for n in names)
+    model[0].memory.grow(2)
+    assert "0.memory.slot_bias" in [name for name, _ in neurocoder.routing_parameters(model)]
+    assert neurocoder.routing_parameters(torch.nn.Linear(3, 2)) == []
+    layer = NeurocoderLinear(6, 5, key_mode="learned")
+    x = torch.randn(4, 6)
+    reads = lambda: layer(x, return_trace=True)[1].read_weights["u"].detach().clone()   # noqa: E731
+    before = reads()
+    with torch.no_grad():
+        layer.memory.u_values.add_(1.0)
+        layer.memory.v_values.add_(1.0)
+    torch.testing.assert_close(reads(), before)               # values moved, reads did not
+    with torch.no_grad():
+        for _, p in neurocoder.routing_parameters(layer):
+            p.add_(0.5 * torch.randn_like(p))
+    assert not torch.allclose(reads(), before)
+
+
 def test_save_load_round_trip(tmp_path):
     layer = NeurocoderLinear(10, 6, num_programs=8, key_mode="learned")
     layer.memory.freeze([3])

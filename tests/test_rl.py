@@ -239,6 +239,27 @@ def test_neurocoder_lr_scale_sets_the_neurocoder_layers_learning_rate():
         _tiny(neurocoder_lr_scale=0).check()
 
 
+def test_routing_lr_scale_slows_what_decides_the_reads():
+    """routing_lr_scale: the Neurocoder layer's composer and keys (neurocoder.routing_parameters)
+    get lr x neurocoder_lr_scale x routing_lr_scale; its stored programs keep lr x
+    neurocoder_lr_scale; everything else lr. The plain agent refuses the setting."""
+    cfg = _tiny(variant="nc-heads", routing_lr_scale=0.1, layer_options={"num_programs": 16, "rank": 4,
+                                                                         "key_mode": "learned"})
+    cfg.check()
+    trainer = ppo_module._Seed(cfg, 0)
+    groups = {group["lr_scale"]: {id(p) for p in group["params"]} for group in trainer.optimizer.param_groups}
+    routing = {id(p) for _, p in neurocoder.routing_parameters(trainer.agent)}
+    assert set(groups) == {1.0, 0.1} and groups[0.1] == routing
+    assert id(trainer.agent.heads.memory.u_values) in groups[1.0] and id(trainer.agent.fc[0].weight) in groups[1.0]
+    both = ppo_module._Seed(_tiny(variant="nc-heads", routing_lr_scale=0.1, neurocoder_lr_scale=0.5), 0)
+    scales = sorted(group["lr_scale"] for group in both.optimizer.param_groups)
+    assert scales == pytest.approx([0.05, 0.5, 1.0])
+    with pytest.raises(ValueError, match="routing_lr_scale=0 "):
+        _tiny(variant="nc-heads", routing_lr_scale=0).check()
+    with pytest.raises(ValueError, match="routing_lr_scale=0.1.*no Neurocoder layer"):
+        _tiny(variant="plain", routing_lr_scale=0.1).check()
+
+
 def _tiny(**overrides) -> PPOConfig:
     values = dict(env="minatar:breakout", total_frames=1024, num_envs=4, num_steps=32, seeds=1, checkpoint_every=2)
     values.update(overrides)

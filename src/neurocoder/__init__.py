@@ -24,7 +24,7 @@ from .trace import Trace, record, usage_by_label
 __all__ = [
     "__version__", "ProgramMemory", "FeedForwardComposer", "RecurrentComposer", "ComposerOutput",
     "NeurocoderLayer", "NeurocoderLinear", "NeurocoderConv2d", "singular_values", "convert",
-    "seed_from_weight", "regularization", "neurocoder_layers", "NSMLinear", "MoELinear",
+    "seed_from_weight", "regularization", "neurocoder_layers", "routing_parameters", "NSMLinear", "MoELinear",
     "load_balancing_loss", "Trace", "record", "usage_by_label", "presets", "trace", "reuse_programs",
 ]
 
@@ -32,6 +32,29 @@ __all__ = [
 def neurocoder_layers(model: nn.Module) -> list[tuple[str, NeurocoderLayer]]:
     """(name, layer) for every Neurocoder layer of ``model`` (the model itself included)."""
     return [(name, m) for name, m in model.named_modules() if isinstance(m, NeurocoderLayer)]
+
+
+# Parts of a Neurocoder layer that decide what is read (the rest is what is read and applied:
+# the stored programs' values, the working program, the bias).
+_ROUTING_PARTS = ("composer.", "memory.u_keys", "memory.v_keys", "memory.s_keys", "memory.u_key_map.",
+                  "memory.v_key_map.", "memory.slot_bias")
+
+
+def routing_parameters(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
+    """(name, parameter) for every parameter of ``model``'s Neurocoder layers that decides what is
+    read: the composer, the keys (learned keys, or the maps that compute content keys from the
+    programs) and a grown memory's slot bias. The stored programs (U, V and S values), the working
+    program and the bias are left out: they are what is read and applied.
+
+    For two timescales, e.g. an optimiser group at a smaller learning rate for these: with learned
+    keys everything that chooses a read is then slow; with content keys the keys still follow the
+    programs they are computed from.
+    """
+    found = []
+    for layer_name, layer in neurocoder_layers(model):
+        prefix = f"{layer_name}." if layer_name else ""
+        found += [(prefix + name, p) for name, p in layer.named_parameters() if name.startswith(_ROUTING_PARTS)]
+    return found
 
 
 def regularization(model: nn.Module, weight: float = 1.0) -> torch.Tensor:

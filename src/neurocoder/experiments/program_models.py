@@ -97,13 +97,11 @@ def build_program_model(kind: str, in_features: int, out_features: int, context_
     return ProgramModel(kind, baseline(n), uses_context)
 
 
-# The parameters that decide what is read, per model kind (name prefixes / parts): Neurocoder's
-# composer and keys, NSM's query map and keys, MoE's gate. The MLP reads nothing; its hidden layer,
-# whose units decide which features respond, stands in for the same split (a control: the
-# MLP given the same two learning rates).
+# The parameters that decide what is read, per model kind (name prefixes): NSM's query map and
+# keys, MoE's gate (Neurocoder's composer and keys: neurocoder.routing_parameters). The MLP
+# reads nothing; its hidden layer, whose units decide which features respond, stands in for the
+# same split (a control: the MLP given the same two learning rates).
 _ROUTING = {
-    "nc": ("layer.composer.", "layer.memory.u_key", "layer.memory.v_key", "layer.memory.s_keys",
-           "layer.memory.slot_bias"),
     "nsm": ("layer.query.", "layer.keys"),
     "moe": ("layer.gate.", "layer.noise."),
     "mlp": ("layer.0.",),
@@ -113,7 +111,9 @@ _ROUTING = {
 def routing_parameters(model: ProgramModel) -> list[str]:
     """Names of the parameters that choose what is read (see ``_ROUTING``); the rest are the
     programs themselves (slot values, stored matrices, experts, the output layer) and biases."""
-    prefixes = _ROUTING["nc" if model.kind.startswith("nc") else model.kind]
+    if model.kind.startswith("nc"):
+        return [name for name, _ in neurocoder.routing_parameters(model)]
+    prefixes = _ROUTING[model.kind]
     return [name for name, _ in model.named_parameters() if name.startswith(prefixes)]
 
 

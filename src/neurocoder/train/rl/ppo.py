@@ -76,6 +76,10 @@ class PPOConfig:
     lr: float = 5e-4
     # The Neurocoder layers' learning rate as a multiple of lr (1: the same as every other layer).
     neurocoder_lr_scale: float = 1.0
+    # What decides a Neurocoder layer's reads (composer, keys: neurocoder.routing_parameters) at a
+    # further multiple of that rate: two timescales, the reads changing more slowly than the
+    # stored programs (with content keys the keys still follow the programs they come from).
+    routing_lr_scale: float = 1.0
     anneal_lr: bool = True
     gamma: float = 0.99
     gae_lambda: float = 0.95
@@ -120,6 +124,8 @@ class PPOConfig:
             problems.append(f"lr={self.lr} (must be > 0)")
         if not self.neurocoder_lr_scale > 0:
             problems.append(f"neurocoder_lr_scale={self.neurocoder_lr_scale} (must be > 0)")
+        if not self.routing_lr_scale > 0:
+            problems.append(f"routing_lr_scale={self.routing_lr_scale} (must be > 0)")
         if self.layer_init not in ("random", "svd"):
             problems.append(f"layer_init={self.layer_init!r} (choose 'random' or 'svd')")
         if self.variant == "plain":
@@ -127,7 +133,8 @@ class PPOConfig:
             # record them as if they had applied.
             default = PPOConfig()
             ignored = [f"{name}={getattr(self, name)!r}" for name in
-                       ("layer_options", "layer_init", "neurocoder_lr_scale", "orthogonality_weight")
+                       ("layer_options", "layer_init", "neurocoder_lr_scale", "routing_lr_scale",
+                        "orthogonality_weight")
                        if getattr(self, name) != getattr(default, name)]
             if ignored:
                 problems.append(f"{', '.join(ignored)} set for variant='plain', which has no Neurocoder layer "
@@ -291,16 +298,22 @@ def build_agent(variant: str, observation_shape, num_actions: int, hidden: int =
     return agent
 
 
-def _parameter_groups(agent: nn.Module, lr: float, neurocoder_lr_scale: float) -> list[dict]:
-    """Adam's parameter groups, each with its ``lr_scale`` (kept for the annealing): one group at
-    lr, or — with a scale other than 1 — the rest at lr and the Neurocoder layers' parameters at
-    lr x neurocoder_lr_scale."""
+def _parameter_groups(agent: nn.Module, lr: float, neurocoder_lr_scale: float,
+                      routing_lr_scale: float = 1.0) -> list[dict]:
+    """Adam's parameter groups, each with its ``lr_scale`` (kept for the annealing): everything at
+    lr, except the Neurocoder layers' parameters at lr x neurocoder_lr_scale, and among them what
+    decides the reads (``neurocoder.routing_parameters``) at lr x neurocoder_lr_scale x
+    routing_lr_scale. Parameters of equal scale share one group, in order of first appearance
+    (so with both scales 1 there is one group, as before either option existed)."""
     layered = {id(p) for m in agent.modules() if isinstance(m, neurocoder.NeurocoderLayer) for p in m.parameters()}
-    if neurocoder_lr_scale == 1.0 or not layered:          # the plain agent has no Neurocoder layer
-        return [{"params": list(agent.parameters()), "lr": lr, "lr_scale": 1.0}]
-    return [{"params": [p for p in agent.parameters() if id(p) not in layered], "lr": lr, "lr_scale": 1.0},
-            {"params": [p for p in agent.parameters() if id(p) in layered], "lr": lr * neurocoder_lr_scale,
-             "lr_scale": neurocoder_lr_scale}]
+    routing = {id(p) for _, p in neurocoder.routing_parameters(agent)}
+    groups: dict[float, list] = {}
+    for p in agent.parameters():
+        scale = 1.0
+        if id(p) in layered:
+            scale = neurocoder_lr_scale * (routing_lr_scale if id(p) in routing else 1.0)
+        groups.setdefault(scale, []).append(p)
+    return [{"params": params, "lr": lr * scale, "lr_scale": scale} for scale, params in groups.items()]
 
 
 def generalized_advantages(rewards: torch.Tensor, values: torch.Tensor, dones: torch.Tensor,
@@ -334,7 +347,8 @@ class _Seed:
         self.agent = build_agent(cfg.variant, self.envs.observation_shape, self.envs.num_actions, cfg.hidden,
                                  cfg.layer_options, cfg.layer_init, cfg.detach_context,
                                  cfg.constant_context)
-        self.optimizer = torch.optim.Adam(_parameter_groups(self.agent, cfg.lr, cfg.neurocoder_lr_scale), lr=cfg.lr,
+        self.optimizer = torch.optim.Adam(_parameter_groups(self.agent, cfg.lr, cfg.neurocoder_lr_scale,
+                                                            cfg.routing_lr_scale), lr=cfg.lr,
                                           eps=1e-5)
         self.batch = cfg.num_envs * cfg.num_steps
         self.num_updates = max(1, cfg.total_frames // (self.batch * self.envs.frames_per_step))
