@@ -20,7 +20,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 import neurocoder  # noqa: E402
 from neurocoder.experiments.registry import apply_overrides  # noqa: E402
-from neurocoder.train.rl.ppo import AGENT_VARIANTS, PPOConfig, _Seed  # noqa: E402
+from neurocoder.train.rl.ppo import AGENT_VARIANTS, NEUROCODER_SETTINGS, PPOConfig, _Seed  # noqa: E402
 
 
 def main() -> None:
@@ -32,8 +32,12 @@ def main() -> None:
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="PPOConfig overrides")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    cfg = apply_overrides(PPOConfig(env=args.env, total_frames=10**9), args.set)
-    trainers = {v: _Seed(PPOConfig(**{**cfg.__dict__, "variant": v}), 0) for v in args.variants}
+    # The overrides are checked against a Neurocoder variant (the plain agent refuses Neurocoder
+    # settings); the plain agent then runs with those settings at their defaults.
+    cfg = apply_overrides(PPOConfig(env=args.env, total_frames=10**9, variant="nc-heads"), args.set)
+    plain_defaults = {name: getattr(PPOConfig(), name) for name in NEUROCODER_SETTINGS}
+    trainers = {v: _Seed(PPOConfig(**{**cfg.__dict__, "variant": v, **(plain_defaults if v == "plain" else {})}), 0)
+                for v in args.variants}
     for trainer in trainers.values():                       # warm-up
         trainer.train_update()
     seconds = {v: [] for v in trainers}

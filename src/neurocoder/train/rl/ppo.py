@@ -52,8 +52,8 @@ from neurocoder.progress import Progress
 from neurocoder.runs import RunFolder, atomic_torch_save, atomic_write_text, finished_seeds
 from neurocoder.train.rl.envs import make_vector_env
 
-__all__ = ["PPOConfig", "ActorCritic", "run_ppo", "AGENT_VARIANTS", "build_agent", "generalized_advantages",
-           "explained_variance"]
+__all__ = ["PPOConfig", "ActorCritic", "run_ppo", "AGENT_VARIANTS", "NEUROCODER_SETTINGS", "build_agent",
+           "generalized_advantages", "explained_variance"]
 
 AGENT_VARIANTS = {
     "plain": "the plain actor-critic",
@@ -64,6 +64,10 @@ AGENT_VARIANTS = {
     "lowrank-heads": "control: the plain output layer as sum sigma_n u_n v_n^T of free factors (no memory, no reads)",
     "nc-added-heads": "the plain output layer plus a Neurocoder layer added through a scale that starts at 0",
 }
+
+
+# PPOConfig fields that configure the Neurocoder layers, meaningless for the plain agent.
+NEUROCODER_SETTINGS = ("layer_options", "layer_init", "neurocoder_lr_scale", "routing_lr_scale", "orthogonality_weight")
 
 
 @dataclass
@@ -132,9 +136,7 @@ class PPOConfig:
             # Settings of the Neurocoder layers, which the plain agent does not have: a run would
             # record them as if they had applied.
             default = PPOConfig()
-            ignored = [f"{name}={getattr(self, name)!r}" for name in
-                       ("layer_options", "layer_init", "neurocoder_lr_scale", "routing_lr_scale",
-                        "orthogonality_weight")
+            ignored = [f"{name}={getattr(self, name)!r}" for name in NEUROCODER_SETTINGS
                        if getattr(self, name) != getattr(default, name)]
             if ignored:
                 problems.append(f"{', '.join(ignored)} set for variant='plain', which has no Neurocoder layer "
