@@ -68,6 +68,11 @@ class ProgramConfig:
     nc_options: dict | None = None   # Neurocoder layer options (NC_OPTIONS otherwise)
     threads: int | None = None
 
+    def _changed_from_default(self, *names: str) -> str:
+        """``"name=value, ..."`` for those of ``names`` that differ from their default ('' if none)."""
+        default = ProgramConfig()
+        return ", ".join(f"{n}={getattr(self, n)!r}" for n in names if getattr(self, n) != getattr(default, n))
+
     def check(self) -> None:
         problems = []
         if self.task not in PROGRAM_TASKS:
@@ -80,20 +85,16 @@ class ProgramConfig:
             problems.append(f"routing_lr_scale={self.routing_lr_scale} (must be >= 0)")
         if not self.shift_centre_spread >= 0:
             problems.append(f"shift_centre_spread={self.shift_centre_spread} (must be >= 0)")
+        # Settings the chosen task never reads: refused, so a run folder never records one as if
+        # it had applied.
         if self.task != "shift":
-            default = ProgramConfig()
-            ignored = [f"{name}={getattr(self, name)!r}" for name in ("online_lr", "online_optimizer", "shift_centre_spread")
-                       if getattr(self, name) != getattr(default, name)]
+            ignored = self._changed_from_default("online_lr", "online_optimizer", "shift_centre_spread")
             if ignored:
-                problems.append(f"{', '.join(ignored)} set for task={self.task!r}: these settings apply to the online "
+                problems.append(f"{ignored} set for task={self.task!r}: these settings apply to the online "
                                 f"stream of task 'shift' only (drop them, or use program-shift)")
-        else:
-            default = ProgramConfig()
-            ignored = [f"{name}={getattr(self, name)!r}" for name in ("epochs", "batch_size", "lr")
-                       if getattr(self, name) != getattr(default, name)]
-            if ignored:
-                problems.append(f"{', '.join(ignored)} set for task='shift', which learns online, one update per "
-                                f"step (its learning rate is online_lr; drop them)")
+        elif ignored := self._changed_from_default("epochs", "batch_size", "lr"):
+            problems.append(f"{ignored} set for task='shift', which learns online, one update per "
+                            f"step (its learning rate is online_lr; drop them)")
         for name in ("seeds", "epochs", "batch_size"):
             if getattr(self, name) < 1:
                 problems.append(f"{name}={getattr(self, name)} (must be >= 1)")
