@@ -564,29 +564,45 @@ def test_probe_head_rank_script(tmp_path):
     assert 0.0 < policy["largest_read_u"] <= 1.0
 
 
-def test_return_curves_put_a_long_legend_under_its_plot(tmp_path):
-    """With many rows for one game (an exploration), each legend goes below its plot instead of
-    over the curves, and the figure grows to hold it; with a few, the legend stays inside."""
+def test_return_curves_put_one_legend_under_all_panels(tmp_path, monkeypatch):
+    """One legend for the whole figure, under every panel (per-panel legends of long labels covered
+    the curves), naming each variant once, with one colour per variant across panels; the saved
+    image takes the legend in (it grows with the number of entries)."""
     pytest.importorskip("matplotlib")
+    from neurocoder import report as report_module
     from neurocoder.report_rl import rl_figures
 
-    def runs(count):
+    def runs(count, envs=("minatar:asterix",)):
         made = []
-        for i in range(count):
-            folder = tmp_path / f"n{count}" / f"run{i}"
-            (folder / "seeds").mkdir(parents=True)
-            episodes = [{"seed": 0, "frame": 50 * (j + 1), "return": float(i + j), "length": 3} for j in range(20)]
-            (folder / "episodes.jsonl").write_text("\n".join(json.dumps(e) for e in episodes) + "\n")
-            made.append({"path": str(folder), "config": {"kind": "rl", "env": "minatar:asterix", "variant": "nc-heads",
-                                                         "seed": i},
-                         "final_return_mean": 1.0, "final_return_std": 0.0, "seeds": 1, "frames": 1000,
-                         "steps_per_second": 100.0, "parameters": 7})
+        for env in envs:
+            for i in range(count):
+                folder = tmp_path / f"n{count}" / env.replace(":", "-") / f"run{i}"
+                (folder / "seeds").mkdir(parents=True)
+                episodes = [{"seed": 0, "frame": 50 * (j + 1), "return": float(i + j), "length": 3} for j in range(20)]
+                (folder / "episodes.jsonl").write_text("\n".join(json.dumps(e) for e in episodes) + "\n")
+                made.append({"path": str(folder), "config": {"kind": "rl", "env": env, "variant": "nc-heads",
+                                                             "seed": i},
+                             "final_return_mean": 1.0, "final_return_std": 0.0, "seeds": 1, "frames": 1000,
+                             "steps_per_second": 100.0, "parameters": 7})
         return made
 
+    plt = report_module.pyplot()
+    figures, close = [], plt.close
+    monkeypatch.setattr(plt, "close", lambda fig=None: figures.append(fig))     # keep them to inspect
     sizes = {}
     for count in (2, 12):
         (tmp_path / f"out{count}").mkdir()
-        [path] = rl_figures(runs(count), tmp_path / f"out{count}")
+        [path] = rl_figures(runs(count, ("minatar:asterix", "minatar:breakout")), tmp_path / f"out{count}")
         import matplotlib.image
         sizes[count] = matplotlib.image.imread(path).shape[0]          # pixel rows
-    assert sizes[12] > 1.3 * sizes[2]
+    figure = figures[-1]
+    assert len(figure.legends) == 1 and not any(ax.get_legend() for ax in figure.axes)
+    assert len(figure.legends[0].get_texts()) == 12
+    renderer = figure.canvas.get_renderer()
+    legend_top = figure.legends[0].get_window_extent(renderer).y1
+    assert legend_top <= min(ax.get_window_extent(renderer).y0 for ax in figure.axes if ax.get_visible())
+    first, second = (ax for ax in figure.axes if ax.lines)
+    assert [line.get_color() for line in first.lines] == [line.get_color() for line in second.lines]
+    assert sizes[12] > sizes[2]
+    for fig in figures:
+        close(fig)

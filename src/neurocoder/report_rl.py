@@ -219,14 +219,14 @@ def rl_figures(runs: list[dict], out: Path) -> list[Path]:
     envs = sorted(groups)
     columns = min(3, len(envs))
     rows = -(-len(envs) // columns)
-    # Many rows per game (explorations): each legend goes under its plot, with room made for the
-    # longest, instead of covering the curves.
-    entries = max(len(groups[env]) for env in envs)
-    below = entries > 4
-    legend_height = 0.16 * entries if below else 0.0
-    fig, axes = plt.subplots(rows, columns, figsize=(4.4 * columns, (3.3 + legend_height) * rows), squeeze=False)
+    # One colour per variant across every panel, and one legend under the whole figure: per-panel
+    # legends of long labels (explorations name their settings) covered the curves.
+    variants = sorted({v for env in envs for v in groups[env]}, key=_variant_order)
+    colours = {v: f"C{i % 10}" for i, v in enumerate(variants)}
+    fig, axes = plt.subplots(rows, columns, figsize=(4.4 * columns, 3.3 * rows), squeeze=False)
     for ax in axes.flat[len(envs):]:
         ax.axis("off")
+    drawn = {}
     for ax, env in zip(axes.flat, envs):
         for variant in sorted(groups[env], key=_variant_order):
             run = groups[env][variant]
@@ -251,21 +251,20 @@ def rl_figures(runs: list[dict], out: Path) -> list[Path]:
             # Games whose episodes all end together (Freeway: 2,500 frames) leave bins empty:
             # draw through them rather than break the curve.
             ok = ~np.isnan(mean)
-            line, = ax.plot(centres[ok], mean[ok], marker=".", label=variant)
-            ax.fill_between(centres[ok], low[ok], high[ok], alpha=0.15, color=line.get_color())
+            drawn[variant], = ax.plot(centres[ok], mean[ok], marker=".", color=colours[variant], label=variant)
+            ax.fill_between(centres[ok], low[ok], high[ok], alpha=0.15, color=colours[variant])
         ax.set_title(env, fontsize=9)
         ax.set_xlabel("frames")
         ax.grid(alpha=0.3)
-        if below:
-            ax.legend(fontsize=6, loc="upper left", bbox_to_anchor=(0.0, -0.2), borderaxespad=0.0)
-        else:
-            ax.legend(fontsize=7)
     for row in axes:
         row[0].set_ylabel("episodic return")
     fig.suptitle("mean over seeds of the returns of episodes ending in each frame bin; band: min..max over seeds",
                  fontsize=8)
     fig.tight_layout()
+    labels = [v for v in variants if v in drawn]
+    fig.legend([drawn[v] for v in labels], labels, loc="upper center", bbox_to_anchor=(0.5, 0.0), fontsize=7,
+               ncol=1 if max(map(len, labels), default=0) > 40 else min(3, len(labels)))
     path = out / "rl_returns.png"
-    fig.savefig(path, dpi=110, bbox_inches="tight" if below else None)
+    fig.savefig(path, dpi=110, bbox_inches="tight")       # takes in the legend under the panels
     plt.close(fig)
     return [path]
