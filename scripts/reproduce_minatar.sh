@@ -6,6 +6,8 @@
 #   bash scripts/reproduce_minatar.sh [SEEDS] [OUT]
 #   env: GAMES (default "breakout space-invaders freeway asterix seaquest"), VARIANTS (default
 #        "plain nc-heads"; also nc-fc), FRAMES (default 1000000), WORKERS (default 2), EXTRA_SET
+#        (more --set options for every run; Neurocoder settings such as layer_options or
+#        routing_lr_scale are refused by the plain agent, so run plain apart from them)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 seeds="${1:-3}"
