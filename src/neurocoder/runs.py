@@ -20,7 +20,7 @@ import torch
 
 from ._version import __version__
 
-__all__ = ["RunFolder", "code_version", "atomic_write_text", "atomic_torch_save", "remove_if_unstarted",
+__all__ = ["RunFolder", "changed_settings", "code_version", "atomic_write_text", "atomic_torch_save", "remove_if_unstarted",
            "read_json", "finished_seeds"]
 
 
@@ -43,6 +43,13 @@ def code_version() -> dict:
     except (OSError, subprocess.SubprocessError):
         pass
     return info
+
+
+def changed_settings(cfg: Any, names: tuple[str, ...] | list[str]) -> str:
+    """``"name=value, ..."`` for those of ``names`` where the config ``cfg`` (a dataclass instance)
+    differs from its class's default ('' if none): settings a run would ignore are named with it."""
+    default = type(cfg)()
+    return ", ".join(f"{n}={getattr(cfg, n)!r}" for n in names if getattr(cfg, n) != getattr(default, n))
 
 
 def atomic_write_text(path: Path, text: str) -> None:

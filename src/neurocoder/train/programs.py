@@ -34,7 +34,7 @@ import torch.nn.functional as F
 
 from neurocoder.data.programs import modular_task, remember_task, reuse_task, shift_stream
 from neurocoder.experiments.program_models import PROGRAM_MODELS, build_program_model, parameter_groups, regularization
-from neurocoder.runs import RunFolder, atomic_write_text, finished_seeds
+from neurocoder.runs import RunFolder, atomic_write_text, changed_settings, finished_seeds
 
 __all__ = ["ProgramConfig", "run_programs", "PROGRAM_TASKS", "normalised_mutual_information"]
 
@@ -68,11 +68,6 @@ class ProgramConfig:
     nc_options: dict | None = None   # Neurocoder layer options (NC_OPTIONS otherwise)
     threads: int | None = None
 
-    def _changed_from_default(self, *names: str) -> str:
-        """``"name=value, ..."`` for those of ``names`` that differ from their default ('' if none)."""
-        default = ProgramConfig()
-        return ", ".join(f"{n}={getattr(self, n)!r}" for n in names if getattr(self, n) != getattr(default, n))
-
     def check(self) -> None:
         problems = []
         if self.task not in PROGRAM_TASKS:
@@ -88,11 +83,11 @@ class ProgramConfig:
         # Settings the chosen task never reads: refused, so a run folder never records one as if
         # it had applied.
         if self.task != "shift":
-            ignored = self._changed_from_default("online_lr", "online_optimizer", "shift_centre_spread")
+            ignored = changed_settings(self, ("online_lr", "online_optimizer", "shift_centre_spread"))
             if ignored:
                 problems.append(f"{ignored} set for task={self.task!r}: these settings apply to the online "
                                 f"stream of task 'shift' only (drop them, or use program-shift)")
-        elif ignored := self._changed_from_default("epochs", "batch_size", "lr"):
+        elif ignored := changed_settings(self, ("epochs", "batch_size", "lr")):
             problems.append(f"{ignored} set for task='shift', which learns online, one update per "
                             f"step (its learning rate is online_lr; drop them)")
         for name in ("seeds", "epochs", "batch_size"):

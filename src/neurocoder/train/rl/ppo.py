@@ -49,7 +49,7 @@ import torch.nn as nn
 import neurocoder
 from neurocoder import presets
 from neurocoder.progress import Progress
-from neurocoder.runs import RunFolder, atomic_torch_save, atomic_write_text, finished_seeds
+from neurocoder.runs import RunFolder, atomic_torch_save, atomic_write_text, changed_settings, finished_seeds
 from neurocoder.train.rl.envs import make_vector_env
 
 __all__ = ["PPOConfig", "ActorCritic", "run_ppo", "AGENT_VARIANTS", "NEUROCODER_SETTINGS", "build_agent",
@@ -135,11 +135,9 @@ class PPOConfig:
         if self.variant == "plain":
             # Settings of the Neurocoder layers, which the plain agent does not have: a run would
             # record them as if they had applied.
-            default = PPOConfig()
-            ignored = [f"{name}={getattr(self, name)!r}" for name in NEUROCODER_SETTINGS
-                       if getattr(self, name) != getattr(default, name)]
+            ignored = changed_settings(self, NEUROCODER_SETTINGS)
             if ignored:
-                problems.append(f"{', '.join(ignored)} set for variant='plain', which has no Neurocoder layer "
+                problems.append(f"{ignored} set for variant='plain', which has no Neurocoder layer "
                                 f"(drop them, or choose a Neurocoder variant: {sorted(set(AGENT_VARIANTS) - {'plain'})})")
         if self.variant == "lowrank-heads" and self.layer_init != "random":
             problems.append(f"layer_init={self.layer_init!r} does not apply to variant='lowrank-heads' "
