@@ -69,7 +69,8 @@ def reuse_task(seed: int, num_pieces: int = 6, pieces_per_program: int = 2, dim:
     """Programs W_S = sum_{j in S} a_j b_j^T for subsets S of ``pieces_per_program`` pieces; the
     cue is the multi-hot indicator of S. ``held_out`` subsets never appear in training (chosen so
     every piece still appears in training). Returns {'train', 'test_seen', 'test_unseen':
-    ProgramData (context = cue), 'combinations': list of tuples, 'unseen': list of indices}."""
+    ProgramData (context = cue), 'combinations': list of tuples, 'unseen': list of indices,
+    'pieces': (a, b), each (num_pieces, dim): piece j is the rank-1 map a_j b_j^T}."""
     generator = torch.Generator().manual_seed(seed)
     a = torch.randn(num_pieces, dim, generator=generator) / dim ** 0.25
     b = torch.randn(num_pieces, dim, generator=generator) / dim ** 0.25
@@ -94,7 +95,8 @@ def reuse_task(seed: int, num_pieces: int = 6, pieces_per_program: int = 2, dim:
         return ProgramData(x, y, pick, cues[pick])
 
     return {"train": sample(train, seen), "test_seen": sample(test, seen), "test_unseen": sample(test, unseen),
-            "combinations": combinations, "seen": seen, "unseen": unseen, "programs": programs, "cues": cues}
+            "combinations": combinations, "seen": seen, "unseen": unseen, "programs": programs, "cues": cues,
+            "pieces": (a, b)}
 
 
 @dataclass
