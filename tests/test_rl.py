@@ -460,6 +460,28 @@ def test_report_labels_same_named_folders_by_the_setting_that_differs(tmp_path):
     assert "| nc-heads (a/asterix-nc-heads) | 1.50" in table and "| nc-heads (b/asterix-nc-heads) | 2.50" in table
 
 
+def test_report_labels_a_lone_run_by_the_settings_set_over_its_preset(tmp_path):
+    """A run alone in its row (one seed's screen) is named by the top-level settings --set changed
+    from its preset, not only by its layer options: a run with routing_lr_scale=0.1 never reads
+    as the preset's agent. Seeds are not named; a folder without a known preset names none."""
+    from dataclasses import asdict
+
+    from neurocoder.experiments.registry import make_config
+
+    def run(name, overrides, preset="minatar-asterix"):
+        folder = tmp_path / name
+        (folder / "seeds").mkdir(parents=True)
+        config = {"kind": "rl", "preset": preset, **asdict(make_config("minatar-asterix", overrides))}
+        return {"path": str(folder), "config": config, "final_return_mean": 1.0, "final_return_std": 0.0,
+                "seeds": 1, "frames": 10, "steps_per_second": 100.0, "parameters": 7}
+
+    table = rl_tables([run("a", ["variant=nc-heads", "routing_lr_scale=0.1", "layer_options.key_mode=learned",
+                                 "seed=3", "seeds=1"])])
+    assert '| nc-heads (layer_options.key_mode="learned", routing_lr_scale=0.1) | 1.00' in table
+    table = rl_tables([run("b", ["variant=nc-heads", "routing_lr_scale=0.1"], preset=None)])
+    assert "| nc-heads | 1.00" in table
+
+
 def test_report_counts_games_won_for_every_neurocoder_row(tmp_path):
     """The "N of M MinAtar games" line is given for each Neurocoder row, also one named by the
     settings it ran with, each against the plain agent of its game."""

@@ -308,11 +308,12 @@ def _figures(runs: list[dict], out: Path) -> list[Path]:
         if run.get("config", {}).get("benchmark"):
             groups[(run["config"]["benchmark"], run["config"]["scenario"])].append(run)
     for (benchmark, scenario), members in groups.items():
-        # Colour names the method, line style the model, so many runs stay readable.
+        # Colour names the method, line style and marker the model, so many runs stay readable.
         row_labels = _row_labels(members)
         methods = sorted(set(row_labels.values()), key=_label_order)
         colours = {m: plt.get_cmap("tab10")(i % 10) for i, m in enumerate(methods)}
         styles = ["-", "--", ":", "-.", (0, (5, 1)), (0, (1, 1))]
+        markers = ["o", "s", "^", "D", "v", "x"]
         models = sorted({r["config"]["model"] for r in members}, key=lambda m: list(MODEL_LABELS).index(m)
                         if m in MODEL_LABELS else len(MODEL_LABELS))
         fig, ax = plt.subplots(figsize=(10, 4.8))
@@ -321,8 +322,9 @@ def _figures(runs: list[dict], out: Path) -> list[Path]:
             xs = list(range(1, len(curve["mean"]) + 1))
             method, model = row_labels[id(run)], run["config"]["model"]
             label = f"{method}, {MODEL_LABELS.get(model, model)}"
-            ax.plot(xs, curve["mean"], marker="o", markersize=3, label=label, color=colours[method],
-                    linestyle=styles[models.index(model) % len(styles)])
+            which = models.index(model)
+            ax.plot(xs, curve["mean"], marker=markers[which % len(markers)], markersize=3, label=label,
+                    color=colours[method], linestyle=styles[which % len(styles)])
             low = [m - s for m, s in zip(curve["mean"], curve["std"])]
             high = [m + s for m, s in zip(curve["mean"], curve["std"])]
             ax.fill_between(xs, low, high, alpha=0.08, color=colours[method])

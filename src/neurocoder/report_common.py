@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from collections import defaultdict
+from dataclasses import asdict
 from pathlib import Path
 from typing import Callable
 
@@ -63,6 +64,24 @@ def _explicit_parts(config: dict, defaults: dict | None = None) -> list[str]:
     return named
 
 
+# Top-level settings that tell runs of one method apart without changing the method.
+_REPEATS = {"seed", "seeds"}
+
+
+def _preset_parts(config: dict, skip: set[str]) -> list[str]:
+    """``key=value`` of the top-level settings in which a run differs from the preset it was
+    started from (what ``--set`` changed), e.g. ``routing_lr_scale=0.1``; [] when the folder
+    names no known preset. A setting the folder predates is not named (it ran as the default)."""
+    from .experiments.registry import PRESETS      # reports sit above the experiments; lazy import
+    preset = PRESETS.get(config.get("preset") or "")
+    if preset is None:
+        return []
+    base = asdict(preset[1])
+    return [f"{key}={json.dumps(value, sort_keys=True)}" for key, value in sorted(config.items())
+            if key in base and key not in skip and key not in _REPEATS and not isinstance(value, dict)
+            and json.dumps(value, sort_keys=True) != json.dumps(base[key], sort_keys=True)]
+
+
 def explicit_options(config: dict, defaults: dict | None = None) -> str:
     """``"key=value, ..."`` of the entries of a config's option groups (dict-valued settings such
     as ``layer_options``) that differ from ``defaults``' group of the same name: the options a run
@@ -87,7 +106,8 @@ def group_runs(runs: list[dict], kind: str, group_field: str,
     another configuration than the one that ran: the settings that vary across the group's runs
     where this run's value is not the default (``"nc-heads (layer_options.residual=true)"``);
     for several runs of one member, every setting in which they differ; for a lone run, the
-    options it set (:func:`explicit_options`). Runs of one member with the same settings (other
+    options it set (:func:`explicit_options`) and the settings ``--set`` changed from its
+    preset (``routing_lr_scale=0.1``; seeds are not named). Runs of one member with the same settings (other
     seeds, another machine) are told apart by folder name, then by parent and folder name, so
     that no run hides another. ``defaults``: the config class's defaults (see
     :func:`differing_settings`)."""
@@ -115,7 +135,8 @@ def group_runs(runs: list[dict], kind: str, group_field: str,
                 run, deviation = members[0]
                 # A lone run also names the options it set (its table row would otherwise read
                 # as the member's default configuration).
-                name = joined(deviation, _explicit_parts(run["config"], defaults))
+                name = joined(deviation, _explicit_parts(run["config"], defaults),
+                              _preset_parts(run["config"], skip))
                 groups[group][f"{label} ({name})" if name else label] = run
                 continue
             within = _differing_parts([run["config"] for run, _ in members], skip, defaults)

@@ -87,8 +87,11 @@ def program_figures(runs: list[dict], out: Path) -> list[Path]:
     shift = {m: _seeds(r) for m, r in groups.get("shift", {}).items()}
     shift = {m: seeds for m, seeds in shift.items() if seeds}
     if shift:
-        many = len(shift) > 5                 # several settings: the legend goes under the plot
-        fig, ax = plt.subplots(figsize=(10, 3.8 + (0.2 * len(shift) if many else 0)))
+        # Several settings, or labels that name their settings: the legend goes under the plot
+        # (inside it, long labels ran off the figure's edge).
+        long_labels = max(len(_model_label(m)) for m in shift) > 40
+        many = len(shift) > 5 or long_labels
+        fig, ax = plt.subplots(figsize=(10, 3.8))
         switches = []
         for model in sorted(shift, key=_model_order):
             seeds = shift[model]
@@ -106,12 +109,12 @@ def program_figures(runs: list[dict], out: Path) -> list[Path]:
         ax.set_ylabel("relative error (10-step mean)")
         ax.set_title("pattern shift: error around switches (mean over seeds, band = min..max)", fontsize=9)
         if many:
-            ax.legend(fontsize=7, ncol=2, loc="upper center", bbox_to_anchor=(0.5, -0.2))
+            ax.legend(fontsize=7, ncol=1 if long_labels else 2, loc="upper center", bbox_to_anchor=(0.5, -0.2))
         else:
             ax.legend(fontsize=7, ncol=5)
         fig.tight_layout()
         path = out / "programs_shift_errors.png"
-        fig.savefig(path, dpi=110)
+        fig.savefig(path, dpi=110, bbox_inches="tight")       # takes in a legend under the plot
         plt.close(fig)
         made.append(path)
     if "modular" in groups:
