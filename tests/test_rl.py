@@ -480,6 +480,11 @@ def test_report_labels_a_lone_run_by_the_settings_set_over_its_preset(tmp_path):
     assert '| nc-heads (layer_options.key_mode="learned", routing_lr_scale=0.1) | 1.00' in table
     table = rl_tables([run("b", ["variant=nc-heads", "routing_lr_scale=0.1"], preset=None)])
     assert "| nc-heads | 1.00" in table
+    # Two runs of one variant that share the setting: each label still names it.
+    table = rl_tables([run("c", ["variant=nc-heads", "routing_lr_scale=0.1"]),
+                       run("d", ["variant=nc-heads", "routing_lr_scale=0.1", "layer_options.residual=true"])])
+    assert "| nc-heads (routing_lr_scale=0.1) | 1.00" in table
+    assert "| nc-heads (layer_options.residual=true, routing_lr_scale=0.1) | 1.00" in table
 
 
 def test_report_counts_games_won_for_every_neurocoder_row(tmp_path):

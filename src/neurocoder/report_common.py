@@ -106,8 +106,9 @@ def group_runs(runs: list[dict], kind: str, group_field: str,
     another configuration than the one that ran: the settings that vary across the group's runs
     where this run's value is not the default (``"nc-heads (layer_options.residual=true)"``);
     for several runs of one member, every setting in which they differ; for a lone run, the
-    options it set (:func:`explicit_options`) and the settings ``--set`` changed from its
-    preset (``routing_lr_scale=0.1``; seeds are not named). Runs of one member with the same settings (other
+    options it set (:func:`explicit_options`); and for every run, the settings ``--set`` changed
+    from its preset (``routing_lr_scale=0.1``; seeds are not named), which a setting shared by
+    every run of a group would otherwise leave unsaid. Runs of one member with the same settings (other
     seeds, another machine) are told apart by folder name, then by parent and folder name, so
     that no run hides another. ``defaults``: the config class's defaults (see
     :func:`differing_settings`)."""
@@ -141,7 +142,8 @@ def group_runs(runs: list[dict], kind: str, group_field: str,
                 continue
             within = _differing_parts([run["config"] for run, _ in members], skip, defaults)
             paths = [Path(run["path"]) for run, _ in members]
-            named = [joined(deviation, other) for (_, deviation), other in zip(members, within)]
+            named = [joined(deviation, other, _preset_parts(run["config"], skip))
+                     for (run, deviation), other in zip(members, within)]
             for names in (named, [path.name for path in paths], [f"{path.parent.name}/{path.name}" for path in paths],
                           [str(path) for path in paths]):
                 # Unique, and at most one run without a name (it left every differing option unset).
