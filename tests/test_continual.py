@@ -323,6 +323,26 @@ def test_resume_without_set_reads_the_recorded_config(tmp_path, capsys):
     assert "holds no run (no config.json)" in capsys.readouterr().err
 
 
+def test_resume_with_set_applies_it_over_the_recorded_config(tmp_path, capsys):
+    """`--resume --set threads=1` continues the run as it was started (its recorded --set values),
+    on one thread; a --set that changes the method is refused, naming the setting."""
+    from neurocoder.cli import main
+
+    out = tmp_path / "run"
+    assert main(["run", "program-modular", "--set", "seeds=2", "--set", "epochs=1", "--set", "lr=0.01",
+                 "--out", str(out)]) == 0
+    finished = json.loads((out / "results.json").read_text())
+    (out / "results.json").unlink()
+    (out / "seeds" / "seed-01.json").unlink()                  # as if killed during the second seed
+    assert main(["run", "program-modular", "--resume", "--set", "threads=1", "--out", str(out)]) == 0
+    resumed = json.loads((out / "results.json").read_text())
+    assert resumed["config"]["lr"] == 0.01 and resumed["config"]["threads"] == 1
+    assert resumed["summary"] == finished["summary"]
+    assert main(["run", "program-modular", "--resume", "--set", "lr=0.1", "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "differs from the one in" in err and "['lr']" in err
+
+
 def test_a_run_that_fails_before_any_progress_leaves_no_folder(tmp_path, capsys):
     from neurocoder.cli import main
 

@@ -485,6 +485,11 @@ def test_report_labels_a_lone_run_by_the_settings_set_over_its_preset(tmp_path):
                        run("d", ["variant=nc-heads", "routing_lr_scale=0.1", "layer_options.residual=true"])])
     assert "| nc-heads (routing_lr_scale=0.1) | 1.00" in table
     assert "| nc-heads (layer_options.residual=true, routing_lr_scale=0.1) | 1.00" in table
+    # A layer option both runs changed over the preset is named too.
+    table = rl_tables([run("e", ["variant=nc-heads", "layer_options.rank=8"]),
+                       run("f", ["variant=nc-heads", "layer_options.rank=8", "routing_lr_scale=0.1"])])
+    assert "| nc-heads (layer_options.rank=8, routing_lr_scale=1.0) | 1.00" in table
+    assert "| nc-heads (layer_options.rank=8, routing_lr_scale=0.1) | 1.00" in table
 
 
 def test_report_counts_games_won_for_every_neurocoder_row(tmp_path):

@@ -78,9 +78,9 @@ def _default_out(preset: str, cfg) -> Path:
 
 
 def _recorded_config(preset: str, cfg, out: Path):
-    """For ``--resume`` without ``--set``: the settings recorded in ``out``, so that
-    ``neurocoder run PRESET --resume --out DIR`` continues a run whatever --set flags started it.
-    A folder without a run is left to the trainer, whose error says so."""
+    """For ``--resume``: the settings recorded in ``out``, so that ``neurocoder run PRESET --resume
+    --out DIR`` continues a run whatever --set flags started it (``--set`` flags given with
+    ``--resume`` apply on top). A folder without a run is left to the trainer, whose error says so."""
     path = out / "config.json"
     if not path.is_file():
         return cfg
@@ -99,7 +99,7 @@ def _recorded_config(preset: str, cfg, out: Path):
 
 
 def _run(args: argparse.Namespace) -> int:
-    from .experiments.registry import make_config
+    from .experiments.registry import apply_overrides, make_config
     from .runs import remove_if_unstarted
     from .train.classification import ClassificationConfig, run_classification
     from .train.continual import run_continual
@@ -109,8 +109,13 @@ def _run(args: argparse.Namespace) -> int:
 
     cfg = make_config(args.preset, args.set)
     out = Path(args.out) if args.out else _default_out(args.preset, cfg)
-    if args.resume and not args.set:
-        cfg = _recorded_config(args.preset, cfg, out)
+    if args.resume:
+        # The recorded settings, then this command's --set flags: `--resume --set threads=1`
+        # continues the run on one thread; a --set that changes the method is refused by the
+        # trainer's check that the config matches the folder's.
+        cfg = _recorded_config(args.preset, make_config(args.preset), out)
+        if args.set:
+            cfg = apply_overrides(cfg, args.set)
     trainer = (run_ppo if isinstance(cfg, PPOConfig) else run_programs if isinstance(cfg, ProgramConfig)
                else run_classification if isinstance(cfg, ClassificationConfig) else run_continual)
     # A folder this command creates and that fails before any progress (an option only the model's

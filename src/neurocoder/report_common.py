@@ -69,17 +69,18 @@ _REPEATS = {"seed", "seeds"}
 
 
 def _preset_parts(config: dict, skip: set[str]) -> list[str]:
-    """``key=value`` of the top-level settings in which a run differs from the preset it was
-    started from (what ``--set`` changed), e.g. ``routing_lr_scale=0.1``; [] when the folder
-    names no known preset. A setting the folder predates is not named (it ran as the default)."""
+    """``key=value`` of the settings in which a run differs from the preset it was started from
+    (what ``--set`` changed), e.g. ``routing_lr_scale=0.1`` or ``nc_options.rank=6``; [] when the
+    folder names no known preset. A top-level setting the folder predates is not named (it ran as
+    the default)."""
     from .experiments.registry import PRESETS      # reports sit above the experiments; lazy import
     preset = PRESETS.get(config.get("preset") or "")
     if preset is None:
         return []
-    base = asdict(preset[1])
-    return [f"{key}={json.dumps(value, sort_keys=True)}" for key, value in sorted(config.items())
-            if key in base and key not in skip and key not in _REPEATS and not isinstance(value, dict)
-            and json.dumps(value, sort_keys=True) != json.dumps(base[key], sort_keys=True)]
+    base = flat_settings(asdict(preset[1]))
+    return [f"{key}={json.dumps(value, sort_keys=True)}" for key, value in sorted(flat_settings(config).items())
+            if key.split(".", 1)[0] not in skip | _REPEATS and (key in base or "." in key)
+            and json.dumps(value, sort_keys=True) != json.dumps(base.get(key, _UNSET), sort_keys=True)]
 
 
 def explicit_options(config: dict, defaults: dict | None = None) -> str:
