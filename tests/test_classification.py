@@ -223,3 +223,33 @@ def test_ddp_two_processes_match_one_process(tmp_path):
     losses_one = [h["train_loss"] for h in json.loads((tmp_path / "one" / "seeds" / "seed-00.json").read_text())["history"]]
     losses_two = [h["train_loss"] for h in json.loads((tmp_path / "two" / "seeds" / "seed-00.json").read_text())["history"]]
     assert all(abs(a - b) < 0.05 * a for a, b in zip(losses_one, losses_two))
+
+
+def test_report_keeps_two_sets_of_the_same_runs_apart(tmp_path):
+    """Two folders each holding a plain and a Neurocoder run of one data set and backbone (the
+    10k-digit and full-MNIST tables, say): each set is a table of its own, named by its folder,
+    with its own plain reference; before, the second run of a variant silently replaced the first."""
+    from neurocoder.report_classification import classification_summary
+
+    def run(parent, variant, accuracy):
+        folder = tmp_path / parent / f"mnist-mlp-{variant}"
+        folder.mkdir(parents=True)
+        return {"path": folder, "config": {"kind": "classification", "dataset": "mnist", "backbone": "mlp",
+                                           "variant": variant, "epochs": 1, "batch_size": 8, "optimizer": "adam",
+                                           "lr": 1e-3},
+                "data": {"source": parent, "train_samples": 1, "val_samples": 1, "test_samples": 1,
+                         "augmentation": "none"},
+                "test_accuracy_mean": accuracy, "test_accuracy_std": 0.1, "parameters": 1, "seconds_per_epoch": 1.0,
+                "seeds": 1}
+
+    runs = [run("subset", "plain", 97.0), run("subset", "nc-head", 98.0),
+            run("full", "plain", 98.5), run("full", "nc-head", 98.4)]
+    summary = classification_summary(runs)
+    assert "| mnist (subset) | mlp |" in summary and "| mnist (full) | mlp |" in summary
+    assert "**98.00 +- 0.10**" in summary and "98.40 +- 0.10 |" in summary     # each against its own plain
+    tables = classification_tables(runs)
+    assert "### mnist (subset), mlp" in tables and "### mnist (full), mlp" in tables
+    assert "| Neurocoder head | 98.00 +- 0.10 | +1.00 | yes |" in tables
+    assert "| Neurocoder head | 98.40 +- 0.10 | -0.10 | no |" in tables
+    alone = classification_summary(runs[:2])
+    assert "| mnist | mlp |" in alone                                            # one set: no folder named

@@ -26,15 +26,36 @@ def _classification_runs(runs: list[dict]) -> list[dict]:
     return [r for r in runs if r.get("config", {}).get("kind") == "classification"]
 
 
-def _grouped(runs: list[dict]) -> dict[tuple[str, str], dict[str, dict]]:
-    """(data set, backbone) -> variant -> run, in report order (data sets, then backbones)."""
-    groups: dict[tuple, dict[str, dict]] = defaultdict(dict)
+def _grouped(runs: list[dict]) -> dict[tuple[str, str, str], dict[str, dict]]:
+    """(data set, backbone, tag) -> variant -> run, in report order (data sets, then backbones).
+
+    The tag is empty unless two runs of one (data set, backbone, variant) are given (say the
+    10k-digit and the full-MNIST tables together): then each run of that data set and backbone is
+    tagged with the folder holding it, so each set becomes a table of its own with its own plain
+    reference, and no run hides another."""
+    by_table: dict[tuple, list[dict]] = defaultdict(list)
     for run in _classification_runs(runs):
-        cfg = run["config"]
-        groups[(cfg["dataset"], cfg["backbone"])][cfg["variant"]] = run
+        by_table[(run["config"]["dataset"], run["config"]["backbone"])].append(run)
+    groups: dict[tuple, dict[str, dict]] = defaultdict(dict)
+    for (dataset, backbone), members in by_table.items():
+        variants = [run["config"]["variant"] for run in members]
+        tags = [""] * len(members)
+        if len(set(variants)) < len(variants):
+            parents = [Path(run["path"]).resolve().parent for run in members]
+            for tags in ([p.name for p in parents], [str(p).strip("/").replace("/", "-") for p in parents],
+                         [Path(run["path"]).name for run in members]):
+                if len(set(zip(tags, variants))) == len(members):
+                    break
+        for run, tag, variant in zip(members, tags, variants):
+            groups[(dataset, backbone, tag)][variant] = run
     order = sorted(groups, key=lambda k: (DATASET_ORDER.index(k[0]) if k[0] in DATASET_ORDER else 9,
-                                          BACKBONE_ORDER.index(k[1]) if k[1] in BACKBONE_ORDER else 9))
+                                          BACKBONE_ORDER.index(k[1]) if k[1] in BACKBONE_ORDER else 9, k[2]))
     return {key: groups[key] for key in order}
+
+
+def _shown(dataset: str, tag: str) -> str:
+    """The data set as a table names it: with the folder that tells two sets of its runs apart."""
+    return f"{dataset} ({tag})" if tag else dataset
 
 
 def _analysis(run: dict) -> dict | None:
@@ -54,7 +75,7 @@ def classification_summary(runs: list[dict]) -> str:
     variants = [v for v in VARIANT_ORDER if any(v in g for g in groups.values())]
     lines = ["| data set | backbone | epochs | seeds | " + " | ".join(variants) + " | R3 |",
              "|" + "---|" * (len(variants) + 5)]
-    for (dataset, backbone), members in groups.items():
+    for (dataset, backbone, tag), members in groups.items():
         plain = members.get("plain")
         cells = []
         for variant in variants:
@@ -71,7 +92,7 @@ def classification_summary(runs: list[dict]) -> str:
         first = next(iter(members.values()))
         seeds = sorted({r["seeds"] for r in members.values()})
         published = PUBLISHED_MNIST1D.get(backbone, "") if dataset == "mnist1d" else ""
-        lines.append(f"| {dataset} | {backbone} | {first['config']['epochs']} | {'/'.join(map(str, seeds))} | "
+        lines.append(f"| {_shown(dataset, tag)} | {backbone} | {first['config']['epochs']} | {'/'.join(map(str, seeds))} | "
                      + " | ".join(cells) + f" | {published} |")
     return "\n".join(lines) + "\n"
 
@@ -84,10 +105,10 @@ def classification_tables(runs: list[dict]) -> str:
     if not groups:
         return ""
     parts = []
-    for (dataset, backbone), members in groups.items():
+    for (dataset, backbone, tag), members in groups.items():
         first = next(iter(members.values()))
         cfg, data = first["config"], first["data"]
-        parts.append(f"### {dataset}, {backbone}: test accuracy (%)\n")
+        parts.append(f"### {_shown(dataset, tag)}, {backbone}: test accuracy (%)\n")
         parts.append(f"Data: {data['source']}; train {data['train_samples']:,} / validation {data['val_samples']:,} / "
                      f"test {data['test_samples']:,}; augmentation: {data['augmentation']}. {cfg['epochs']} epochs, "
                      f"batch {cfg['batch_size']}, {cfg['optimizer']} lr {cfg['lr']:g} with cosine decay.")
@@ -162,7 +183,7 @@ def classification_figures(runs: list[dict], out: Path) -> list[Path]:
         ax.set_xticklabels(variants, rotation=45, ha="right", fontsize=8)
         low = min(m - s for m, s in zip(means, stds))
         ax.set_ylim(max(0, low - 2), min(100, max(m + s for m, s in zip(means, stds)) + 1))
-        ax.set_title(f"{key[0]}, {key[1]}", fontsize=9)
+        ax.set_title(f"{_shown(key[0], key[2])}, {key[1]}", fontsize=9)
         ax.grid(axis="y", alpha=0.3)
     axes[0][0].set_ylabel("test accuracy (%), mean +- std over seeds")
     fig.tight_layout()
@@ -192,9 +213,9 @@ def classification_figures(runs: list[dict], out: Path) -> list[Path]:
                              fontsize=8)
                 ax.set_xlabel("sample (sorted by class)")
                 fig.colorbar(image, ax=ax)
-            fig.suptitle(f"{key[0]}, {key[1]}, {variant}", fontsize=9)
+            fig.suptitle(f"{_shown(key[0], key[2])}, {key[1]}, {variant}", fontsize=9)
             fig.tight_layout()
-            path = out / f"reads_{key[0]}_{key[1]}_{variant}.png"
+            path = out / f"reads_{key[0]}{'-' + key[2] if key[2] else ''}_{key[1]}_{variant}.png"
             fig.savefig(path, dpi=100)
             plt.close(fig)
             made.append(path)
