@@ -766,6 +766,24 @@ def test_report_labels_name_the_layer_option_that_differs(isolated):  # noqa: F8
                                              "Online EWC", "Online EWC"]
 
 
+def test_report_labels_runs_that_differ_only_in_seed_or_folder(tmp_path):
+    """Two runs of one method and model that differ in no setting (another set of seeds, a copy)
+    get a row each, named by their seeds, else by their folders: neither hides the other."""
+    from neurocoder.report import _row_labels
+
+    def run(folder, seed, coef=700.0):
+        return {"path": str(tmp_path / folder / "ewc"), "config": {"model": "mlp", "strategy": "online-ewc",
+                                                                   "coef": coef, "seed": seed}}
+
+    runs = [run("a", 0), run("b", 1000), run("c", 0, coef=70.0)]
+    labels = _row_labels(runs)
+    assert [labels[id(r)] for r in runs] == ["Online EWC (coef=700.0, seed=0)", "Online EWC (coef=700.0, seed=1000)",
+                                             "Online EWC (coef=70.0)"]
+    runs = [run("a", 0), run("b", 0)]
+    labels = _row_labels(runs)
+    assert [labels[id(r)] for r in runs] == ["Online EWC (a/ewc)", "Online EWC (b/ewc)"]
+
+
 def test_pool_repeats_pools_seed_sets_and_names_what_is_missing(tmp_path, capsys):
     """scripts/pool_repeats.py (README, R1 seed sets): per-set gaps, the pooled gap and its
     standard error from every repeat's accuracy; methods missing from a set are left out, and a

@@ -153,6 +153,22 @@ def _row_labels(members: list[dict]) -> dict[int, str]:
             continue
         for run, shown in zip(runs, differing_settings([r["config"] for r in runs], _NOT_A_SETTING, _defaults())):
             labels[id(run)] = f"{label} ({shown})" if shown else label
+    # Runs that still share a row and a model differ only in what is not a setting (another set
+    # of seeds, or a copy of the run): named by their seeds, else by their folders, so that
+    # neither hides the other (scripts/pool_repeats.py pools repeat sets into one row).
+    shared: dict[tuple, list[dict]] = defaultdict(list)
+    for run in members:
+        shared[(labels[id(run)], run["config"]["model"])].append(run)
+    for (label, _), runs in shared.items():
+        if len(runs) < 2:
+            continue
+        paths = [Path(run["path"]) for run in runs]
+        for names in ([f"seed={run['config'].get('seed')}" for run in runs],
+                      [f"{path.parent.name}/{path.name}" for path in paths], [str(path) for path in paths]):
+            if len(set(names)) == len(names):
+                break
+        for run, name in zip(runs, names):
+            labels[id(run)] = f"{label[:-1]}, {name})" if label.endswith(")") else f"{label} ({name})"
     return labels
 
 
