@@ -8,7 +8,7 @@ import sys
 from collections import defaultdict
 from pathlib import Path
 
-from .report_common import differing_settings
+from .report_common import differing_settings, first_distinct
 
 __all__ = ["load_runs", "continual_tables", "write_report", "PUBLISHED"]
 
@@ -163,10 +163,8 @@ def _row_labels(members: list[dict]) -> dict[int, str]:
         if len(runs) < 2:
             continue
         paths = [Path(run["path"]) for run in runs]
-        for names in ([f"seed={run['config'].get('seed')}" for run in runs],
-                      [f"{path.parent.name}/{path.name}" for path in paths], [str(path) for path in paths]):
-            if len(set(names)) == len(names):
-                break
+        names = first_distinct([[f"seed={run['config'].get('seed')}" for run in runs],
+                                [f"{path.parent.name}/{path.name}" for path in paths], [str(path) for path in paths]])
         for run, name in zip(runs, names):
             labels[id(run)] = f"{label[:-1]}, {name})" if label.endswith(")") else f"{label} ({name})"
     return labels

@@ -11,6 +11,8 @@ from pathlib import Path
 
 import torch
 
+from .report_common import first_distinct
+
 __all__ = ["classification_tables", "classification_summary", "classification_figures", "PUBLISHED_MNIST1D"]
 
 VARIANT_ORDER = ["plain", "nc-head", "nc-fc", "nc-conv", "nsm-head", "moe-head"]
@@ -42,10 +44,8 @@ def _grouped(runs: list[dict]) -> dict[tuple[str, str, str], dict[str, dict]]:
         tags = [""] * len(members)
         if len(set(variants)) < len(variants):
             parents = [Path(run["path"]).resolve().parent for run in members]
-            for tags in ([p.name for p in parents], [str(p).strip("/").replace("/", "-") for p in parents],
-                         [Path(run["path"]).name for run in members]):
-                if len(set(zip(tags, variants))) == len(members):
-                    break
+            tags = first_distinct([[p.name for p in parents], [str(p).strip("/").replace("/", "-") for p in parents],
+                                   [Path(run["path"]).name for run in members]], paired_with=variants)
         for run, tag, variant in zip(members, tags, variants):
             groups[(dataset, backbone, tag)][variant] = run
     order = sorted(groups, key=lambda k: (DATASET_ORDER.index(k[0]) if k[0] in DATASET_ORDER else 9,

@@ -8,7 +8,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Callable
 
-__all__ = ["group_runs", "member_order", "flat_settings", "differing_settings", "explicit_options"]
+__all__ = ["group_runs", "member_order", "flat_settings", "differing_settings", "explicit_options", "first_distinct"]
 
 
 # What an option a config did not set compares as: unequal to any value a config did set.
@@ -64,6 +64,17 @@ def _explicit_parts(config: dict, defaults: dict | None = None) -> list[str]:
     return named
 
 
+def first_distinct(candidates: list[list[str]], paired_with: list | None = None) -> list[str]:
+    """The first of ``candidates`` (name lists, one name per run) whose names are all different,
+    or, given ``paired_with``, whose (paired_with[i], name) pairs are; else the last. How runs that
+    would share a row are told apart (settings, then seeds or folders), so none hides another."""
+    for names in candidates:
+        keys = list(zip(paired_with, names)) if paired_with is not None else names
+        if len(set(keys)) == len(keys):
+            return names
+    return candidates[-1]
+
+
 # Top-level settings that tell runs of one method apart without changing the method.
 _REPEATS = {"seed", "seeds"}
 
@@ -109,9 +120,9 @@ def group_runs(runs: list[dict], kind: str, group_field: str,
     for several runs of one member, every setting in which they differ; for a lone run, the
     options it set (:func:`explicit_options`); and for every run, the settings ``--set`` changed
     from its preset (``routing_lr_scale=0.1``; seeds are not named), which a setting shared by
-    every run of a group would otherwise leave unsaid. Runs of one member with the same settings (other
-    seeds, another machine) are told apart by folder name, then by parent and folder name, so
-    that no run hides another. ``defaults``: the config class's defaults (see
+    every run of a group would otherwise leave unsaid. Runs of one member with the same settings
+    (other seeds, another machine) are told apart by folder name, then by parent and folder name,
+    so that no run hides another. ``defaults``: the config class's defaults (see
     :func:`differing_settings`)."""
     member = member_field if callable(member_field) else (lambda config: config[member_field])
     skip = set(_BOOKKEEPING) | {group_field} | set(member_keys) | (set() if callable(member_field) else {member_field})
@@ -145,11 +156,9 @@ def group_runs(runs: list[dict], kind: str, group_field: str,
             paths = [Path(run["path"]) for run, _ in members]
             named = [joined(deviation, other, _preset_parts(run["config"], skip))
                      for (run, deviation), other in zip(members, within)]
-            for names in (named, [path.name for path in paths], [f"{path.parent.name}/{path.name}" for path in paths],
-                          [str(path) for path in paths]):
-                # Unique, and at most one run without a name (it left every differing option unset).
-                if len(set(names)) == len(names):
-                    break
+            # Distinct names leave at most one run unnamed (it left every differing option unset).
+            names = first_distinct([named, [path.name for path in paths],
+                                    [f"{path.parent.name}/{path.name}" for path in paths], [str(path) for path in paths]])
             for (run, _), name in zip(members, names):
                 groups[group][f"{label} ({name})" if name else label] = run
     return groups
