@@ -297,6 +297,34 @@ def test_routing_lr_scale_is_checked_and_one_reproduces_the_default(tmp_path, mo
     assert slower["summary"] != default["summary"]
 
 
+@pytest.mark.parametrize("kind", sorted(PROGRAM_MODELS))
+def test_routing_l1_penalises_exactly_the_maps_that_choose_the_read(kind):
+    """routing_l1 adds weight x sum |w| over the routing weight matrices (composer, NSM query map,
+    MoE gate, the MLP's hidden layer) and nothing else: keys, biases and the programs are left
+    out; 0 adds nothing; a negative weight is refused by name."""
+    from neurocoder.experiments.program_models import routing_maps, routing_parameters
+
+    torch.manual_seed(0)
+    model = build_program_model(kind, 4, 4, 12)
+    maps = routing_maps(model)
+    routing = dict(model.named_parameters())
+    routing = {routing[name] for name in routing_parameters(model)}
+    assert maps and all(w.dim() == 2 and any(w is r for r in routing) for w in maps)
+    names = {id(p): n for n, p in model.named_parameters()}
+    assert not any("key" in names[id(w)] or names[id(w)].endswith("bias") for w in maps)
+    base = program_trainer._penalties(model, ProgramConfig(model=kind))
+    assert torch.equal(program_trainer._penalties(model, ProgramConfig(model=kind, routing_l1=0.0)), base)
+    penalised = program_trainer._penalties(model, ProgramConfig(model=kind, routing_l1=0.5))
+    expected = base + 0.5 * sum(w.abs().sum() for w in maps)
+    assert torch.allclose(penalised, expected)
+    penalised.backward()
+    for n, p in model.named_parameters():           # the L1 term reaches the maps only
+        if kind in ("mlp", "nsm") and p.grad is not None and not any(p is w for w in maps):
+            assert not p.grad.abs().sum() > 0, n
+    with pytest.raises(ValueError, match="routing_l1=-1.0 \\(must be >= 0\\)"):
+        ProgramConfig(routing_l1=-1.0).check()
+
+
 def test_paired_seeds_matches_seeds_by_their_recorded_value(tmp_path, capsys):
     """scripts/paired_seeds.py (README, pattern shift): the paired difference over the seeds both
     folders have, matched by the recorded seed (not by file name), its standard error, the counts

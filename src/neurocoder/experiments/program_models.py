@@ -23,7 +23,8 @@ import torch.nn as nn
 import neurocoder
 from neurocoder import MoELinear, NeurocoderLinear, NSMLinear
 
-__all__ = ["PROGRAM_MODELS", "ProgramModel", "build_program_model", "routing_parameters", "parameter_groups"]
+__all__ = ["PROGRAM_MODELS", "ProgramModel", "build_program_model", "routing_parameters", "routing_maps",
+           "parameter_groups"]
 
 PROGRAM_MODELS = {
     "mlp": "MLP, one hidden layer sized to nc-ff's parameter count",
@@ -115,6 +116,15 @@ def routing_parameters(model: ProgramModel) -> list[str]:
         return [name for name, _ in neurocoder.routing_parameters(model)]
     prefixes = _ROUTING[model.kind]
     return [name for name, _ in model.named_parameters() if name.startswith(prefixes)]
+
+
+def routing_maps(model: ProgramModel) -> list[torch.Tensor]:
+    """The weight matrices among :func:`routing_parameters` that map the input or context to the
+    choice of read (Neurocoder's composer, NSM's query map, MoE's gate, the MLP's hidden layer as
+    a control): the target of ``routing_l1``. Keys are left out: they name the slots, they do not
+    map an input."""
+    named = dict(model.named_parameters())
+    return [named[name] for name in routing_parameters(model) if named[name].dim() >= 2 and "key" not in name]
 
 
 def parameter_groups(model: ProgramModel, lr: float, routing_lr_scale: float = 1.0) -> list[dict]:

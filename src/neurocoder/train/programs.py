@@ -33,7 +33,8 @@ import torch
 import torch.nn.functional as F
 
 from neurocoder.data.programs import modular_task, remember_task, reuse_task, shift_stream
-from neurocoder.experiments.program_models import PROGRAM_MODELS, build_program_model, parameter_groups, regularization
+from neurocoder.experiments.program_models import (PROGRAM_MODELS, build_program_model, parameter_groups,
+                                                   regularization, routing_maps)
 from neurocoder.runs import RunFolder, atomic_write_text, changed_settings, finished_seeds
 
 __all__ = ["ProgramConfig", "run_programs", "PROGRAM_TASKS", "normalised_mutual_information"]
@@ -64,6 +65,10 @@ class ProgramConfig:
     # The learning rate of the parameters that choose what is read (composer and keys; NSM's query
     # and keys; MoE's gate; the MLP's hidden layer as a control), relative to the rest.
     routing_lr_scale: float = 1.0
+    # An L1 penalty (this weight times the sum of absolute values) on the weight matrices that map
+    # the input or context to the read (``routing_maps``): sparse routing, each read choice
+    # depending on few inputs (a probe for reuse, where a component should follow one cue entry).
+    routing_l1: float = 0.0
     orthogonality_weight: float = 0.1
     nc_options: dict | None = None   # Neurocoder layer options (NC_OPTIONS otherwise)
     threads: int | None = None
@@ -78,6 +83,8 @@ class ProgramConfig:
             problems.append(f"online_optimizer={self.online_optimizer!r} (choose {sorted(ONLINE_OPTIMIZERS)})")
         if not self.routing_lr_scale >= 0:
             problems.append(f"routing_lr_scale={self.routing_lr_scale} (must be >= 0)")
+        if not self.routing_l1 >= 0:
+            problems.append(f"routing_l1={self.routing_l1} (must be >= 0)")
         if not self.shift_centre_spread >= 0:
             problems.append(f"shift_centre_spread={self.shift_centre_spread} (must be >= 0)")
         # Settings the chosen task never reads: refused, so a run folder never records one as if
@@ -122,6 +129,15 @@ def _relative_error(model, data) -> float:
         return (F.mse_loss(prediction, data.y) / data.y.pow(2).mean()).item()
 
 
+def _penalties(model, cfg: ProgramConfig) -> torch.Tensor:
+    """What is added to the task loss: the model's regulariser (Neurocoder's orthogonality loss
+    at ``orthogonality_weight``; MoE's load balancing) and the ``routing_l1`` penalty."""
+    loss = regularization(model) * (cfg.orthogonality_weight if model.kind.startswith("nc") else 1.0)
+    if cfg.routing_l1:
+        loss = loss + cfg.routing_l1 * sum(weight.abs().sum() for weight in routing_maps(model))
+    return loss
+
+
 def _fit(model, data, cfg: ProgramConfig, generator: torch.Generator, optimizer=None):
     optimizer = optimizer or torch.optim.Adam(parameter_groups(model, cfg.lr, cfg.routing_lr_scale), lr=cfg.lr)
     model.train()
@@ -130,7 +146,7 @@ def _fit(model, data, cfg: ProgramConfig, generator: torch.Generator, optimizer=
         for i in range(0, len(order), cfg.batch_size):
             batch = data.subset(order[i:i + cfg.batch_size])
             loss = F.mse_loss(model(batch.x, batch.context), batch.y)
-            loss = loss + regularization(model) * (cfg.orthogonality_weight if model.kind.startswith("nc") else 1.0)
+            loss = loss + _penalties(model, cfg)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -211,7 +227,7 @@ def _shift(cfg, seed, generator) -> dict:
         prediction = model(current, context)
         loss = F.mse_loss(prediction, target)
         errors.append((loss.detach() / target.pow(2).mean()).item())   # measured before the update
-        loss = loss + regularization(model) * (cfg.orthogonality_weight if model.kind.startswith("nc") else 1.0)
+        loss = loss + _penalties(model, cfg)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
