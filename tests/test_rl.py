@@ -353,6 +353,9 @@ def test_neurocoder_settings_on_the_plain_agent_are_refused():
             _tiny(variant="plain", **setting).check()
     with pytest.raises(ValueError, match="does not apply to variant='lowrank-heads'"):
         _tiny(variant="lowrank-heads", layer_init="svd").check()
+    with pytest.raises(ValueError, match="does not apply to variant='nc-added-heads'.*added beside the plain head"):
+        _tiny(variant="nc-added-heads", layer_init="svd").check()
+    _tiny(variant="nc-added-heads").check()
 
 
 def test_target_kl_stops_the_update_epochs_early():

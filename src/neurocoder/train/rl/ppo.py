@@ -142,6 +142,12 @@ class PPOConfig:
         if self.variant == "lowrank-heads" and self.layer_init != "random":
             problems.append(f"layer_init={self.layer_init!r} does not apply to variant='lowrank-heads' "
                             f"(it has no memory to seed; drop the setting)")
+        if self.variant == "nc-added-heads" and self.layer_init != "random":
+            # The added layer replaces no trained weight: seeding it from the SVD of a fresh
+            # linear layer would be a random start by another name.
+            problems.append(f"layer_init={self.layer_init!r} does not apply to variant='nc-added-heads' "
+                            f"(its Neurocoder layer is added beside the plain head, not converted from it; "
+                            f"drop the setting)")
         if self.detach_context and self.constant_context:
             problems.append("detach_context and constant_context are both true (choose one probe)")
         if self.target_kl is not None and not self.target_kl > 0:
