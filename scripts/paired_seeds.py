@@ -2,6 +2,10 @@
 standard error, and how often each side is lower.
 
     python scripts/paired_seeds.py RUN_A RUN_B [--key recovery_recurring]
+    python scripts/paired_seeds.py RUN_A,RUN_A2 RUN_B,RUN_B2 --key final_return
+
+A side given as several folders, comma-separated (say, seeds 0-2 and seeds 3000-3002 of one
+setting, run apart), pools their seeds; a seed found in two folders of one side is refused.
 
 Both folders must hold ``seeds/seed-NN.json`` files (as every ``neurocoder run`` writes them)
 with the recorded ``seed`` and the figure ``--key``; seeds are matched by that recorded value, so
@@ -38,6 +42,19 @@ def read_seeds(folder: Path, key: str) -> dict[int, float]:
     return values
 
 
+def read_side(spec: str, key: str) -> dict[int, float]:
+    """{recorded seed: figure} over one side's folders (``DIR`` or ``DIR,DIR,...``)."""
+    values: dict[int, float] = {}
+    for part in spec.split(","):
+        folder_values = read_seeds(Path(part), key)
+        twice = sorted(set(values) & set(folder_values))
+        if twice:
+            raise SystemExit(f"paired_seeds: seed(s) {twice} appear in two folders of one side ({spec}); "
+                             f"pool only folders made with different --set seed values")
+        values.update(folder_values)
+    return values
+
+
 def paired(a: dict[int, float], b: dict[int, float]) -> dict:
     """Over the seeds both have: mean of a - b, its standard error, and the counts a < b, a > b."""
     common = sorted(set(a) & set(b))
@@ -54,11 +71,11 @@ def paired(a: dict[int, float], b: dict[int, float]) -> dict:
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("run_a", type=Path)
-    parser.add_argument("run_b", type=Path)
+    parser.add_argument("run_a", help="run folder, or several comma-separated (their seeds pooled)")
+    parser.add_argument("run_b", help="the same for the other side")
     parser.add_argument("--key", default="recovery_recurring", help="the per-seed figure to compare")
     args = parser.parse_args(argv)
-    row = paired(read_seeds(args.run_a, args.key), read_seeds(args.run_b, args.key))
+    row = paired(read_side(args.run_a, args.key), read_side(args.run_b, args.key))
     print(f"{args.key}, {row['seeds']} seeds both have"
           + (f" ({row['only_one']} seeds in one folder only, left out)" if row["only_one"] else "") + ":")
     print(f"  A {args.run_a}: {row['mean_a']:.3f}")

@@ -360,6 +360,12 @@ def test_paired_seeds_matches_seeds_by_their_recorded_value(tmp_path, capsys):
         paired.main([str(a), str(folder("c", [(1, 3.0)]))])
     with pytest.raises(SystemExit, match="no seeds/seed"):
         paired.main([str(a), str(tmp_path)])
+    # Several folders per side: their seeds pooled, a seed twice on one side refused.
+    pooled = paired.main([f"{a},{folder('a2', [(20, 5.0)])}", f"{b},{folder('b2', [(20, 4.0)])}"])
+    assert pooled["seeds"] == 4 and pooled["difference"] == pytest.approx(statistics.mean(differences + [1.0]))
+    assert (pooled["a_lower"], pooled["b_lower"]) == (3, 1)
+    with pytest.raises(SystemExit, match=r"seed\(s\) \[7\] appear in two folders of one side"):
+        paired.main([f"{a},{folder('a3', [(7, 1.0)])}", str(b)])
 
 
 def test_reuse_probe_hand_built_layer_composes_every_program_exactly():
