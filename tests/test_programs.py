@@ -254,6 +254,23 @@ def test_report_names_the_settings_that_set_a_row_apart_from_the_defaults(tmp_pa
     assert "| Neurocoder, feed-forward (nc_options.rank=6, routing_lr_scale=0.3) | 7 |" in table
 
 
+def test_report_names_what_a_run_started_from_python_changed_over_the_defaults(tmp_path):
+    """A run folder made through the Python API names no preset: its row is labelled by the
+    settings in which it differs from ProgramConfig's defaults (bookkeeping such as threads and
+    the seeds left out), as a command-line run's is by what --set changed over its preset."""
+    from dataclasses import asdict
+
+    from neurocoder.report_programs import program_tables
+
+    config = {**asdict(ProgramConfig(task="reuse", model="nc-ff", seeds=2, routing_l1=0.001, threads=1,
+                                     nc_options={"rank": 6})), "kind": "programs", "preset": None}
+    (tmp_path / "api").mkdir()
+    runs = [{"path": str(tmp_path / "api"), "config": config, "parameters": 7, "seeds": 2,
+             "summary": {"unseen_error": {"mean": 0.2, "std": 0.0}}}]
+    table = program_tables(runs)
+    assert "| Neurocoder, feed-forward (nc_options.rank=6, routing_l1=0.001) | 7 |" in table, table
+
+
 @pytest.mark.parametrize("kind", sorted(PROGRAM_MODELS))
 def test_routing_parameters_and_their_learning_rate(kind):
     """Every model splits into routing parameters (what chooses the read: composer and keys, NSM's

@@ -294,31 +294,36 @@ def test_ppo_run_folder_and_resume_after_kill(tmp_path, monkeypatch):
     seed_rate = lambda d: json.loads((d / "seeds" / "seed-00.json").read_text())["steps_per_second"]
     ratio = seed_rate(tmp_path / "straight") / seed_rate(tmp_path / "plain")
     assert f"{seed_rate(tmp_path / 'straight'):.0f} ({ratio:.2f}x)" in table   # per seed, vs plain's same seed
-    assert "Neurocoder heads >= plain on 1 of 1" in table or "Neurocoder heads >= plain on 0 of 1" in table
+    # Runs started from Python name no preset: their rows name what differs from PPOConfig's
+    # defaults (checkpoint_every, which changes no figure, left out).
+    summary = "Neurocoder heads (num_envs=4, num_steps=32, total_frames=1024) >= plain on"
+    assert f"{summary} 1 of 1" in table or f"{summary} 0 of 1" in table
+    assert "| plain (num_envs=4, num_steps=32, total_frames=1024) |" in table
     # Per-update diagnostics from metrics.jsonl: 8 updates per run, clip fraction, KL, entropy.
     diagnostics = table.split("How far each PPO update moved the policy")[1]
     rows = [line for line in diagnostics.splitlines() if line.startswith("| minatar:breakout")]
-    assert [row.split(" | ")[1:3] for row in rows] == [["plain", "8"], ["nc-heads", "8"]]
+    shared = " (num_envs=4, num_steps=32, total_frames=1024)"
+    assert [row.split(" | ")[1:3] for row in rows] == [["plain" + shared, "8"], ["nc-heads" + shared, "8"]]
     # The last three columns: the mean explained variance, gradient norm before clipping and share
     # of clipped minibatches over the 8 updates (of "straight": nc-heads).
     logged = [m["explained_variance"] for m in metrics if m["explained_variance"] is not None]
     assert logged and all(v <= 1.0 for v in logged)
-    straight_row = [row for row in rows if " nc-heads " in row][0]
+    straight_row = [row for row in rows if " nc-heads (" in row][0]
     mean = lambda key: sum(m[key] for m in metrics) / len(metrics)
     assert straight_row.split(" | ")[-3:] == [f"{sum(logged) / len(logged):.3f}", f"{mean('grad_norm'):.3f}",
                                               f"{mean('clipped_fraction'):.2f} |"]
     # How soon each agent scores: a row per run; the entropy at the first update is metrics' first.
     early = table.split("How soon each agent starts scoring")[1].split("####")[0]
     early_rows = [line.split(" | ") for line in early.splitlines() if line.startswith("| minatar:breakout")]
-    assert [row[1] for row in early_rows] == ["plain", "nc-heads"]
+    assert [row[1] for row in early_rows] == ["plain" + shared, "nc-heads" + shared]
     assert float(early_rows[1][-1].rstrip(" |")) == pytest.approx(metrics[0]["entropy"], abs=5e-4)
     assert all(row[2] == "256" for row in early_rows)                 # a quarter of the 1,024 frames
     # A Neurocoder agent seeded from the plain head's SVD is its own row, with its own count.
     run_ppo(_tiny(variant="nc-heads", layer_init="svd"), tmp_path / "svd", quiet=True)
     table = rl_tables(load_runs([tmp_path / "straight", tmp_path / "plain", tmp_path / "svd"]))
     labels = [line.split(" | ")[1] for line in table.splitlines() if line.startswith("| minatar:breakout")]
-    assert labels[:3] == ["plain", "nc-heads", "nc-heads svd-init"]
-    assert "seeded from the plain head (layer_init=svd) >= plain on" in table and " of 1 MinAtar" in table
+    assert labels[:3] == ["plain" + shared, "nc-heads" + shared, "nc-heads svd-init" + shared]
+    assert f"seeded from the plain head (layer_init=svd){shared} >= plain on" in table and " of 1 MinAtar" in table
     write_report(load_runs([tmp_path / "straight", tmp_path / "plain"]), tmp_path / "report")
     assert (tmp_path / "report" / "rl_returns.png").is_file()
 
@@ -466,7 +471,8 @@ def test_report_labels_same_named_folders_by_the_setting_that_differs(tmp_path):
 def test_report_labels_a_lone_run_by_the_settings_set_over_its_preset(tmp_path):
     """A run alone in its row (one seed's screen) is named by the top-level settings --set changed
     from its preset, not only by its layer options: a run with routing_lr_scale=0.1 never reads
-    as the preset's agent. Seeds are not named; a folder without a known preset names none."""
+    as the preset's agent. Seeds are not named; a folder without a known preset (a run started
+    from Python) names what differs from PPOConfig's defaults instead."""
     from dataclasses import asdict
 
     from neurocoder.experiments.registry import make_config
@@ -482,7 +488,7 @@ def test_report_labels_a_lone_run_by_the_settings_set_over_its_preset(tmp_path):
                                  "seed=3", "seeds=1"])])
     assert '| nc-heads (layer_options.key_mode="learned", routing_lr_scale=0.1) | 1.00' in table
     table = rl_tables([run("b", ["variant=nc-heads", "routing_lr_scale=0.1"], preset=None)])
-    assert "| nc-heads | 1.00" in table
+    assert "| nc-heads (routing_lr_scale=0.1) | 1.00" in table
     # Two runs of one variant that share the setting: each label still names it.
     table = rl_tables([run("c", ["variant=nc-heads", "routing_lr_scale=0.1"]),
                        run("d", ["variant=nc-heads", "routing_lr_scale=0.1", "layer_options.residual=true"])])

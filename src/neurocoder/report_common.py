@@ -13,8 +13,8 @@ __all__ = ["group_runs", "member_order", "flat_settings", "differing_settings", 
 
 # What an option a config did not set compares as: unequal to any value a config did set.
 _UNSET = "\0unset"
-# Settings that never tell two runs' methods apart (bookkeeping).
-_BOOKKEEPING = {"kind", "preset", "threads", "data_dir"}
+# Settings that never change a run's figures (where it ran, how often it saved): never in a label.
+_BOOKKEEPING = {"kind", "preset", "threads", "data_dir", "checkpoint_every"}
 
 
 def flat_settings(config: dict, skip: set[str] | frozenset = frozenset()) -> dict:
@@ -79,16 +79,17 @@ def first_distinct(candidates: list[list[str]], paired_with: list | None = None)
 _REPEATS = {"seed", "seeds"}
 
 
-def _preset_parts(config: dict, skip: set[str]) -> list[str]:
+def _preset_parts(config: dict, skip: set[str], defaults: dict | None = None) -> list[str]:
     """``key=value`` of the settings in which a run differs from the preset it was started from
-    (what ``--set`` changed), e.g. ``routing_lr_scale=0.1`` or ``nc_options.rank=6``; [] when the
-    folder names no known preset. A top-level setting the folder predates is not named (it ran as
-    the default)."""
+    (what ``--set`` changed), e.g. ``routing_lr_scale=0.1`` or ``nc_options.rank=6``. A folder
+    that names no known preset (a run started from the Python API) is compared with ``defaults``,
+    the config class's defaults, instead; [] without either. A top-level setting the folder
+    predates is not named (it ran as the default)."""
     from .experiments.registry import PRESETS      # reports sit above the experiments; lazy import
     preset = PRESETS.get(config.get("preset") or "")
-    if preset is None:
+    if preset is None and defaults is None:
         return []
-    base = flat_settings(asdict(preset[1]))
+    base = flat_settings(asdict(preset[1]) if preset is not None else defaults)
     return [f"{key}={json.dumps(value, sort_keys=True)}" for key, value in sorted(flat_settings(config).items())
             if key.split(".", 1)[0] not in skip | _REPEATS and (key in base or "." in key)
             and json.dumps(value, sort_keys=True) != json.dumps(base.get(key, _UNSET), sort_keys=True)]
@@ -149,12 +150,12 @@ def group_runs(runs: list[dict], kind: str, group_field: str,
                 # A lone run also names the options it set (its table row would otherwise read
                 # as the member's default configuration).
                 name = joined(deviation, _explicit_parts(run["config"], defaults),
-                              _preset_parts(run["config"], skip))
+                              _preset_parts(run["config"], skip, defaults))
                 groups[group][f"{label} ({name})" if name else label] = run
                 continue
             within = _differing_parts([run["config"] for run, _ in members], skip, defaults)
             paths = [Path(run["path"]) for run, _ in members]
-            named = [joined(deviation, other, _preset_parts(run["config"], skip))
+            named = [joined(deviation, other, _preset_parts(run["config"], skip, defaults))
                      for (run, deviation), other in zip(members, within)]
             # Distinct names leave at most one run unnamed (it left every differing option unset).
             names = first_distinct([named, [path.name for path in paths],
