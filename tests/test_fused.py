@@ -256,6 +256,56 @@ def test_reuse_programs_also_reuses_in_training_mode(monkeypatch):
     assert not torch.allclose(changed, expected)
 
 
+INFERENCE = [o for o in FUSABLE if o["composer"] == "feedforward" and not o["residual"]]
+
+
+@pytest.mark.parametrize("separate_context", [False, True])
+@pytest.mark.parametrize("options", INFERENCE, ids=option_id)
+def test_inference_path_matches_fused_path(options, separate_context, monkeypatch):
+    """No-grad eval-mode calls (an agent's rollout) take the lean inference path: same values as
+    the fused path, with and without reuse_programs, also after the memory grew (slot offsets)."""
+    import neurocoder
+    layer = NeurocoderLinear(12, 7, num_programs=9, rank=4, key_dim=5, dtype=torch.float64,
+                             context_features=6 if separate_context else None, **options)
+    layer.memory.grow(2)
+    _perturb(layer)
+    layer.eval()
+    x = torch.randn(3, 5, 12, dtype=torch.float64)
+    context = torch.randn(3, 5, 6, dtype=torch.float64) if separate_context else None
+    expected = layer(x, context=context).detach()                 # gradients on: the fused path
+    taken = []
+    original = NeurocoderLinear._inference_forward
+    monkeypatch.setattr(NeurocoderLinear, "_inference_forward",
+                        lambda self, *a: taken.append(1) or original(self, *a))
+    with torch.no_grad():
+        y = layer(x, context=context)
+        with neurocoder.reuse_programs(layer):
+            kept = [layer(x, context=context) for _ in range(2)]
+    assert len(taken) == 3
+    torch.testing.assert_close(y, expected, rtol=1e-12, atol=1e-12)
+    for z in kept:
+        assert torch.equal(z, y)
+
+
+def test_inference_path_is_not_taken_when_it_would_lose_something(monkeypatch):
+    """Training mode (the usage average must count), gradients on, a trace, least-used reading,
+    the recurrent composer and the working program all keep their own paths."""
+    monkeypatch.setattr(NeurocoderLinear, "_inference_forward",
+                        lambda *a: (_ for _ in ()).throw(AssertionError("inference path taken")))
+    x = torch.randn(4, 12)
+    layer = NeurocoderLinear(12, 7, num_programs=9, rank=4, key_dim=5)
+    before = layer.memory.usage_average.clone()
+    with torch.no_grad():
+        layer(x)                                                  # training mode
+    assert not torch.equal(layer.memory.usage_average, before)
+    layer.eval()
+    layer(x).sum().backward()
+    with torch.no_grad():
+        layer(x, return_trace=True)
+        for options in (dict(least_used=3), dict(composer="recurrent", steps=2), dict(residual=True)):
+            NeurocoderLinear(12, 7, num_programs=9, rank=4, key_dim=5, **options).eval()(x)
+
+
 @pytest.mark.parametrize("length", [10, 64, 100, 257])
 def test_split_long_inner_product_equals_bmm(length):
     """The hand-made split-K of the keys' gradient (taken on CUDA) equals the plain product,

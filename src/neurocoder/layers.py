@@ -344,13 +344,10 @@ class NeurocoderLinear(NeurocoderLayer):
                 and not _autocast_enabled(flat.device.type)
                 and not _under_functorch(flat))
 
-    def _parameter_constants(self, joined: bool):
-        """The keys (3, P, k) and, for the joined GEMM, its weight (C + P, d_in) and bias (C + P,).
-
-        They depend on parameters only. Inside ``neurocoder.reuse_programs`` a no-grad call
-        computes them once and later calls reuse them (a rollout's many small forward passes
-        between two optimiser steps); otherwise they are recomputed every call.
-        """
+    def _kept(self, name, build):
+        """``build()``, or inside ``neurocoder.reuse_programs`` (no-grad calls only) what an earlier
+        call built under ``name``, unless a parameter changed since. ``build`` must depend on
+        parameters and buffers only."""
         reused = getattr(self, "_reused", None)          # absent on modules pickled by older versions
         reuse = reused is not None and not torch.is_grad_enabled() and not torch.compiler.is_compiling()
         if reuse:
@@ -360,17 +357,86 @@ class NeurocoderLinear(NeurocoderLayer):
             if reused.get("stamp") != stamp:
                 reused.clear()
                 reused.update(watch=_reused_watch(self), stamp=stamp)
-            elif joined in reused:
-                return reused[joined]
-        memory, linear = self.memory, self.composer.head.linear
-        weight = bias = None
-        if joined:
-            weight = torch.cat([linear.weight, memory.u])
-            bias = F.pad(linear.bias, (0, memory.num_programs))
-        constants = (memory.keys(), weight, bias)
+            elif name in reused:
+                return reused[name]
+        value = build()
         if reuse:
-            reused[joined] = constants
-        return constants
+            reused[name] = value
+        return value
+
+    def _parameter_constants(self, joined: bool):
+        """The keys (3, P, k) and, for the joined GEMM, its weight (C + P, d_in) and bias (C + P,).
+
+        They depend on parameters only. Inside ``neurocoder.reuse_programs`` a no-grad call
+        computes them once and later calls reuse them (a rollout's many small forward passes
+        between two optimiser steps); otherwise they are recomputed every call.
+        """
+        def build():
+            memory, linear = self.memory, self.composer.head.linear
+            weight = bias = None
+            if joined:
+                weight = torch.cat([linear.weight, memory.u])
+                bias = F.pad(linear.bias, (0, memory.num_programs))
+            return memory.keys(), weight, bias
+        return self._kept(joined, build)
+
+    def _can_run_inference_path(self, context: torch.Tensor | None) -> bool:
+        """Whether :meth:`_inference_forward` covers a call the fused path covers: no gradient
+        (nothing to save for a backward), eval mode (no usage to count), the feed-forward
+        composer, no working program."""
+        return (not torch.is_grad_enabled() and not self.training and self.residual_weight is None
+                and isinstance(self.composer, FeedForwardComposer) and not torch.compiler.is_compiling())
+
+    def _inference_constants(self, joined: bool) -> dict:
+        """What :meth:`_inference_forward` needs from the parameters: the composer's rows (joined
+        with the U programs' when the composer reads the input itself), the unit keys laid out
+        for one batched product per bank, and the programs."""
+        memory, head = self.memory, self.composer.head
+        keys = memory.keys()
+        unit_keys = keys / torch.linalg.vector_norm(keys, dim=2, keepdim=True).clamp_min(1e-8)   # (J, P, k)
+        weight, bias = head.linear.weight, head.linear.bias                  # (C, d), (C,)
+        if joined:
+            weight = torch.cat([weight, memory.u])
+            bias = F.pad(bias, (0, memory.num_programs))
+        slot_bias = memory.slot_bias
+        r = self.rank
+        return {"weight": weight, "bias": bias, "u": None if joined else memory.u,
+                "unit_keys_t": unit_keys.transpose(1, 2).contiguous(),          # (J, k, P)
+                "s": memory.s, "v": memory.v, "slot_bias": None if slot_bias is None else slot_bias.unsqueeze(1),
+                "reverse_cumsum_t": torch.ones(r, r, dtype=weight.dtype, device=weight.device).tril()}
+
+    def _inference_forward(self, flat: torch.Tensor, context: torch.Tensor | None) -> torch.Tensor:
+        """(B, d_in) -> (B, d_out), bias included: the fused path's maths for a no-grad,
+        eval-mode call in about 15 operations and no autograd Function (an agent's rollout makes
+        thousands of such calls on small batches, where each operation's fixed cost dominates).
+        Bank-first layout (J, B, r, ...) so that each bank's logits are one product with its keys."""
+        joined = context is None
+        kept = self._kept(("inference", joined), lambda: self._inference_constants(joined))
+        head = self.composer.head
+        J, r, k = 3, self.rank, self.key_dim
+        P, B, Q = self.memory.num_programs, flat.shape[0], 3 * self.rank * self.key_dim
+        out = torch.addmm(kept["bias"], flat if joined else context, kept["weight"].T)   # (B, C [+ P])
+        queries = out[:, :Q].view(B, J, r, k)
+        norms = torch.linalg.vector_norm(queries, dim=-1).clamp_min_(1e-8)                # (B, J, r)
+        if head.learn_sharpness:
+            start = sum(head.sizes[:2])
+            scale = F.softplus(out[:, start:start + J * r].view(B, J, r)).div_(norms)
+        else:
+            scale = norms.reciprocal_().mul_(float(self.sharpness))
+        # Scaled unit queries, written bank-first: the scale costs k multiplies, not P.
+        scaled = torch.empty(J, B, r, k, dtype=out.dtype, device=out.device)
+        torch.mul(queries.transpose(0, 1), scale.transpose(0, 1).unsqueeze(-1), out=scaled)
+        logits = torch.bmm(scaled.view(J, B * r, k), kept["unit_keys_t"])                 # (J, B r, P)
+        if kept["slot_bias"] is not None:
+            logits += kept["slot_bias"]
+        read_u, read_v, read_s = torch.softmax(logits, dim=-1).view(J, B, r, P).unbind(0)   # (B, r, P)
+        sigma = F.softplus(read_s @ kept["s"]) @ kept["reverse_cumsum_t"]                  # (B, r), descending
+        through_memory = out[:, -P:] if joined else flat @ kept["u"].T                     # (B, P)
+        per_component = (read_u * through_memory.unsqueeze(1)).sum(-1).mul_(sigma)         # (B, r)
+        mixed = torch.bmm(per_component.unsqueeze(1), read_v).squeeze(1)                  # (B, P)
+        if self.bias is None:
+            return mixed @ kept["v"]
+        return torch.addmm(self.bias, mixed, kept["v"])
 
     def _fused_forward(self, flat: torch.Tensor, context: torch.Tensor | None) -> torch.Tensor:
         """(B, d_in) -> (B, d_out) through :func:`~neurocoder.fused.fused_read_apply`."""
@@ -405,6 +471,9 @@ class NeurocoderLinear(NeurocoderLayer):
     def forward(self, x: torch.Tensor, context: torch.Tensor | None = None, return_trace: bool = False):
         flat, ctx = self._inputs(x, context)
         if self._can_fuse(flat, return_trace):
+            if self._can_run_inference_path(context):
+                return self._inference_forward(flat, None if context is None else ctx).reshape(
+                    *x.shape[:-1], self.out_features)
             y = self._fused_forward(flat, None if context is None else ctx)
             if self.bias is not None:
                 y = y + self.bias
