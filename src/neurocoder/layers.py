@@ -24,7 +24,7 @@ from torch.nn.modules.utils import _pair
 
 from ._checks import check_positive_int
 from .composer import COMPOSERS, ComposerOutput, FeedForwardComposer, RecurrentComposer
-from .fused import fused_read_apply
+from .fused import _EPS, _reverse_cumsum, fused_read_apply
 from .memory import KEY_MODES, ProgramMemory
 from .reading import content_attention, read_with_least_used
 from .trace import BANK_NAMES, Trace
@@ -391,19 +391,16 @@ class NeurocoderLinear(NeurocoderLayer):
         """What :meth:`_inference_forward` needs from the parameters: the composer's rows (joined
         with the U programs' when the composer reads the input itself), the unit keys laid out
         for one batched product per bank, and the programs."""
-        memory, head = self.memory, self.composer.head
-        keys = memory.keys()
-        unit_keys = keys / torch.linalg.vector_norm(keys, dim=2, keepdim=True).clamp_min(1e-8)   # (J, P, k)
-        weight, bias = head.linear.weight, head.linear.bias                  # (C, d), (C,)
-        if joined:
-            weight = torch.cat([weight, memory.u])
-            bias = F.pad(bias, (0, memory.num_programs))
+        memory, linear = self.memory, self.composer.head.linear
+        keys, weight, bias = self._parameter_constants(joined)
+        if not joined:
+            weight, bias = linear.weight, linear.bias                       # (C, d), (C,)
+        unit_keys = keys / torch.linalg.vector_norm(keys, dim=2, keepdim=True).clamp_min(_EPS)   # (J, P, k)
         slot_bias = memory.slot_bias
-        r = self.rank
         return {"weight": weight, "bias": bias, "u": None if joined else memory.u,
                 "unit_keys_t": unit_keys.transpose(1, 2).contiguous(),          # (J, k, P)
                 "s": memory.s, "v": memory.v, "slot_bias": None if slot_bias is None else slot_bias.unsqueeze(1),
-                "reverse_cumsum_t": torch.ones(r, r, dtype=weight.dtype, device=weight.device).tril()}
+                "reverse_cumsum_t": _reverse_cumsum(self.rank, weight).T}
 
     def _inference_forward(self, flat: torch.Tensor, context: torch.Tensor | None) -> torch.Tensor:
         """(B, d_in) -> (B, d_out), bias included: the fused path's maths for a no-grad,
@@ -417,7 +414,7 @@ class NeurocoderLinear(NeurocoderLayer):
         P, B, Q = self.memory.num_programs, flat.shape[0], 3 * self.rank * self.key_dim
         out = torch.addmm(kept["bias"], flat if joined else context, kept["weight"].T)   # (B, C [+ P])
         queries = out[:, :Q].view(B, J, r, k)
-        norms = torch.linalg.vector_norm(queries, dim=-1).clamp_min_(1e-8)                # (B, J, r)
+        norms = torch.linalg.vector_norm(queries, dim=-1).clamp_min_(_EPS)                # (B, J, r)
         if head.learn_sharpness:
             start = sum(head.sizes[:2])
             scale = F.softplus(out[:, start:start + J * r].view(B, J, r)).div_(norms)
