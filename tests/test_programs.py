@@ -342,6 +342,47 @@ def test_routing_l1_penalises_exactly_the_maps_that_choose_the_read(kind):
         ProgramConfig(routing_l1=-1.0).check()
 
 
+def test_the_seed_setting_chooses_the_tasks(tmp_path):
+    """--set seed=S gives other tasks, not only other initial weights; seed 0 keeps tasks 100, 101,
+    ... (the README's tables); every model run with one S sees the same tasks."""
+    assert [program_trainer.task_seed(0, i) for i in range(3)] == [100, 101, 102]
+    assert program_trainer.task_seed(7, 2) == 7102
+    seen = {}
+    for seed in (0, 7):
+        for model in ("mlp", "nc-ff"):
+            cfg = ProgramConfig(task="reuse", model=model, seeds=2, seed=seed, epochs=1)
+            results = run_programs(cfg, tmp_path / f"{model}-{seed}", quiet=True)
+            assert results["task_seeds"] == [program_trainer.task_seed(seed, 0), program_trainer.task_seed(seed, 1)]
+            records = [json.loads(p.read_text()) for p in sorted((tmp_path / f"{model}-{seed}" / "seeds").glob("*.json"))]
+            assert [r["task_seed"] for r in records] == results["task_seeds"]
+            seen[seed, model] = results["task_seeds"]
+    assert seen[0, "mlp"] == seen[0, "nc-ff"] and seen[7, "mlp"] == seen[7, "nc-ff"]
+    assert not set(seen[0, "mlp"]) & set(seen[7, "mlp"])
+    # The task itself follows: another seed draws other held-out combinations or pieces.
+    first, other = reuse_task(100), reuse_task(7100)
+    assert not torch.equal(first["pieces"][0], other["pieces"][0])
+
+
+def test_resuming_a_folder_whose_tasks_predate_the_seed_setting_is_refused(tmp_path):
+    """A folder written when the task was 100 + index whatever the seed: resuming it with a seed
+    other than 0 would mix two sets of tasks, so it is refused with what to do; with seed 0 the
+    tasks are the same and it resumes."""
+    for seed in (0, 3):
+        cfg = ProgramConfig(task="reuse", model="mlp", seeds=2, seed=seed, epochs=1)
+        folder = tmp_path / f"legacy-{seed}"
+        run_programs(cfg, folder, quiet=True)
+        (folder / "seeds" / "seed-01.json").unlink()             # an interrupted run
+        record_path = folder / "seeds" / "seed-00.json"
+        record = json.loads(record_path.read_text())
+        del record["task_seed"]                                   # as written before the change
+        record_path.write_text(json.dumps(record))
+        if seed:
+            with pytest.raises(ValueError, match="predates task seeds.*start a new run folder"):
+                run_programs(cfg, folder, resume=True, quiet=True)
+        else:
+            assert run_programs(cfg, folder, resume=True, quiet=True)["seeds"] == 2
+
+
 def test_paired_seeds_matches_seeds_by_their_recorded_value(tmp_path, capsys):
     """scripts/paired_seeds.py (README, pattern shift): the paired difference over the seeds both
     folders have, matched by the recorded seed (not by file name), its standard error, the counts

@@ -17,8 +17,14 @@ Tasks (``PROGRAM_TASKS``; generators in :mod:`neurocoder.data.programs`):
 * ``remember``: learn program A, then B (inputs from separate clusters); the error on A before
   and after learning B.
 
-Run folder: ``config.json``, ``seeds/seed-NN.json`` (each finished seed; a resumed run skips
-them; each seed takes seconds to a minute, so it is the unit of resumption), ``results.json``.
+Seeds: seed index i of a run made with ``--set seed=S`` initialises the model from seed
+``1000 S + i`` and trains on task ``task_seed(S, i) = 100 + 1000 S + i``; every model run with the
+same S sees the same tasks. (Before session 23 the task was ``100 + i`` whatever S, so runs made
+with another S repeated tasks 100, 101, ... with other initial weights.)
+
+Run folder: ``config.json``, ``seeds/seed-NN.json`` (each finished seed, with its ``seed`` and
+``task_seed``; a resumed run skips them; each seed takes seconds to a minute, so it is the unit of
+resumption), ``results.json``.
 """
 
 from __future__ import annotations
@@ -37,7 +43,7 @@ from neurocoder.experiments.program_models import (PROGRAM_MODELS, build_program
                                                    regularization, routing_maps)
 from neurocoder.runs import RunFolder, atomic_write_text, changed_settings, finished_seeds
 
-__all__ = ["ProgramConfig", "run_programs", "PROGRAM_TASKS", "normalised_mutual_information"]
+__all__ = ["ProgramConfig", "run_programs", "PROGRAM_TASKS", "normalised_mutual_information", "task_seed"]
 
 PROGRAM_TASKS = {
     "modular": "K hidden regimes, each with its own low-rank program; regime inferable from the input",
@@ -270,6 +276,28 @@ SUMMARY_KEYS = {
 }
 
 
+def task_seed(seed: int, index: int) -> int:
+    """The seed of the task (data, programs, stream) behind seed index ``index`` of a run made with
+    ``--set seed=seed``: every model run with the same ``seed`` sees the same tasks, and another
+    ``seed`` gives other tasks. ``seed=0`` gives tasks 100, 101, ... (the README's tables)."""
+    return 100 + 1000 * seed + index
+
+
+def _refuse_legacy_tasks(out: Path, seed: int) -> None:
+    """Run folders written before the task followed ``seed`` (their seed files lack
+    ``task_seed``) used tasks 100, 101, ... whatever the seed; resuming one made with another seed
+    would mix two sets of tasks in one folder."""
+    for path in sorted((out / "seeds").glob("seed-*.json")):
+        try:
+            record = json.loads(path.read_text())
+        except json.JSONDecodeError:
+            continue                      # finished_seeds names a corrupt file with its fix
+        if "task_seed" not in record and seed != 0:
+            raise ValueError(f"--resume: {path} predates task seeds that follow --set seed (its task was "
+                             f"100 + its index, not {task_seed(seed, 0)} + index); a resumed run would mix the "
+                             f"two: start a new run folder")
+
+
 def run_programs(cfg: ProgramConfig, out: str | os.PathLike, resume: bool = False, preset: str | None = None,
                  quiet: bool = False) -> dict:
     """Run ``cfg.seeds`` seeds of one (task, model); returns ``results.json``'s dict."""
@@ -281,6 +309,8 @@ def run_programs(cfg: ProgramConfig, out: str | os.PathLike, resume: bool = Fals
     config = {"kind": "programs", "preset": preset, **asdict(cfg)}
     run = RunFolder.start(out, config, cfg.seed, resume, defaults=asdict(ProgramConfig()))
     (out / "seeds").mkdir(exist_ok=True)
+    if resume:
+        _refuse_legacy_tasks(out, cfg.seed)
     say(f"{cfg.task} / {cfg.model}: {PROGRAM_TASKS[cfg.task]}; {cfg.seeds} seeds")
     for index in range(cfg.seeds):
         path = out / "seeds" / f"seed-{index:02d}.json"
@@ -290,9 +320,8 @@ def run_programs(cfg: ProgramConfig, out: str | os.PathLike, resume: bool = Fals
         torch.manual_seed(seed)
         generator = torch.Generator().manual_seed(seed + 7)
         start = time.perf_counter()
-        # The task's data depend on the seed index only, so every model sees the same tasks.
-        result = TASK_FUNCTIONS[cfg.task](cfg, 100 + index, generator)
-        result.update(seed=seed, seconds=time.perf_counter() - start)
+        result = TASK_FUNCTIONS[cfg.task](cfg, task_seed(cfg.seed, index), generator)
+        result.update(seed=seed, task_seed=task_seed(cfg.seed, index), seconds=time.perf_counter() - start)
         atomic_write_text(path, json.dumps(result))
         run.log(seed=index, **{k: result[k] for k in SUMMARY_KEYS[cfg.task] if k in result})
         say(f"seed {index}: " + ", ".join(f"{k} {result[k]:.3f}" for k in SUMMARY_KEYS[cfg.task] if k in result))
@@ -303,6 +332,7 @@ def run_programs(cfg: ProgramConfig, out: str | os.PathLike, resume: bool = Fals
         if len(values):
             summary[key] = {"mean": values.mean().item(), "std": values.std().item() if len(values) > 1 else 0.0}
     results = {"config": config, "seeds": len(seeds), "parameters": seeds[0]["parameters"], "summary": summary,
+               "task_seeds": [s.get("task_seed") for s in seeds],
                "seconds_per_seed": sum(s["seconds"] for s in seeds) / len(seeds)}
     run.write_results(results)
     say(f"{cfg.task} / {cfg.model}: " + ", ".join(f"{k} {v['mean']:.3f} +- {v['std']:.3f}" for k, v in summary.items()))
