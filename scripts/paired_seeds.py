@@ -24,8 +24,9 @@ import sys
 from pathlib import Path
 
 
-def read_seeds(folder: Path, key: str) -> dict[int, float]:
-    """{recorded seed: figure} for every finished seed of one run folder."""
+def read_seeds(folder: Path, key: str, tasks: dict[int, int] | None = None) -> dict[int, float]:
+    """{recorded seed: figure} for every finished seed of one run folder; ``tasks``, when given,
+    collects {recorded seed: recorded task_seed} (program runs record which task a seed ran on)."""
     files = sorted((folder / "seeds").glob("seed-*.json"))
     if not files:
         raise SystemExit(f"paired_seeds: {folder} has no seeds/seed-*.json: is it a run folder with a finished seed?")
@@ -34,6 +35,8 @@ def read_seeds(folder: Path, key: str) -> dict[int, float]:
         try:
             record = json.loads(path.read_text())
             values[int(record["seed"])] = float(record[key])
+            if tasks is not None and "task_seed" in record:
+                tasks[int(record["seed"])] = int(record["task_seed"])
         except json.JSONDecodeError as error:
             raise SystemExit(f"paired_seeds: {path} is not valid JSON ({error}); rerun that folder with --resume")
         except KeyError as error:
@@ -42,11 +45,11 @@ def read_seeds(folder: Path, key: str) -> dict[int, float]:
     return values
 
 
-def read_side(spec: str, key: str) -> dict[int, float]:
+def read_side(spec: str, key: str, tasks: dict[int, int] | None = None) -> dict[int, float]:
     """{recorded seed: figure} over one side's folders (``DIR`` or ``DIR,DIR,...``)."""
     values: dict[int, float] = {}
     for part in spec.split(","):
-        folder_values = read_seeds(Path(part), key)
+        folder_values = read_seeds(Path(part), key, tasks)
         twice = sorted(set(values) & set(folder_values))
         if twice:
             raise SystemExit(f"paired_seeds: seed(s) {twice} appear in two folders of one side ({spec}); "
@@ -75,7 +78,17 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("run_b", help="the same for the other side")
     parser.add_argument("--key", default="recovery_recurring", help="the per-seed figure to compare")
     args = parser.parse_args(argv)
-    row = paired(read_side(args.run_a, args.key), read_side(args.run_b, args.key))
+    tasks_a: dict[int, int] = {}
+    tasks_b: dict[int, int] = {}
+    a, b = read_side(args.run_a, args.key, tasks_a), read_side(args.run_b, args.key, tasks_b)
+    # A seed is one task only if both folders ran it on the same one: program runs written before
+    # session 23 ran task 100 + index whatever the seed, so a seed can name two tasks.
+    mismatched = sorted(s for s in set(tasks_a) & set(tasks_b) if tasks_a[s] != tasks_b[s])
+    if mismatched:
+        raise SystemExit(f"paired_seeds: seed(s) {mismatched} ran on different tasks in the two sides (task_seed "
+                         f"{[tasks_a[s] for s in mismatched]} against {[tasks_b[s] for s in mismatched]}); "
+                         f"pair only runs made with the same code's seeds")
+    row = paired(a, b)
     print(f"{args.key}, {row['seeds']} seeds both have"
           + (f" ({row['only_one']} seeds in one folder only, left out)" if row["only_one"] else "") + ":")
     print(f"  A {args.run_a}: {row['mean_a']:.3f}")

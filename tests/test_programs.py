@@ -424,6 +424,17 @@ def test_paired_seeds_matches_seeds_by_their_recorded_value(tmp_path, capsys):
     assert (pooled["a_lower"], pooled["b_lower"]) == (3, 1)
     with pytest.raises(SystemExit, match=r"seed\(s\) \[7\] appear in two folders of one side"):
         paired.main([f"{a},{folder('a3', [(7, 1.0)])}", str(b)])
+    # Program runs record their task: the same seed on two different tasks is not a pair.
+    def tasked(name, records):
+        path = folder(name, [(seed, value) for seed, value, _ in records])
+        for i, (_, _, task) in enumerate(records):
+            record_path = path / "seeds" / f"seed-{i:02d}.json"
+            record_path.write_text(json.dumps({**json.loads(record_path.read_text()), "task_seed": task}))
+        return path
+    same = paired.main([str(tasked("t1", [(7, 1.0, 107), (8, 2.0, 108)])), str(tasked("t2", [(7, 2.0, 107), (8, 2.5, 108)]))])
+    assert same["seeds"] == 2
+    with pytest.raises(SystemExit, match=r"seed\(s\) \[8\] ran on different tasks"):
+        paired.main([str(tasked("t3", [(7, 1.0, 107), (8, 2.0, 108)])), str(tasked("t4", [(7, 2.0, 107), (8, 2.5, 8108)]))])
 
 
 def test_reuse_probe_hand_built_layer_composes_every_program_exactly():
