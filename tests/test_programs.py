@@ -380,7 +380,8 @@ def test_resuming_a_folder_whose_tasks_predate_the_seed_setting_is_refused(tmp_p
             with pytest.raises(ValueError, match="predates task seeds.*start a new run folder"):
                 run_programs(cfg, folder, resume=True, quiet=True)
         else:
-            assert run_programs(cfg, folder, resume=True, quiet=True)["seeds"] == 2
+            resumed = run_programs(cfg, folder, resume=True, quiet=True)
+            assert resumed["seeds"] == 2 and resumed["task_seeds"] == [100, 101]
 
 
 def test_paired_seeds_matches_seeds_by_their_recorded_value(tmp_path, capsys):

@@ -332,7 +332,9 @@ def run_programs(cfg: ProgramConfig, out: str | os.PathLike, resume: bool = Fals
         if len(values):
             summary[key] = {"mean": values.mean().item(), "std": values.std().item() if len(values) > 1 else 0.0}
     results = {"config": config, "seeds": len(seeds), "parameters": seeds[0]["parameters"], "summary": summary,
-               "task_seeds": [s.get("task_seed") for s in seeds],
+               # A seed file from before task_seed was recorded can only be here with seed 0
+               # (_refuse_legacy_tasks), whose tasks were 100 + index then too.
+               "task_seeds": [s.get("task_seed", task_seed(cfg.seed, s["seed"] - 1000 * cfg.seed)) for s in seeds],
                "seconds_per_seed": sum(s["seconds"] for s in seeds) / len(seeds)}
     run.write_results(results)
     say(f"{cfg.task} / {cfg.model}: " + ", ".join(f"{k} {v['mean']:.3f} +- {v['std']:.3f}" for k, v in summary.items()))
