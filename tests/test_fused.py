@@ -8,7 +8,7 @@ import torch
 
 import neurocoder.layers as layers_module
 from neurocoder import NeurocoderLinear, presets, record
-from neurocoder.fused import fused_read_apply
+from neurocoder.fused import fused_layer_apply, fused_read_apply
 
 from conftest import OPTION_GRID, option_id
 
@@ -115,6 +115,84 @@ def test_fused_path_is_taken_exactly_where_it_applies(monkeypatch):
     assert len(calls) == 1
 
 
+def test_whole_layer_function_is_taken_exactly_where_it_applies(monkeypatch):
+    """A training step of a feed-forward layer with a fixed sharpness, no gates and no frozen
+    slots runs as one Function (fused_layer_apply); everything else keeps the read-only one."""
+    whole, read = [], []
+    monkeypatch.setattr(layers_module, "fused_layer_apply",
+                        lambda *a, **k: whole.append(1) or fused_layer_apply(*a, **k))
+    monkeypatch.setattr(layers_module, "fused_read_apply",
+                        lambda *a, **k: read.append(1) or fused_read_apply(*a, **k))
+    x = torch.randn(4, 12)
+    options = dict(num_programs=6, rank=2, key_dim=3, sharpness=2.0)
+    for key_mode in ("content", "learned"):
+        NeurocoderLinear(12, 5, key_mode=key_mode, **options)(x)
+    assert (len(whole), len(read)) == (2, 0)
+    NeurocoderLinear(12, 5, num_programs=6, rank=2, key_dim=3, sharpness="learned")(x)      # sharpness to split off
+    NeurocoderLinear(12, 5, residual=True, **options)(x)                                    # residual gate
+    NeurocoderLinear(12, 5, composer="recurrent", steps=2, **options)(x)
+    NeurocoderLinear(12, 5, context_features=3, **options)(x, context=torch.randn(4, 3))
+    frozen = NeurocoderLinear(12, 5, **options)
+    frozen.memory.freeze([1])
+    frozen(x)
+    with torch.no_grad():                                                                    # no backward to fuse
+        NeurocoderLinear(12, 5, **options)(x)
+    assert (len(whole), len(read)) == (2, 6)
+
+
+@pytest.mark.parametrize("key_mode", ["content", "learned"])
+@pytest.mark.parametrize("slot_bias", [False, True])
+def test_whole_layer_function_gradcheck(key_mode, slot_bias):
+    torch.manual_seed(2)
+    B, d_in, d_out, P, rank, k = 3, 4, 3, 5, 2, 2
+    f64 = dict(dtype=torch.float64, requires_grad=True)
+    C = 3 * rank * k
+    x = torch.randn(B, d_in, **f64)
+    head_weight, head_bias = torch.randn(C, d_in, **f64), torch.randn(C, **f64)
+    u, v, s, s_keys = (torch.randn(P, d_in, **f64), torch.randn(P, d_out, **f64), torch.randn(P, **f64),
+                       torch.randn(P, k, **f64))
+    if key_mode == "content":
+        key_tensors = (torch.randn(k, d_in, **f64), torch.randn(k, **f64), torch.randn(k, d_out, **f64),
+                       torch.randn(k, **f64))
+    else:
+        key_tensors = (torch.randn(P, k, **f64), torch.randn(P, k, **f64))
+    bias = torch.randn(3, P, **f64) if slot_bias else None
+
+    def run(x, head_weight, head_bias, u, v, s, s_keys, bias, *key_tensors):
+        y, sigma, _ = fused_layer_apply(x, head_weight, head_bias, u, v, s, s_keys, key_tensors, bias, rank, k, 1.3)
+        return y, sigma
+
+    assert torch.autograd.gradcheck(run, (x, head_weight, head_bias, u, v, s, s_keys, bias, *key_tensors))
+
+
+@pytest.mark.parametrize("key_mode", ["content", "learned"])
+def test_whole_layer_function_with_parameters_that_do_not_learn(key_mode):
+    """Parameters switched off with requires_grad_(False) get no gradient; the others get the
+    composable path's."""
+    layer = NeurocoderLinear(10, 6, num_programs=7, rank=3, key_dim=4, sharpness=3.0, key_mode=key_mode,
+                             dtype=torch.float64)
+    _perturb(layer)
+    off = ["composer.head.linear.weight", "memory.u_values", "memory.s_keys"]
+    off += ["memory.u_key_map.bias"] if key_mode == "content" else ["memory.v_keys"]
+    for name, p in layer.named_parameters():
+        if name in off:
+            p.requires_grad_(False)
+    _assert_paths_agree(layer, torch.randn(9, 10, dtype=torch.float64))
+    assert all(dict(layer.named_parameters())[name].grad is None for name in off)
+
+
+def test_whole_layer_function_with_a_grown_memory_and_after_unfreezing():
+    layer = NeurocoderLinear(10, 6, num_programs=8, rank=3, key_dim=4, sharpness=2.0, dtype=torch.float64)
+    _perturb(layer)
+    layer.memory.freeze([0, 2])
+    _assert_paths_agree(layer, torch.randn(5, 10, dtype=torch.float64))     # frozen: the read-only Function
+    layer.memory.grow(3)
+    layer.memory.unfreeze([0, 2])
+    _perturb(layer)
+    assert layer.memory.slot_bias is not None
+    _assert_paths_agree(layer, torch.randn(5, 10, dtype=torch.float64))     # the whole-layer Function
+
+
 def test_fused_option_is_validated():
     with pytest.raises(TypeError, match="fused must be True or False"):
         NeurocoderLinear(4, 3, fused="yes")
@@ -161,11 +239,12 @@ def test_recurrent_composer_steps_equal_nn_lstmcell():
     torch.testing.assert_close(composer.raw(context), composer.head.linear(torch.stack(states, dim=1)))
 
 
-def test_double_backward_refuses_on_the_fused_path_and_works_on_the_composable_one():
+@pytest.mark.parametrize("options", [{}, {"sharpness": 2.0}], ids=["read-function", "whole-layer-function"])
+def test_double_backward_refuses_on_the_fused_path_and_works_on_the_composable_one(options):
     """A gradient penalty (create_graph=True) differentiates a backward pass. The fused backward
     cannot be differentiated correctly, so autograd must refuse rather than return wrong numbers;
     fused=False gives the second derivative."""
-    layer = NeurocoderLinear(6, 4, num_programs=5, rank=2, key_dim=3, dtype=torch.float64)
+    layer = NeurocoderLinear(6, 4, num_programs=5, rank=2, key_dim=3, dtype=torch.float64, **options)
     x = torch.randn(7, 6, dtype=torch.float64).requires_grad_(True)
     (grad_x,) = torch.autograd.grad(layer(x).square().sum(), x, create_graph=True)
     with pytest.raises(RuntimeError, match="once_differentiable"):

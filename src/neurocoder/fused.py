@@ -23,9 +23,140 @@ import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
-__all__ = ["fused_read_apply"]
+__all__ = ["fused_read_apply", "fused_layer_apply"]
 
 _EPS = 1e-8
+
+
+def _read_forward(ctx, head_out, through_memory, rank, key_dim, keys, sharpness, slot_bias, s_values, v_values,
+                  want_usage):
+    """The read's forward (see :func:`fused_read_apply`). Sets the layout on ``ctx`` and returns
+    ``(y, sigma, usage)`` and the tensors its backward needs (for ``ctx.save_for_backward``)."""
+    B, T, C = head_out.shape
+    J, P, k = keys.shape
+    R, N, Q = T * rank, T * rank * B, J * rank * key_dim
+    queries = head_out[..., :Q].unflatten(-1, (J, rank, k)).permute(2, 4, 1, 3, 0)    # (J, k, T, r, B)
+    packed = through_memory is None
+    if packed:
+        through_memory = head_out[:, 0, C - P:]                          # (B, P)
+    # Not linalg.vector_norm: over this strided middle axis it ran ~15x slower than square-sum-sqrt
+    # when the queries come transposed (_FusedLayer's layout): 0.9 ms against 0.03 ms.
+    query_norm = queries.square().sum(1, keepdim=True).sqrt_().clamp_min_(_EPS)
+    if torch.compiler.is_compiling():
+        unit_queries = (queries / query_norm).reshape(J, k, N)
+    else:
+        # Written into a contiguous buffer: the queries arrive as a permuted view.
+        unit_queries = torch.empty((J, k, T, rank, B), device=queries.device, dtype=queries.dtype)
+        torch.div(queries, query_norm, out=unit_queries)
+        unit_queries = unit_queries.view(J, k, N)                        # (J, k, N)
+    key_norm = torch.linalg.vector_norm(keys, dim=2, keepdim=True).clamp_min_(_EPS)
+    unit_keys = keys / key_norm                                          # (J, P, k)
+    learned_sharpness = isinstance(sharpness, torch.Tensor)
+    scaled_queries = _scale(unit_queries, sharpness, J, N)
+    if slot_bias is None:
+        logits = torch.bmm(unit_keys, scaled_queries)                    # (J, P, N)
+    else:
+        logits = torch.baddbmm(slot_bias.unsqueeze(-1), unit_keys, scaled_queries)
+    weights = torch.softmax(logits, dim=1)                               # (J, P, N)
+    read_u, read_v, read_s = weights.view(J, P, R, B).unbind(0)          # (P, R, B) each
+
+    raw_sigma = (s_values @ read_s.reshape(P, N)).view(R, B)
+    reverse_cumsum = _reverse_cumsum(R, keys)
+    sigma = reverse_cumsum @ F.softplus(raw_sigma)                       # (R, B), descending in R
+    memory_by_slot = through_memory.T.contiguous()                      # (P, B)
+    projected = (read_u * memory_by_slot.unsqueeze(1)).sum(0)             # (R, B): u_n . x
+    per_component = projected * sigma
+    mixed = (read_v * per_component).sum(1)                               # (P, B)
+    y = mixed.T @ v_values                                               # (B, d_out)
+
+    saved = (unit_queries, query_norm, unit_keys, key_norm, weights, memory_by_slot,
+             s_values, v_values, raw_sigma, sigma, projected, per_component, mixed,
+             reverse_cumsum, sharpness if learned_sharpness else None)
+    ctx.fixed_sharpness = None if learned_sharpness else float(sharpness)
+    ctx.has_slot_bias = slot_bias is not None
+    ctx.layout = (B, T, C, rank, packed)
+    ctx.set_materialize_grads(False)
+    if want_usage:
+        # Each slot's largest weight in a composition, batch-averaged: the usage signal.
+        usage = weights.view(J, P, R, B).amax(dim=2).mean(dim=2)         # (J, P)
+    else:
+        usage = weights.new_zeros(J, P)
+    return (y, sigma.T, usage), saved
+
+
+def _read_backward(ctx, saved, grad_y, grad_sigma):
+    """The read's backward: gradients of (head_out, through_memory, keys, sharpness, slot_bias,
+    s_values, v_values), None where there is none."""
+    (unit_queries, query_norm, unit_keys, key_norm, weights, memory_by_slot, s_values, v_values,
+     raw_sigma, sigma, projected, per_component, mixed, reverse_cumsum, sharpness) = saved
+    B, T, C, rank, packed = ctx.layout
+    J, k, N = unit_queries.shape
+    P = unit_keys.shape[1]
+    R = T * rank
+    read_u, read_v, read_s = weights.reshape(J, P, R, B).unbind(0)
+    if grad_y is None:
+        grad_y = mixed.new_zeros(B, v_values.shape[1])
+
+    grad_v_values = mixed @ grad_y                                        # (P, d_out)
+    grad_mixed = v_values @ grad_y.T                                      # (P, B)
+    grad_per_component = (read_v * grad_mixed.unsqueeze(1)).sum(0)        # (R, B)
+    grad_projected = grad_per_component * sigma
+    grad_sigma_total = grad_per_component * projected
+    if grad_sigma is not None:
+        grad_sigma_total = grad_sigma_total + grad_sigma.T
+    grad_through_memory = (read_u * grad_projected).sum(1).T              # (B, P)
+    grad_raw_sigma = (reverse_cumsum.T @ grad_sigma_total) * torch.sigmoid(raw_sigma)
+    grad_s_values = read_s.reshape(P, N) @ grad_raw_sigma.reshape(N)
+
+    # d loss / d read weights, bank by bank, in one (J, P, N) buffer for the softmax.
+    grad_u = (memory_by_slot.unsqueeze(1), grad_projected)
+    grad_v = (grad_mixed.unsqueeze(1), per_component)
+    grad_s = (s_values.unsqueeze(-1), grad_raw_sigma.reshape(1, N))
+    # Writes into preallocated views (out=) save copies; the compiler's functional graphs
+    # reject them.
+    functional = torch.compiler.is_compiling()
+    if functional:
+        grad_read = torch.stack([(a * b).reshape(P, N) for a, b in (grad_u, grad_v, grad_s)])
+    else:
+        # Writing each product into its slice saves a copy of the whole buffer.
+        grad_read = torch.empty((J, P, N), device=weights.device, dtype=weights.dtype)
+        for j, (a, b) in enumerate((grad_u, grad_v, grad_s)):
+            torch.mul(a, b, out=grad_read[j].view(P, R, B) if j < 2 else grad_read[j])
+    grad_logits = torch._softmax_backward_data(grad_read, weights, 1, weights.dtype)   # (J, P, N)
+
+    grad_slot_bias = grad_logits.sum(2) if ctx.has_slot_bias else None
+    sharpness_or_fixed = sharpness if sharpness is not None else ctx.fixed_sharpness
+    scaled_queries = _scale(unit_queries, sharpness_or_fixed, J, N)
+    grad_unit_keys = _bmm_long_inner(grad_logits, scaled_queries.transpose(1, 2))   # (J, P, k)
+    grad_scaled_queries = torch.bmm(unit_keys.transpose(1, 2), grad_logits)   # (J, k, N)
+    grad_sharpness = None
+    if sharpness is not None:
+        grad_sharpness = (grad_scaled_queries * unit_queries).sum(1, keepdim=True).reshape(sharpness.shape)
+    grad_unit_queries = _scale(grad_scaled_queries, sharpness_or_fixed, J, N)
+    grad_keys = (grad_unit_keys - unit_keys * (grad_unit_keys * unit_keys).sum(2, keepdim=True)) / key_norm
+    # Backward of x / |x|: (g - x_hat (g . x_hat)) / |x|, written straight into the gradient of
+    # the head's raw output (B, T, C), whose query columns are laid out (J, r, k).
+    grad_queries = (grad_unit_queries - unit_queries * (grad_unit_queries * unit_queries).sum(1, keepdim=True))
+    grad_queries = grad_queries.view(J, k, T, rank, B) / query_norm if functional else \
+        grad_queries.view(J, k, T, rank, B)
+    Q = J * rank * k
+    if functional:
+        pieces = [grad_queries.permute(4, 2, 0, 3, 1).reshape(B, T, Q)]
+        if C > Q + (P if packed else 0):
+            pieces.append(grad_queries.new_zeros(B, T, C - Q - (P if packed else 0)))
+        if packed:
+            pieces.append(grad_through_memory.unsqueeze(1))
+        grad_head_out = torch.cat(pieces, dim=-1)
+    else:
+        filled = Q + (P if packed else 0) == C
+        grad_head_out = (torch.empty if filled else torch.zeros)((B, T, C), device=grad_queries.device,
+                                                                 dtype=grad_queries.dtype)
+        torch.div(grad_queries, query_norm,
+                  out=grad_head_out[..., :Q].unflatten(-1, (J, rank, k)).permute(2, 4, 1, 3, 0))
+        if packed:
+            grad_head_out[:, 0, C - P:] = grad_through_memory
+    return (grad_head_out, None if packed else grad_through_memory, grad_keys, grad_sharpness,
+            grad_slot_bias, grad_s_values, grad_v_values)
 
 
 class _FusedReadApply(torch.autograd.Function):
@@ -33,133 +164,134 @@ class _FusedReadApply(torch.autograd.Function):
     def forward(ctx, head_out, through_memory, rank, key_dim, keys, sharpness, slot_bias, s_values, v_values,
                 want_usage):
         """See :func:`fused_read_apply`."""
-        B, T, C = head_out.shape
-        J, P, k = keys.shape
-        R, N, Q = T * rank, T * rank * B, J * rank * key_dim
-        queries = head_out[..., :Q].unflatten(-1, (J, rank, k)).permute(2, 4, 1, 3, 0)    # (J, k, T, r, B)
-        packed = through_memory is None
-        if packed:
-            through_memory = head_out[:, 0, C - P:]                          # (B, P)
-        query_norm = torch.linalg.vector_norm(queries, dim=1, keepdim=True).clamp_min_(_EPS)
-        if torch.compiler.is_compiling():
-            unit_queries = (queries / query_norm).reshape(J, k, N)
-        else:
-            # Written into a contiguous buffer: the queries arrive as a permuted view.
-            unit_queries = torch.empty((J, k, T, rank, B), device=queries.device, dtype=queries.dtype)
-            torch.div(queries, query_norm, out=unit_queries)
-            unit_queries = unit_queries.view(J, k, N)                        # (J, k, N)
-        key_norm = torch.linalg.vector_norm(keys, dim=2, keepdim=True).clamp_min_(_EPS)
-        unit_keys = keys / key_norm                                          # (J, P, k)
-        learned_sharpness = isinstance(sharpness, torch.Tensor)
-        scaled_queries = _scale(unit_queries, sharpness, J, N)
-        if slot_bias is None:
-            logits = torch.bmm(unit_keys, scaled_queries)                    # (J, P, N)
-        else:
-            logits = torch.baddbmm(slot_bias.unsqueeze(-1), unit_keys, scaled_queries)
-        weights = torch.softmax(logits, dim=1)                               # (J, P, N)
-        read_u, read_v, read_s = weights.view(J, P, R, B).unbind(0)          # (P, R, B) each
-
-        raw_sigma = (s_values @ read_s.reshape(P, N)).view(R, B)
-        reverse_cumsum = _reverse_cumsum(R, keys)
-        sigma = reverse_cumsum @ F.softplus(raw_sigma)                       # (R, B), descending in R
-        memory_by_slot = through_memory.T.contiguous()                      # (P, B)
-        projected = (read_u * memory_by_slot.unsqueeze(1)).sum(0)             # (R, B): u_n . x
-        per_component = projected * sigma
-        mixed = (read_v * per_component).sum(1)                               # (P, B)
-        y = mixed.T @ v_values                                               # (B, d_out)
-
-        ctx.save_for_backward(unit_queries, query_norm, unit_keys, key_norm, weights, memory_by_slot,
-                              s_values, v_values, raw_sigma, sigma, projected, per_component, mixed,
-                              reverse_cumsum, sharpness if learned_sharpness else None)
-        ctx.fixed_sharpness = None if learned_sharpness else float(sharpness)
-        ctx.has_slot_bias = slot_bias is not None
-        ctx.layout = (B, T, C, rank, packed)
-        ctx.set_materialize_grads(False)
-        if want_usage:
-            # Each slot's largest weight in a composition, batch-averaged: the usage signal.
-            usage = weights.view(J, P, R, B).amax(dim=2).mean(dim=2)         # (J, P)
-        else:
-            usage = weights.new_zeros(J, P)
-        ctx.mark_non_differentiable(usage)
-        return y, sigma.T, usage
+        outputs, saved = _read_forward(ctx, head_out, through_memory, rank, key_dim, keys, sharpness, slot_bias,
+                                       s_values, v_values, want_usage)
+        ctx.save_for_backward(*saved)
+        ctx.mark_non_differentiable(outputs[2])
+        return outputs
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_y, grad_sigma, _grad_usage):
-        # once_differentiable: the tensors saved above were computed without a graph, so a second
-        # differentiation through this backward would silently miss their dependence on the
-        # inputs. Higher-order gradients need the composable path (fused=False); autograd then
+        # once_differentiable: the tensors saved in the forward were computed without a graph, so
+        # a second differentiation through this backward would silently miss their dependence on
+        # the inputs. Higher-order gradients need the composable path (fused=False); autograd then
         # says so instead of returning wrong numbers.
-        (unit_queries, query_norm, unit_keys, key_norm, weights, memory_by_slot, s_values, v_values,
-         raw_sigma, sigma, projected, per_component, mixed, reverse_cumsum, sharpness) = ctx.saved_tensors
-        B, T, C, rank, packed = ctx.layout
-        J, k, N = unit_queries.shape
-        P = unit_keys.shape[1]
-        R = T * rank
-        read_u, read_v, read_s = weights.reshape(J, P, R, B).unbind(0)
-        if grad_y is None:
-            grad_y = mixed.new_zeros(B, v_values.shape[1])
+        (grad_head_out, grad_through_memory, grad_keys, grad_sharpness, grad_slot_bias, grad_s_values,
+         grad_v_values) = _read_backward(ctx, ctx.saved_tensors, grad_y, grad_sigma)
+        return (grad_head_out, grad_through_memory, None, None, grad_keys, grad_sharpness, grad_slot_bias,
+                grad_s_values, grad_v_values, None)
 
-        grad_v_values = mixed @ grad_y                                        # (P, d_out)
-        grad_mixed = v_values @ grad_y.T                                      # (P, B)
-        grad_per_component = (read_v * grad_mixed.unsqueeze(1)).sum(0)        # (R, B)
-        grad_projected = grad_per_component * sigma
-        grad_sigma_total = grad_per_component * projected
-        if grad_sigma is not None:
-            grad_sigma_total = grad_sigma_total + grad_sigma.T
-        grad_through_memory = (read_u * grad_projected).sum(1).T              # (B, P)
-        grad_raw_sigma = (reverse_cumsum.T @ grad_sigma_total) * torch.sigmoid(raw_sigma)
-        grad_s_values = read_s.reshape(P, N) @ grad_raw_sigma.reshape(N)
 
-        # d loss / d read weights, bank by bank, in one (J, P, N) buffer for the softmax.
-        grad_u = (memory_by_slot.unsqueeze(1), grad_projected)
-        grad_v = (grad_mixed.unsqueeze(1), per_component)
-        grad_s = (s_values.unsqueeze(-1), grad_raw_sigma.reshape(1, N))
-        # Writes into preallocated views (out=) save copies; the compiler's functional graphs
-        # reject them.
-        functional = torch.compiler.is_compiling()
-        if functional:
-            grad_read = torch.stack([(a * b).reshape(P, N) for a, b in (grad_u, grad_v, grad_s)])
+
+class _FusedLayer(torch.autograd.Function):
+    """The whole feed-forward layer in one Function: the composer's linear map and ``x M_U^T``
+    (two products into one buffer), the keys (content maps or learned), then the read.
+
+    Why: the read alone left about a fifth of a training step at the released shape to what
+    surrounds it: the joined weight's concatenation, the keys' maps and stack, and the autograd
+    nodes and gradient copies of each (measured in session 24 by replacing them with leaves:
+    1.43x nn.Linear against 1.83x). Here they are a few products on tensors this Function owns.
+    """
+
+    @staticmethod
+    def forward(ctx, x, head_weight, head_bias, u_values, v_values, s_values, s_keys, key_a, key_b, key_c, key_d,
+                slot_bias, rank, key_dim, sharpness, want_usage):
+        """See :func:`fused_layer_apply`."""
+        B = x.shape[0]
+        C, P = head_weight.shape[0], u_values.shape[0]
+        # Rows of the composer's output then x M_U^T, written transposed ((C + P, B): each product
+        # fills contiguous rows); the read takes the (B, 1, C + P) view.
+        head_t = x.new_empty(C + P, B)
+        torch.addmm(head_bias.unsqueeze(1), head_weight, x.T, out=head_t[:C])
+        torch.mm(u_values, x.T, out=head_t[C:])
+        head_out = head_t.T.unsqueeze(1)
+        content = key_c is not None
+        keys = x.new_empty(3, P, key_dim)
+        if content:
+            torch.addmm(key_b, u_values, key_a.T, out=keys[0])
+            torch.addmm(key_d, v_values, key_c.T, out=keys[1])
         else:
-            # Writing each product into its slice saves a copy of the whole buffer.
-            grad_read = torch.empty((J, P, N), device=weights.device, dtype=weights.dtype)
-            for j, (a, b) in enumerate((grad_u, grad_v, grad_s)):
-                torch.mul(a, b, out=grad_read[j].view(P, R, B) if j < 2 else grad_read[j])
-        grad_logits = torch._softmax_backward_data(grad_read, weights, 1, weights.dtype)   # (J, P, N)
+            keys[0].copy_(key_a)
+            keys[1].copy_(key_b)
+        keys[2].copy_(s_keys)
+        outputs, saved = _read_forward(ctx, head_out, None, rank, key_dim, keys, sharpness, slot_bias, s_values,
+                                       v_values, want_usage)
+        ctx.save_for_backward(x, head_weight, u_values, key_a, key_c, *saved)
+        ctx.content = content
+        ctx.mark_non_differentiable(outputs[2])
+        return outputs
 
-        grad_slot_bias = grad_logits.sum(2) if ctx.has_slot_bias else None
-        sharpness_or_fixed = sharpness if sharpness is not None else ctx.fixed_sharpness
-        scaled_queries = _scale(unit_queries, sharpness_or_fixed, J, N)
-        grad_unit_keys = _bmm_long_inner(grad_logits, scaled_queries.transpose(1, 2))   # (J, P, k)
-        grad_scaled_queries = torch.bmm(unit_keys.transpose(1, 2), grad_logits)   # (J, k, N)
-        grad_sharpness = None
-        if sharpness is not None:
-            grad_sharpness = (grad_scaled_queries * unit_queries).sum(1, keepdim=True).reshape(sharpness.shape)
-        grad_unit_queries = _scale(grad_scaled_queries, sharpness_or_fixed, J, N)
-        grad_keys = (grad_unit_keys - unit_keys * (grad_unit_keys * unit_keys).sum(2, keepdim=True)) / key_norm
-        # Backward of x / |x|: (g - x_hat (g . x_hat)) / |x|, written straight into the gradient of
-        # the head's raw output (B, T, C), whose query columns are laid out (J, r, k).
-        grad_queries = (grad_unit_queries - unit_queries * (grad_unit_queries * unit_queries).sum(1, keepdim=True))
-        grad_queries = grad_queries.view(J, k, T, rank, B) / query_norm if functional else \
-            grad_queries.view(J, k, T, rank, B)
-        Q = J * rank * k
-        if functional:
-            pieces = [grad_queries.permute(4, 2, 0, 3, 1).reshape(B, T, Q)]
-            if C > Q + (P if packed else 0):
-                pieces.append(grad_queries.new_zeros(B, T, C - Q - (P if packed else 0)))
-            if packed:
-                pieces.append(grad_through_memory.unsqueeze(1))
-            grad_head_out = torch.cat(pieces, dim=-1)
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_y, grad_sigma, _grad_usage):
+        # once_differentiable: as _FusedReadApply's.
+        x, head_weight, u_values, key_a, key_c, *saved = ctx.saved_tensors
+        v_values = saved[7]
+        (grad_head_out, _, grad_keys, _, grad_slot_bias, grad_s_values,
+         grad_v_values) = _read_backward(ctx, saved, grad_y, grad_sigma)
+        need = ctx.needs_input_grad
+        C = head_weight.shape[0]
+        grad_head = grad_head_out.squeeze(1)                                  # (B, C + P)
+        grad_x = grad_head_weight = grad_head_bias = grad_u = None
+        if need[0]:
+            grad_x = grad_head[:, :C] @ head_weight + grad_head[:, C:] @ u_values
+        if need[1] or need[3]:
+            # One product gives both weights' gradients; each takes its rows (no copy).
+            grad_joined = grad_head.T @ x                                        # (C + P, d_in)
+            grad_head_weight, grad_u = grad_joined[:C], grad_joined[C:]
+        if need[2]:
+            grad_head_bias = grad_head[:, :C].sum(0)
+        grad_a = grad_b = grad_c = grad_d = None
+        if ctx.content:
+            grad_u_keys, grad_v_keys = grad_keys[0], grad_keys[1]             # (P, k) each
+            if need[3]:
+                grad_u.addmm_(grad_u_keys, key_a)
+            if need[4]:
+                grad_v_values.addmm_(grad_v_keys, key_c)
+            if need[7]:
+                grad_a = grad_u_keys.T @ u_values
+            if need[8]:
+                grad_b = grad_u_keys.sum(0)
+            if need[9]:
+                grad_c = grad_v_keys.T @ v_values
+            if need[10]:
+                grad_d = grad_v_keys.sum(0)
         else:
-            filled = Q + (P if packed else 0) == C
-            grad_head_out = (torch.empty if filled else torch.zeros)((B, T, C), device=grad_queries.device,
-                                                                     dtype=grad_queries.dtype)
-            torch.div(grad_queries, query_norm,
-                      out=grad_head_out[..., :Q].unflatten(-1, (J, rank, k)).permute(2, 4, 1, 3, 0))
-            if packed:
-                grad_head_out[:, 0, C - P:] = grad_through_memory
-        return (grad_head_out, None if packed else grad_through_memory, None, None, grad_keys, grad_sharpness,
-                grad_slot_bias, grad_s_values, grad_v_values, None)
+            grad_a, grad_b = grad_keys[0], grad_keys[1]
+        return (grad_x, grad_head_weight if need[1] else None, grad_head_bias, grad_u if need[3] else None,
+                grad_v_values if need[4] else None, grad_s_values if need[5] else None,
+                grad_keys[2] if need[6] else None, grad_a if need[7] else None, grad_b if need[8] else None,
+                grad_c, grad_d, grad_slot_bias, None, None, None, None)
+
+
+def fused_layer_apply(x: torch.Tensor, head_weight: torch.Tensor, head_bias: torch.Tensor, u_values: torch.Tensor,
+                      v_values: torch.Tensor, s_values: torch.Tensor, s_keys: torch.Tensor,
+                      key_tensors: tuple, slot_bias: torch.Tensor | None, rank: int, key_dim: int,
+                      sharpness: float, want_usage: bool = True):
+    """A feed-forward Neurocoder layer whose composer reads its input, from its parameters.
+
+    The maths of ``fused_read_apply(addmm(bias, x, cat([W, M_U]).T), None, ..., keys, ...)`` with
+    the keys made here, in one autograd Function (:class:`_FusedLayer`). For a fixed sharpness
+    and a composer that makes queries only (no gates, sharpness or residual gate).
+
+    Args:
+        x: (B, d_in).
+        head_weight, head_bias: (C, d_in), (C,) the composer's linear map; C = 3 x rank x key_dim.
+        u_values, v_values, s_values: (P, d_in), (P, d_out), (P,) the programs.
+        s_keys: (P, k) the S bank's keys.
+        key_tensors: content keys: (W_u, b_u, W_v, b_v), the maps (k, d_in), (k,), (k, d_out),
+            (k,) from each U and V program to its key; learned keys: (keys_u, keys_v), (P, k) each.
+        slot_bias: optional (3, P) logit offsets.
+        sharpness: the fixed sharpness.
+        want_usage: as :func:`fused_read_apply`.
+
+    Returns:
+        As :func:`fused_read_apply`: y (B, d_out), sigma (B, R), usage (3, P).
+    """
+    a, b, c, d = (tuple(key_tensors) + (None, None))[:4]
+    return _FusedLayer.apply(x, head_weight, head_bias, u_values, v_values, s_values, s_keys, a, b, c, d, slot_bias,
+                             rank, key_dim, float(sharpness), want_usage)
 
 
 _REVERSE_CUMSUMS: dict = {}

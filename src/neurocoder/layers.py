@@ -24,7 +24,7 @@ from torch.nn.modules.utils import _pair
 
 from ._checks import check_positive_int
 from .composer import COMPOSERS, ComposerOutput, FeedForwardComposer, RecurrentComposer
-from .fused import _EPS, _reverse_cumsum, fused_read_apply
+from .fused import _EPS, _reverse_cumsum, fused_layer_apply, fused_read_apply
 from .memory import KEY_MODES, ProgramMemory
 from .reading import content_attention, read_with_least_used
 from .trace import BANK_NAMES, Trace
@@ -439,6 +439,19 @@ class NeurocoderLinear(NeurocoderLayer):
         """(B, d_in) -> (B, d_out) through :func:`~neurocoder.fused.fused_read_apply`."""
         memory, head = self.memory, self.composer.head
         joined = isinstance(self.composer, FeedForwardComposer) and context is None
+        if (joined and not head.extra_outputs and not memory._has_frozen and torch.is_grad_enabled()
+                and not torch.compiler.is_compiling()):
+            # A training step of the common case: the whole layer in one Function.
+            key_tensors = ((memory.u_keys, memory.v_keys) if memory.key_mode == "learned" else
+                           (memory.u_key_map.weight, memory.u_key_map.bias,
+                            memory.v_key_map.weight, memory.v_key_map.bias))
+            y, _, usage = fused_layer_apply(flat, head.linear.weight, head.linear.bias, memory.u_values,
+                                            memory.v_values, memory.s_values, memory.s_keys, key_tensors,
+                                            memory.slot_bias, self.rank, self.key_dim, float(self.sharpness),
+                                            want_usage=self.training)
+            if self.training and flat.shape[0] and not _recomputing():
+                memory.update_usage(usage)
+            return y
         keys, weight, bias = self._parameter_constants(joined)
         if joined:
             # The composer's linear map and x M_U^T read the same input: one GEMM does both, and
