@@ -26,6 +26,9 @@ from torch.autograd.function import once_differentiable
 __all__ = ["fused_read_apply", "fused_layer_apply"]
 
 _EPS = 1e-8
+# Largest fixed sharpness whose logits (bounded by it) take the max-free softmax: exp(30) x P
+# stays far inside float32, and exp(-30) far above its smallest normal number.
+_BOUNDED_LOGITS = 30.0
 
 
 def _read_forward(ctx, head_out, through_memory, rank, key_dim, keys, sharpness, slot_bias, s_values, v_values,
@@ -57,17 +60,25 @@ def _read_forward(ctx, head_out, through_memory, rank, key_dim, keys, sharpness,
         logits = torch.bmm(unit_keys, scaled_queries)                    # (J, P, N)
     else:
         logits = torch.baddbmm(slot_bias.unsqueeze(-1), unit_keys, scaled_queries)
-    weights = torch.softmax(logits, dim=1)                               # (J, P, N)
+    if not learned_sharpness and slot_bias is None and abs(sharpness) <= _BOUNDED_LOGITS and \
+            not torch.compiler.is_compiling():
+        # Cosines times a fixed sharpness: |logit| <= sharpness, so exp cannot overflow and the
+        # softmax needs no max subtracted; in place, exp / sum is 4-8% of the training step
+        # cheaper than torch.softmax at the released shape (session 24, paired rounds).
+        weights = logits.exp_()
+        weights.div_(weights.sum(1, keepdim=True))
+    else:
+        weights = torch.softmax(logits, dim=1)                               # (J, P, N)
     read_u, read_v, read_s = weights.view(J, P, R, B).unbind(0)          # (P, R, B) each
 
     raw_sigma = (s_values @ read_s.reshape(P, N)).view(R, B)
     reverse_cumsum = _reverse_cumsum(R, keys)
-    sigma = reverse_cumsum @ F.softplus(raw_sigma)                       # (R, B), descending in R
+    sigma = torch.mm(reverse_cumsum, F.softplus(raw_sigma))                  # (R, B), descending in R
     memory_by_slot = through_memory.T.contiguous()                      # (P, B)
     projected = (read_u * memory_by_slot.unsqueeze(1)).sum(0)             # (R, B): u_n . x
     per_component = projected * sigma
     mixed = (read_v * per_component).sum(1)                               # (P, B)
-    y = mixed.T @ v_values                                               # (B, d_out)
+    y = torch.mm(mixed.T, v_values)                                          # (B, d_out)
 
     saved = (unit_queries, query_norm, unit_keys, key_norm, weights, memory_by_slot,
              s_values, v_values, raw_sigma, sigma, projected, per_component, mixed,
@@ -97,15 +108,15 @@ def _read_backward(ctx, saved, grad_y, grad_sigma):
     if grad_y is None:
         grad_y = mixed.new_zeros(B, v_values.shape[1])
 
-    grad_v_values = mixed @ grad_y                                        # (P, d_out)
-    grad_mixed = v_values @ grad_y.T                                      # (P, B)
+    grad_v_values = torch.mm(mixed, grad_y)                                  # (P, d_out)
+    grad_mixed = torch.mm(v_values, grad_y.T)                                # (P, B)
     grad_per_component = (read_v * grad_mixed.unsqueeze(1)).sum(0)        # (R, B)
     grad_projected = grad_per_component * sigma
     grad_sigma_total = grad_per_component * projected
     if grad_sigma is not None:
         grad_sigma_total = grad_sigma_total + grad_sigma.T
     grad_through_memory = (read_u * grad_projected).sum(1).T              # (B, P)
-    grad_raw_sigma = (reverse_cumsum.T @ grad_sigma_total) * torch.sigmoid(raw_sigma)
+    grad_raw_sigma = torch.mm(reverse_cumsum.T, grad_sigma_total) * torch.sigmoid(raw_sigma)
     grad_s_values = read_s.reshape(P, N) @ grad_raw_sigma.reshape(N)
 
     # d loss / d read weights, bank by bank, in one (J, P, N) buffer for the softmax.
@@ -235,10 +246,10 @@ class _FusedLayer(torch.autograd.Function):
         grad_head = grad_head_out.squeeze(1)                                  # (B, C + P)
         grad_x = grad_head_weight = grad_head_bias = grad_u = None
         if need[0]:
-            grad_x = grad_head[:, :C] @ head_weight + grad_head[:, C:] @ u_values
+            grad_x = torch.mm(grad_head[:, :C], head_weight).addmm_(grad_head[:, C:], u_values)
         if need[1] or need[3]:
             # One product gives both weights' gradients; each takes its rows (no copy).
-            grad_joined = grad_head.T @ x                                        # (C + P, d_in)
+            grad_joined = torch.mm(grad_head.T, x)                           # (C + P, d_in)
             grad_head_weight, grad_u = grad_joined[:C], grad_joined[C:]
         if need[2]:
             grad_head_bias = grad_head[:, :C].sum(0)
@@ -250,11 +261,11 @@ class _FusedLayer(torch.autograd.Function):
             if need[4]:
                 grad_v_values.addmm_(grad_v_keys, key_c)
             if need[7]:
-                grad_a = grad_u_keys.T @ u_values
+                grad_a = torch.mm(grad_u_keys.T, u_values)
             if need[8]:
                 grad_b = grad_u_keys.sum(0)
             if need[9]:
-                grad_c = grad_v_keys.T @ v_values
+                grad_c = torch.mm(grad_v_keys.T, v_values)
             if need[10]:
                 grad_d = grad_v_keys.sum(0)
         else:
