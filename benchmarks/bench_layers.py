@@ -29,6 +29,7 @@ import torch.nn as nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 import neurocoder  # noqa: E402
 from neurocoder import NeurocoderConv2d, NeurocoderLinear, presets  # noqa: E402
+from neurocoder.runs import code_version  # noqa: E402
 
 
 def _sync(device: torch.device) -> None:
@@ -162,6 +163,8 @@ def main() -> None:
         "threads": torch.get_num_threads(),
         "torch": torch.__version__,
         "neurocoder": neurocoder.__version__,
+        # The commit (and whether the tree had changes): ratios move with the layer's code.
+        "code_version": code_version(),
         "repeats": args.repeats,
         "blocks": args.blocks,
         "cases": {},
