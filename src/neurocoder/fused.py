@@ -86,6 +86,8 @@ def _read_forward(ctx, head_out, through_memory, rank, key_dim, keys, sharpness,
     ctx.fixed_sharpness = None if learned_sharpness else float(sharpness)
     ctx.has_slot_bias = slot_bias is not None
     ctx.layout = (B, T, C, rank, packed)
+    # _FusedLayer hands the head's output transposed ((C, B) storage); its gradient is made alike.
+    ctx.head_columns_first = T == 1 and head_out.stride(-1) != 1
     ctx.set_materialize_grads(False)
     if want_usage:
         # Each slot's largest weight in a composition, batch-averaged: the usage signal.
@@ -160,8 +162,11 @@ def _read_backward(ctx, saved, grad_y, grad_sigma):
         grad_head_out = torch.cat(pieces, dim=-1)
     else:
         filled = Q + (P if packed else 0) == C
-        grad_head_out = (torch.empty if filled else torch.zeros)((B, T, C), device=grad_queries.device,
-                                                                 dtype=grad_queries.dtype)
+        make = torch.empty if filled else torch.zeros
+        if ctx.head_columns_first:
+            grad_head_out = make((C, B), device=grad_queries.device, dtype=grad_queries.dtype).T.unsqueeze(1)
+        else:
+            grad_head_out = make((B, T, C), device=grad_queries.device, dtype=grad_queries.dtype)
         torch.div(grad_queries, query_norm,
                   out=grad_head_out[..., :Q].unflatten(-1, (J, rank, k)).permute(2, 4, 1, 3, 0))
         if packed:
