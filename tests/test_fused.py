@@ -93,11 +93,9 @@ def test_fused_path_at_the_released_preset_in_float32():
 def test_fused_path_is_taken_exactly_where_it_applies(monkeypatch):
     calls = []
 
-    def spy(*args, **kwargs):
-        calls.append(1)
-        return fused_read_apply(*args, **kwargs)
-
-    monkeypatch.setattr(layers_module, "fused_read_apply", spy)
+    for name, function in (("fused_read_apply", fused_read_apply), ("fused_layer_apply", fused_layer_apply)):
+        monkeypatch.setattr(layers_module, name,
+                            lambda *a, function=function, **k: calls.append(1) or function(*a, **k))
     x = torch.randn(4, 12)
     layer = NeurocoderLinear(12, 5, num_programs=6, rank=2, key_dim=3)
     layer(x)
@@ -116,8 +114,9 @@ def test_fused_path_is_taken_exactly_where_it_applies(monkeypatch):
 
 
 def test_whole_layer_function_is_taken_exactly_where_it_applies(monkeypatch):
-    """A training step of a feed-forward layer with a fixed sharpness, no gates and no frozen
-    slots runs as one Function (fused_layer_apply); everything else keeps the read-only one."""
+    """A training step of a feed-forward layer reading its own input, without least-used gates,
+    residual gate or frozen slots, runs as one Function (fused_layer_apply); everything else keeps
+    the read-only one."""
     whole, read = [], []
     monkeypatch.setattr(layers_module, "fused_layer_apply",
                         lambda *a, **k: whole.append(1) or fused_layer_apply(*a, **k))
@@ -127,8 +126,8 @@ def test_whole_layer_function_is_taken_exactly_where_it_applies(monkeypatch):
     options = dict(num_programs=6, rank=2, key_dim=3, sharpness=2.0)
     for key_mode in ("content", "learned"):
         NeurocoderLinear(12, 5, key_mode=key_mode, **options)(x)
-    assert (len(whole), len(read)) == (2, 0)
-    NeurocoderLinear(12, 5, num_programs=6, rank=2, key_dim=3, sharpness="learned")(x)      # sharpness to split off
+    NeurocoderLinear(12, 5, num_programs=6, rank=2, key_dim=3, sharpness="learned")(x)
+    assert (len(whole), len(read)) == (3, 0)
     NeurocoderLinear(12, 5, residual=True, **options)(x)                                    # residual gate
     NeurocoderLinear(12, 5, composer="recurrent", steps=2, **options)(x)
     NeurocoderLinear(12, 5, context_features=3, **options)(x, context=torch.randn(4, 3))
@@ -137,16 +136,18 @@ def test_whole_layer_function_is_taken_exactly_where_it_applies(monkeypatch):
     frozen(x)
     with torch.no_grad():                                                                    # no backward to fuse
         NeurocoderLinear(12, 5, **options)(x)
-    assert (len(whole), len(read)) == (2, 6)
+    assert (len(whole), len(read)) == (3, 5)
 
 
 @pytest.mark.parametrize("key_mode", ["content", "learned"])
 @pytest.mark.parametrize("slot_bias", [False, True])
-def test_whole_layer_function_gradcheck(key_mode, slot_bias):
+@pytest.mark.parametrize("learned_sharpness", [False, True])
+def test_whole_layer_function_gradcheck(key_mode, slot_bias, learned_sharpness):
     torch.manual_seed(2)
     B, d_in, d_out, P, rank, k = 3, 4, 3, 5, 2, 2
     f64 = dict(dtype=torch.float64, requires_grad=True)
-    C = 3 * rank * k
+    C = 3 * rank * k + (3 * rank if learned_sharpness else 0)
+    sharpness = None if learned_sharpness else 1.3
     x = torch.randn(B, d_in, **f64)
     head_weight, head_bias = torch.randn(C, d_in, **f64), torch.randn(C, **f64)
     u, v, s, s_keys = (torch.randn(P, d_in, **f64), torch.randn(P, d_out, **f64), torch.randn(P, **f64),
@@ -159,7 +160,8 @@ def test_whole_layer_function_gradcheck(key_mode, slot_bias):
     bias = torch.randn(3, P, **f64) if slot_bias else None
 
     def run(x, head_weight, head_bias, u, v, s, s_keys, bias, *key_tensors):
-        y, sigma, _ = fused_layer_apply(x, head_weight, head_bias, u, v, s, s_keys, key_tensors, bias, rank, k, 1.3)
+        y, sigma, _ = fused_layer_apply(x, head_weight, head_bias, u, v, s, s_keys, key_tensors, bias, rank, k,
+                                        sharpness)
         return y, sigma
 
     assert torch.autograd.gradcheck(run, (x, head_weight, head_bias, u, v, s, s_keys, bias, *key_tensors))
@@ -281,7 +283,9 @@ def test_reuse_programs_computes_parameter_constants_once_and_changes_nothing(ke
     with neurocoder.reuse_programs(model):
         model(x).sum().backward()
         model(x)
-    assert len(calls) == 4
+    # The recurrent layer's keys are computed on each call (the feed-forward layer's training step
+    # makes its keys inside the whole-layer Function, without memory.keys()).
+    assert sum(memory is model[2].memory for memory in calls) == 2
     assert model[0].memory.u_values.grad is not None and model[0].memory.u_values.grad.abs().sum() > 0
     # A parameter changed after the block is seen by the next block.
     with torch.no_grad():

@@ -231,10 +231,16 @@ class _FusedLayer(torch.autograd.Function):
             keys[0].copy_(key_a)
             keys[1].copy_(key_b)
         keys[2].copy_(s_keys)
+        learned = sharpness is None
+        if learned:
+            # The head's rows after the queries, (3 x rank, B), bank-major: softplus gives the
+            # (3, 1, R, B) layout the read takes, as the composer's component_major_sharpness does.
+            queries_end = 3 * rank * key_dim
+            sharpness = F.softplus(head_t[queries_end:queries_end + 3 * rank]).view(3, 1, rank, B)
         outputs, saved = _read_forward(ctx, head_out, None, rank, key_dim, keys, sharpness, slot_bias, s_values,
                                        v_values, want_usage)
         ctx.save_for_backward(x, head_weight, u_values, key_a, key_c, *saved)
-        ctx.content = content
+        ctx.content, ctx.learned_sharpness = content, learned
         ctx.mark_non_differentiable(outputs[2])
         return outputs
 
@@ -244,11 +250,18 @@ class _FusedLayer(torch.autograd.Function):
         # once_differentiable: as _FusedReadApply's.
         x, head_weight, u_values, key_a, key_c, *saved = ctx.saved_tensors
         v_values = saved[7]
-        (grad_head_out, _, grad_keys, _, grad_slot_bias, grad_s_values,
+        (grad_head_out, _, grad_keys, grad_sharpness, grad_slot_bias, grad_s_values,
          grad_v_values) = _read_backward(ctx, saved, grad_y, grad_sigma)
         need = ctx.needs_input_grad
         C = head_weight.shape[0]
         grad_head = grad_head_out.squeeze(1)                                  # (B, C + P)
+        if ctx.learned_sharpness:
+            # d softplus(a) / da = sigmoid(a) = 1 - exp(-softplus(a)): from the saved sharpness.
+            sharpness = saved[-1]                                             # (3, 1, R, B)
+            rows = sharpness.shape[0] * sharpness.shape[2]
+            queries_end = C - rows
+            torch.mul(grad_sharpness, torch.expm1(-sharpness).neg_(),
+                      out=grad_head.T[queries_end:C].view(sharpness.shape))
         grad_x = grad_head_weight = grad_head_bias = grad_u = None
         if need[0]:
             grad_x = torch.mm(grad_head[:, :C], head_weight).addmm_(grad_head[:, C:], u_values)
@@ -284,22 +297,23 @@ class _FusedLayer(torch.autograd.Function):
 def fused_layer_apply(x: torch.Tensor, head_weight: torch.Tensor, head_bias: torch.Tensor, u_values: torch.Tensor,
                       v_values: torch.Tensor, s_values: torch.Tensor, s_keys: torch.Tensor,
                       key_tensors: tuple, slot_bias: torch.Tensor | None, rank: int, key_dim: int,
-                      sharpness: float, want_usage: bool = True):
+                      sharpness: float | None, want_usage: bool = True):
     """A feed-forward Neurocoder layer whose composer reads its input, from its parameters.
 
     The maths of ``fused_read_apply(addmm(bias, x, cat([W, M_U]).T), None, ..., keys, ...)`` with
-    the keys made here, in one autograd Function (:class:`_FusedLayer`). For a fixed sharpness
-    and a composer that makes queries only (no gates, sharpness or residual gate).
+    the keys made here, in one autograd Function (:class:`_FusedLayer`). For a composer that
+    makes queries and, when it is learned, the sharpness (no least-used gates, no residual gate).
 
     Args:
         x: (B, d_in).
-        head_weight, head_bias: (C, d_in), (C,) the composer's linear map; C = 3 x rank x key_dim.
+        head_weight, head_bias: (C, d_in), (C,) the composer's linear map: C = 3 x rank x key_dim
+            query rows, then (learned sharpness) 3 x rank sharpness rows, bank-major.
         u_values, v_values, s_values: (P, d_in), (P, d_out), (P,) the programs.
         s_keys: (P, k) the S bank's keys.
         key_tensors: content keys: (W_u, b_u, W_v, b_v), the maps (k, d_in), (k,), (k, d_out),
             (k,) from each U and V program to its key; learned keys: (keys_u, keys_v), (P, k) each.
         slot_bias: optional (3, P) logit offsets.
-        sharpness: the fixed sharpness.
+        sharpness: the fixed sharpness, or None: learned, softplus of the head's sharpness rows.
         want_usage: as :func:`fused_read_apply`.
 
     Returns:
@@ -307,7 +321,7 @@ def fused_layer_apply(x: torch.Tensor, head_weight: torch.Tensor, head_bias: tor
     """
     a, b, c, d = (tuple(key_tensors) + (None, None))[:4]
     return _FusedLayer.apply(x, head_weight, head_bias, u_values, v_values, s_values, s_keys, a, b, c, d, slot_bias,
-                             rank, key_dim, float(sharpness), want_usage)
+                             rank, key_dim, None if sharpness is None else float(sharpness), want_usage)
 
 
 _REVERSE_CUMSUMS: dict = {}

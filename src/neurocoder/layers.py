@@ -439,7 +439,8 @@ class NeurocoderLinear(NeurocoderLayer):
         """(B, d_in) -> (B, d_out) through :func:`~neurocoder.fused.fused_read_apply`."""
         memory, head = self.memory, self.composer.head
         joined = isinstance(self.composer, FeedForwardComposer) and context is None
-        if (joined and not head.extra_outputs and not memory._has_frozen and torch.is_grad_enabled()
+        only_sharpness = not head.sizes[1] and not head.sizes[3]              # no gates, no residual gate
+        if (joined and only_sharpness and not memory._has_frozen and torch.is_grad_enabled()
                 and not torch.compiler.is_compiling()):
             # A training step of the common case: the whole layer in one Function.
             key_tensors = ((memory.u_keys, memory.v_keys) if memory.key_mode == "learned" else
@@ -447,7 +448,8 @@ class NeurocoderLinear(NeurocoderLayer):
                             memory.v_key_map.weight, memory.v_key_map.bias))
             y, _, usage = fused_layer_apply(flat, head.linear.weight, head.linear.bias, memory.u_values,
                                             memory.v_values, memory.s_values, memory.s_keys, key_tensors,
-                                            memory.slot_bias, self.rank, self.key_dim, float(self.sharpness),
+                                            memory.slot_bias, self.rank, self.key_dim,
+                                            None if head.learn_sharpness else float(self.sharpness),
                                             want_usage=self.training)
             if self.training and flat.shape[0] and not _recomputing():
                 memory.update_usage(usage)
