@@ -397,3 +397,11 @@ def test_split_long_inner_product_equals_bmm(length):
     a = torch.randn(3, 7, length, dtype=torch.float64)
     b = torch.randn(3, 5, length, dtype=torch.float64).transpose(1, 2)
     torch.testing.assert_close(_bmm_long_inner(a, b, chunk=16, always_split=True), torch.bmm(a, b))
+
+
+@pytest.mark.parametrize("sharpness", ["learned", 2.0])
+def test_whole_layer_function_takes_non_contiguous_inputs(sharpness):
+    layer = NeurocoderLinear(12, 7, num_programs=9, rank=4, key_dim=5, sharpness=sharpness, dtype=torch.float64)
+    _perturb(layer)
+    _assert_paths_agree(layer, torch.randn(12, 10, dtype=torch.float64).T)                     # (10, 12), transposed
+    _assert_paths_agree(layer, torch.randn(4, 12, 5, dtype=torch.float64).transpose(1, 2))     # (4, 5, 12)
