@@ -469,3 +469,34 @@ def test_reuse_probe_hand_built_layer_composes_every_program_exactly():
         assert not torch.allclose(model(x, cue.expand(4, -1)), model(x, swapped.expand(4, -1)), atol=1e-3)
     seen, unseen = probe.trained_errors(model, task, 0, orthogonality_weight=0.0, epochs=3)
     assert seen < 1e-3 and unseen < 1e-3
+
+
+def test_transition_context_reads_the_program_off_successive_states():
+    """shift_context='transitions': sum over successive pairs of x_{t+1} x_t^T. Exactly that
+    algebra, and on the default stream (states alone do not name the program) its average over
+    the parallel sequences is close to the running rotation: it names the program."""
+    history = torch.randn(5, 3 * 4)
+    states = history.view(5, 3, 4)
+    expected = sum(torch.einsum("bi,bj->bij", states[:, t + 1], states[:, t]) for t in range(2)).flatten(1)
+    torch.testing.assert_close(program_trainer.shift_context(history, 4), expected)
+    stream = shift_stream(3, segment=50, cycles=2, parallel=256)
+    for t in (20, 70, 120):
+        context, _ = stream.window(t)
+        estimate = program_trainer.shift_context(context, 4).mean(0).view(4, 4) / 2      # two pairs
+        distances = [(estimate - program).norm().item() for program in stream.programs]
+        assert min(range(3), key=distances.__getitem__) == int(stream.program[t])
+        assert min(distances) < 0.5 * sorted(distances)[1]
+    with pytest.raises(ValueError, match="shift_context='pairs'"):
+        ProgramConfig(task="shift", shift_context="pairs").check()
+    with pytest.raises(ValueError, match="shift_context='transitions' set for task='modular'"):
+        ProgramConfig(task="modular", shift_context="transitions").check()
+
+
+def test_shift_runs_with_the_transition_context(monkeypatch):
+    original = program_trainer.shift_stream
+    monkeypatch.setattr(program_trainer, "shift_stream", lambda seed, **options: original(seed, segment=30, cycles=2, **options))
+    for model in ("nc-ff", "mlp"):
+        cfg = ProgramConfig(task="shift", model=model, seeds=1, shift_context="transitions")
+        result = program_trainer._shift(cfg, 100, torch.Generator().manual_seed(0))
+        assert len(result["errors"]) == 6 * 30 and result["recovery_recurring"] <= 30
+        assert torch.isfinite(torch.tensor(result["errors"])).all()

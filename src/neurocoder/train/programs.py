@@ -43,7 +43,7 @@ from neurocoder.experiments.program_models import (PROGRAM_MODELS, build_program
                                                    regularization, routing_maps)
 from neurocoder.runs import RunFolder, atomic_write_text, changed_settings, finished_seeds
 
-__all__ = ["ProgramConfig", "run_programs", "PROGRAM_TASKS", "normalised_mutual_information", "task_seed"]
+__all__ = ["ProgramConfig", "run_programs", "PROGRAM_TASKS", "normalised_mutual_information", "task_seed", "shift_context"]
 
 PROGRAM_TASKS = {
     "modular": "K hidden regimes, each with its own low-rank program; regime inferable from the input",
@@ -54,6 +54,7 @@ PROGRAM_TASKS = {
 ONLINE_OPTIMIZERS = {"adam": torch.optim.Adam, "sgd": torch.optim.SGD}
 RECOVERY_THRESHOLD = 0.1     # relative error a model must get back under after a switch
 RECOVERY_SMOOTHING = 10      # steps in the moving average
+SHIFT_CONTEXTS = ("states", "transitions")
 
 
 @dataclass
@@ -68,6 +69,11 @@ class ProgramConfig:
     online_lr: float = 1e-2          # shift: the learning rate of the online updates
     online_optimizer: str = "adam"   # shift: 'adam' or 'sgd' (plain SGD: a slot nobody reads gets ~no update)
     shift_centre_spread: float = 0.0  # shift: > 0 gives each program a centre of its own (see shift_stream)
+    # shift: what the context (the composer's input; the MLP's extra input) holds: 'states', the
+    # last states; or 'transitions', the sum over successive pairs of x_{t+1} x_t^T (d x d), whose
+    # expectation over states on the sphere is the running program up to a scale: a context that
+    # names the program on the default stream, where the states alone do not (see shift_context).
+    shift_context: str = "states"
     # The learning rate of the parameters that choose what is read (composer and keys; NSM's query
     # and keys; MoE's gate; the MLP's hidden layer as a control), relative to the rest.
     routing_lr_scale: float = 1.0
@@ -93,10 +99,12 @@ class ProgramConfig:
             problems.append(f"routing_l1={self.routing_l1} (must be >= 0)")
         if not self.shift_centre_spread >= 0:
             problems.append(f"shift_centre_spread={self.shift_centre_spread} (must be >= 0)")
+        if self.shift_context not in SHIFT_CONTEXTS:
+            problems.append(f"shift_context={self.shift_context!r} (choose {sorted(SHIFT_CONTEXTS)})")
         # Settings the chosen task never reads: refused, so a run folder never records one as if
         # it had applied.
         if self.task != "shift":
-            ignored = changed_settings(self, ("online_lr", "online_optimizer", "shift_centre_spread"))
+            ignored = changed_settings(self, ("online_lr", "online_optimizer", "shift_centre_spread", "shift_context"))
             if ignored:
                 problems.append(f"{ignored} set for task={self.task!r}: these settings apply to the online "
                                 f"stream of task 'shift' only (drop them, or use program-shift)")
@@ -206,6 +214,14 @@ def _reuse(cfg, seed, generator) -> dict:
     return out
 
 
+def shift_context(history: torch.Tensor, dim: int) -> torch.Tensor:
+    """(B, H x d) flattened states, oldest first -> (B, d x d): sum over successive pairs of
+    x_{t+1} x_t^T. With x_{t+1} = A x_t + noise and states spread over the sphere of radius
+    sqrt(d), each term's expectation is A (E[x x^T] = I): the program, read off two states."""
+    states = history.unflatten(1, (-1, dim))                                 # (B, H, d)
+    return torch.einsum("bti,btj->bij", states[:, 1:], states[:, :-1]).flatten(1)
+
+
 def _recovery(errors: list[float], start: int, segment: int) -> int:
     """Steps after ``start`` until the moving average of ``errors`` is below the threshold
     (``segment`` if it never gets there within the segment)."""
@@ -222,7 +238,9 @@ def _recovery(errors: list[float], start: int, segment: int) -> int:
 def _shift(cfg, seed, generator) -> dict:
     stream = shift_stream(seed, centre_spread=cfg.shift_centre_spread)
     dim = stream.states.shape[-1]
-    model = build_program_model(cfg.model, dim, dim, dim * stream.history, cfg.nc_options)
+    transitions = cfg.shift_context == "transitions"
+    model = build_program_model(cfg.model, dim, dim, dim * dim if transitions else dim * stream.history,
+                                cfg.nc_options)
     optimizer = ONLINE_OPTIMIZERS[cfg.online_optimizer](parameter_groups(model, cfg.online_lr, cfg.routing_lr_scale),
                                                         lr=cfg.online_lr)
     errors = []
@@ -230,6 +248,8 @@ def _shift(cfg, seed, generator) -> dict:
     for t in range(len(stream.program)):
         context, target = stream.window(t)
         current = context[:, -dim:]
+        if transitions:
+            context = shift_context(context, dim)
         prediction = model(current, context)
         loss = F.mse_loss(prediction, target)
         errors.append((loss.detach() / target.pow(2).mean()).item())   # measured before the update
