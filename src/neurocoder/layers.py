@@ -436,7 +436,9 @@ class NeurocoderLinear(NeurocoderLayer):
         return torch.addmm(self.bias, mixed, kept["v"])
 
     def _fused_forward(self, flat: torch.Tensor, context: torch.Tensor | None) -> torch.Tensor:
-        """(B, d_in) -> (B, d_out) through :func:`~neurocoder.fused.fused_read_apply`."""
+        """(B, d_in) -> (B, d_out) through :func:`~neurocoder.fused.fused_layer_apply` (a training
+        step of a feed-forward layer reading its own input, without gates, working program or
+        frozen slots) or :func:`~neurocoder.fused.fused_read_apply` (the rest)."""
         memory, head = self.memory, self.composer.head
         joined = isinstance(self.composer, FeedForwardComposer) and context is None
         only_sharpness = not head.sizes[1] and not head.sizes[3]              # no gates, no residual gate
