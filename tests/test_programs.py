@@ -495,8 +495,22 @@ def test_transition_context_reads_the_program_off_successive_states():
 def test_shift_runs_with_the_transition_context(monkeypatch):
     original = program_trainer.shift_stream
     monkeypatch.setattr(program_trainer, "shift_stream", lambda seed, **options: original(seed, segment=30, cycles=2, **options))
+    built, contexts = [], []
+    build = program_trainer.build_program_model
+
+    def spy_build(kind, in_features, out_features, context_features, nc_options):
+        built.append(context_features)
+        model = build(kind, in_features, out_features, context_features, nc_options)
+        forward = model.forward
+        model.forward = lambda x, context=None: contexts.append(context.shape) or forward(x, context)
+        return model
+
+    monkeypatch.setattr(program_trainer, "build_program_model", spy_build)
     for model in ("nc-ff", "mlp"):
         cfg = ProgramConfig(task="shift", model=model, seeds=1, shift_context="transitions")
         result = program_trainer._shift(cfg, 100, torch.Generator().manual_seed(0))
-        assert len(result["errors"]) == 6 * 30 and result["recovery_recurring"] <= 30
+        assert len(result["errors"]) == 6 * 30
         assert torch.isfinite(torch.tensor(result["errors"])).all()
+    # Both models were built for, and given, the 4 x 4 transition context (not the 3 x 4 states).
+    assert built == [16, 16]
+    assert set(contexts) == {torch.Size([16, 16])}
