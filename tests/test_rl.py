@@ -184,6 +184,48 @@ def test_detach_context_cuts_only_the_composers_gradient_to_the_torso():
         build_agent("plain", (4, 10, 10), 3, detach_context=True)
 
 
+def test_torso_grad_scale_scales_only_the_gradient_the_torso_gets_through_the_neurocoder_layer():
+    """The probe leaves the forward and the Neurocoder layer's own gradients as they are, and
+    multiplies the gradient that reaches the torso's features through that layer (nc-policy: the
+    policy's; the plain value row's is untouched)."""
+    def build(scale):
+        torch.manual_seed(0)
+        return build_agent("nc-policy", (4, 10, 10), 3, torso_grad_scale=scale)
+
+    full, scaled = build(1.0), build(0.25)
+    features = torch.randn(16, 128)
+    grads = {}
+    for name, agent in (("full", full), ("scaled", scaled)):
+        h = features.clone().requires_grad_(True)
+        out = agent.heads(h)
+        (policy_grad,) = torch.autograd.grad(out[:, :3].square().sum(), h, retain_graph=True)
+        (value_grad,) = torch.autograd.grad(out[:, 3].square().sum(), h, retain_graph=True)
+        out[:, :3].square().sum().backward()
+        layer = [m for m in agent.modules() if isinstance(m, neurocoder.NeurocoderLinear)]
+        assert len(layer) == 1
+        grads[name] = (out.detach(), policy_grad, value_grad, [p.grad for p in layer[0].parameters()])
+    torch.testing.assert_close(grads["scaled"][0], grads["full"][0], rtol=0, atol=0)
+    torch.testing.assert_close(grads["scaled"][1], 0.25 * grads["full"][1])
+    assert grads["full"][1].abs().max() > 0
+    torch.testing.assert_close(grads["scaled"][2], grads["full"][2], rtol=0, atol=0)
+    for a, b in zip(grads["scaled"][3], grads["full"][3]):
+        torch.testing.assert_close(a, b)
+    # nc-heads: the whole output layer is wrapped, so the value's share is scaled too.
+    torch.manual_seed(0)
+    heads = build_agent("nc-heads", (4, 10, 10), 3, torso_grad_scale=0.0).heads
+    h = torch.randn(8, 128, requires_grad=True)
+    heads(h).square().sum().backward()
+    assert h.grad is None or not h.grad.any()
+    with pytest.raises(ValueError, match="must be in \\[0, 1\\]"):
+        PPOConfig(variant="nc-policy", torso_grad_scale=1.5).check()
+    with pytest.raises(ValueError, match="does not have"):
+        PPOConfig(variant="nc-fc", torso_grad_scale=0.5).check()
+    with pytest.raises(ValueError, match="set for variant='plain'"):
+        PPOConfig(variant="plain", torso_grad_scale=0.5).check()
+    with pytest.raises(ValueError, match="has none"):
+        build_agent("lowrank-heads", (4, 10, 10), 3, torso_grad_scale=0.5)
+
+
 def test_constant_context_composes_one_program_for_every_input():
     """The probe's composer reads a constant: the composed weight is the same for all inputs, so
     the head is linear in the features (f(a + b) = f(a) + f(b) - f(0) with f(0) its bias)."""

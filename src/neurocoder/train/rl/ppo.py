@@ -67,7 +67,8 @@ AGENT_VARIANTS = {
 
 
 # PPOConfig fields that configure the Neurocoder layers, meaningless for the plain agent.
-NEUROCODER_SETTINGS = ("layer_options", "layer_init", "neurocoder_lr_scale", "routing_lr_scale", "orthogonality_weight")
+NEUROCODER_SETTINGS = ("layer_options", "layer_init", "neurocoder_lr_scale", "routing_lr_scale", "orthogonality_weight",
+                       "torso_grad_scale")
 
 
 @dataclass
@@ -111,6 +112,11 @@ class PPOConfig:
     # Probe: the output layer's composer reads a constant (one input fixed at 1), so its program is
     # learned but the same for every input: Neurocoder's parametrisation without input dependence.
     constant_context: bool = False
+    # Probe: the gradient the torso receives through the Neurocoder layers is multiplied by this
+    # (their forward is unchanged; 1: no change). A Neurocoder head sends the torso gradients
+    # several times the plain head's (the plain policy rows start at gain 0.01; see the notes of
+    # session 15), so its features are shaped by the policy more than the plain agent's are.
+    torso_grad_scale: float = 1.0
     seeds: int = 3
     seed: int = 0
     checkpoint_every: int = 20         # updates
@@ -148,6 +154,12 @@ class PPOConfig:
             problems.append(f"layer_init={self.layer_init!r} does not apply to variant='nc-added-heads' "
                             f"(its Neurocoder layer is added beside the plain head, not converted from it; "
                             f"drop the setting)")
+        if not 0.0 <= self.torso_grad_scale <= 1.0:
+            problems.append(f"torso_grad_scale={self.torso_grad_scale} (must be in [0, 1]: the share of the "
+                            f"gradient through the Neurocoder layers that reaches the torso)")
+        if self.torso_grad_scale != 1.0 and self.variant in ("nc-fc", "lowrank-heads"):
+            problems.append(f"torso_grad_scale applies to a Neurocoder output layer, which variant={self.variant!r} "
+                            f"does not have (choose nc-heads, nc-policy, nc-two-heads or nc-added-heads)")
         if self.detach_context and self.constant_context:
             problems.append("detach_context and constant_context are both true (choose one probe)")
         if self.target_kl is not None and not self.target_kl > 0:
@@ -255,6 +267,21 @@ class _ProbeContext(nn.Module):
         return self.layer(features, context=features.new_ones(*features.shape[:-1], 1))
 
 
+class _ScaledInputGradient(nn.Module):
+    """``layer(h)`` in the forward; in the backward the gradient that reaches ``h`` (the torso's
+    features) through ``layer`` is multiplied by ``scale``, while ``layer``'s own parameters get
+    their full gradient. (N, hidden) -> whatever ``layer`` returns."""
+
+    def __init__(self, layer: nn.Module, scale: float) -> None:
+        super().__init__()
+        self.layer, self.scale = layer, scale
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        stopped = features.detach()
+        # stopped + scale * (features - stopped) equals features in value; its gradient is scale.
+        return self.layer(stopped + self.scale * (features - stopped))
+
+
 class _AddedHeads(nn.Module):
     """``static(h) + scale * program(h)``: the plain output layer (``static``, kept with its
     initialisation) and a second layer of the same shape (``program``, converted to Neurocoder by
@@ -274,7 +301,8 @@ class _AddedHeads(nn.Module):
 
 def build_agent(variant: str, observation_shape, num_actions: int, hidden: int = 128,
                 layer_options: dict | None = None, init: str = "random",
-                detach_context: bool = False, constant_context: bool = False) -> ActorCritic:
+                detach_context: bool = False, constant_context: bool = False,
+                torso_grad_scale: float = 1.0) -> ActorCritic:
     agent = ActorCritic(observation_shape, num_actions, hidden)
     options = {**presets.layer_options("default"), **(layer_options or {})}
     if (detach_context or constant_context) and variant != "nc-heads":
@@ -301,7 +329,24 @@ def build_agent(variant: str, observation_shape, num_actions: int, hidden: int =
         neurocoder.convert(agent, ["heads.program"], init=init, **options)
     elif variant != "plain":
         raise ValueError(f"unknown variant {variant!r}; choose one of {sorted(AGENT_VARIANTS)}")
+    if torso_grad_scale != 1.0:
+        _scale_torso_gradient(agent, variant, torso_grad_scale)
     return agent
+
+
+def _scale_torso_gradient(agent: ActorCritic, variant: str, scale: float) -> None:
+    """Wrap the output layer's Neurocoder parts in :class:`_ScaledInputGradient`."""
+    if variant in ("plain", "lowrank-heads", "nc-fc"):
+        raise ValueError(f"torso_grad_scale applies to a Neurocoder output layer; variant {variant!r} has none "
+                         f"outside the torso")
+    if variant == "nc-heads":
+        agent.heads = _ScaledInputGradient(agent.heads, scale)
+    elif variant == "nc-added-heads":
+        agent.heads.program = _ScaledInputGradient(agent.heads.program, scale)
+    else:                                                    # nc-policy, nc-two-heads
+        agent.heads.policy = _ScaledInputGradient(agent.heads.policy, scale)
+        if variant == "nc-two-heads":
+            agent.heads.value = _ScaledInputGradient(agent.heads.value, scale)
 
 
 def _parameter_groups(agent: nn.Module, lr: float, neurocoder_lr_scale: float,
@@ -352,7 +397,7 @@ class _Seed:
         self.envs = make_vector_env(cfg.env, cfg.num_envs, self.seed)
         self.agent = build_agent(cfg.variant, self.envs.observation_shape, self.envs.num_actions, cfg.hidden,
                                  cfg.layer_options, cfg.layer_init, cfg.detach_context,
-                                 cfg.constant_context)
+                                 cfg.constant_context, cfg.torso_grad_scale)
         self.optimizer = torch.optim.Adam(_parameter_groups(self.agent, cfg.lr, cfg.neurocoder_lr_scale,
                                                             cfg.routing_lr_scale), lr=cfg.lr,
                                           eps=1e-5)
