@@ -314,6 +314,44 @@ def test_routing_lr_scale_is_checked_and_one_reproduces_the_default(tmp_path, mo
     assert slower["summary"] != default["summary"]
 
 
+@pytest.mark.parametrize("kind", ["nc-ff", "mlp"])
+def test_routing_optimizer_gives_the_routing_its_own_optimiser(kind):
+    """routing_optimizer='adam' with online_optimizer='sgd': Adam over exactly the routing
+    parameters at online_lr x routing_lr_scale, SGD over the rest at online_lr; 'same' (or the
+    online optimiser's own name) keeps the single optimiser of every earlier run."""
+    from neurocoder.experiments.program_models import routing_parameters
+
+    torch.manual_seed(0)
+    model = build_program_model(kind, 4, 4, 12)
+    names = dict(model.named_parameters())
+    routing = {id(names[n]) for n in routing_parameters(model)}
+    cfg = ProgramConfig(task="shift", model=kind, online_optimizer="sgd", routing_optimizer="adam",
+                        online_lr=0.02, routing_lr_scale=0.5)
+    cfg.check()
+    both = program_trainer._online_optimizer(model, cfg)
+    sgd, adam = both.optimizers
+    assert type(sgd) is torch.optim.SGD and type(adam) is torch.optim.Adam
+    assert {id(p) for g in adam.param_groups for p in g["params"]} == routing
+    assert {id(p) for g in sgd.param_groups for p in g["params"]} == {id(p) for p in names.values()} - routing
+    assert [g["lr"] for g in adam.param_groups] == [0.01] and [g["lr"] for g in sgd.param_groups] == [0.02]
+    # One step: Adam moves a routing parameter by about its learning rate even where the gradient
+    # is tiny, SGD moves the rest by lr x gradient.
+    before = {n: p.detach().clone() for n, p in names.items()}
+    both.zero_grad()
+    (1e-6 * model(torch.randn(8, 4), torch.randn(8, 12)).square().sum()).backward()
+    both.step()
+    moved = {n: (p - before[n]).abs().max().item() for n, p in names.items()}
+    assert max(moved[n] for n in routing_parameters(model)) > 1e-3
+    assert max(v for n, v in moved.items() if n not in routing_parameters(model)) < 1e-5
+    single = program_trainer._online_optimizer(model, ProgramConfig(task="shift", online_optimizer="sgd",
+                                                                     routing_optimizer="sgd"))
+    assert type(single) is torch.optim.SGD
+    with pytest.raises(ValueError, match="routing_optimizer='lbfgs'"):
+        ProgramConfig(task="shift", routing_optimizer="lbfgs").check()
+    with pytest.raises(ValueError, match="routing_optimizer='adam' set for task='reuse'"):
+        ProgramConfig(task="reuse", routing_optimizer="adam").check()
+
+
 @pytest.mark.parametrize("kind", sorted(PROGRAM_MODELS))
 def test_routing_l1_penalises_exactly_the_maps_that_choose_the_read(kind):
     """routing_l1 adds weight x sum |w| over the routing weight matrices (composer, NSM query map,

@@ -40,7 +40,7 @@ import torch.nn.functional as F
 
 from neurocoder.data.programs import modular_task, remember_task, reuse_task, shift_stream
 from neurocoder.experiments.program_models import (PROGRAM_MODELS, build_program_model, parameter_groups,
-                                                   regularization, routing_maps)
+                                                   regularization, routing_maps, routing_parameters)
 from neurocoder.runs import RunFolder, atomic_write_text, changed_settings, finished_seeds
 
 __all__ = ["ProgramConfig", "run_programs", "PROGRAM_TASKS", "normalised_mutual_information", "task_seed", "shift_context"]
@@ -69,6 +69,12 @@ class ProgramConfig:
     online_lr: float = 1e-2          # shift: the learning rate of the online updates
     online_optimizer: str = "adam"   # shift: 'adam' or 'sgd' (plain SGD: a slot nobody reads gets ~no update)
     shift_centre_spread: float = 0.0  # shift: > 0 gives each program a centre of its own (see shift_stream)
+    # shift: the optimiser of the parameters that choose what is read (routing_parameters: the
+    # composer and keys; the MLP's hidden layer as the control), 'same' as online_optimizer or
+    # one of ONLINE_OPTIMIZERS; at online_lr x routing_lr_scale. E.g. plain SGD for the stored
+    # programs (a slot nobody reads gets no update) with Adam for the routing, whose gradients
+    # under SGD are too small to tell programs apart.
+    routing_optimizer: str = "same"
     # shift: what the context (the composer's input; the MLP's extra input) holds: 'states', the
     # last states; or 'transitions', the sum over successive pairs of x_{t+1} x_t^T (d x d), whose
     # expectation over states on the sphere is the running program up to a scale: a context that
@@ -93,6 +99,9 @@ class ProgramConfig:
             problems.append(f"model={self.model!r} (choose {sorted(PROGRAM_MODELS)})")
         if self.online_optimizer not in ONLINE_OPTIMIZERS:
             problems.append(f"online_optimizer={self.online_optimizer!r} (choose {sorted(ONLINE_OPTIMIZERS)})")
+        if self.routing_optimizer != "same" and self.routing_optimizer not in ONLINE_OPTIMIZERS:
+            problems.append(f"routing_optimizer={self.routing_optimizer!r} (choose 'same' or one of "
+                            f"{sorted(ONLINE_OPTIMIZERS)})")
         if not self.routing_lr_scale >= 0:
             problems.append(f"routing_lr_scale={self.routing_lr_scale} (must be >= 0)")
         if not self.routing_l1 >= 0:
@@ -104,7 +113,8 @@ class ProgramConfig:
         # Settings the chosen task never reads: refused, so a run folder never records one as if
         # it had applied.
         if self.task != "shift":
-            ignored = changed_settings(self, ("online_lr", "online_optimizer", "shift_centre_spread", "shift_context"))
+            ignored = changed_settings(self, ("online_lr", "online_optimizer", "shift_centre_spread", "shift_context",
+                                              "routing_optimizer"))
             if ignored:
                 problems.append(f"{ignored} set for task={self.task!r}: these settings apply to the online "
                                 f"stream of task 'shift' only (drop them, or use program-shift)")
@@ -235,14 +245,47 @@ def _recovery(errors: list[float], start: int, segment: int) -> int:
     return segment
 
 
+class _Optimizers:
+    """Several optimisers stepped as one (each over its own parameters)."""
+
+    def __init__(self, *optimizers: torch.optim.Optimizer) -> None:
+        self.optimizers = optimizers
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for optimizer in self.optimizers:
+            optimizer.zero_grad(set_to_none=set_to_none)
+
+    def step(self) -> None:
+        for optimizer in self.optimizers:
+            optimizer.step()
+
+
+def _online_optimizer(model, cfg):
+    """The shift task's online optimiser: ``online_optimizer`` over every parameter group of
+    :func:`parameter_groups`, or, with ``routing_optimizer`` set, that one over the routing
+    parameters (at online_lr x routing_lr_scale) and ``online_optimizer`` over the rest."""
+    make = ONLINE_OPTIMIZERS[cfg.online_optimizer]
+    if cfg.routing_optimizer in ("same", cfg.online_optimizer):
+        return make(parameter_groups(model, cfg.online_lr, cfg.routing_lr_scale), lr=cfg.online_lr)
+    routing = set(routing_parameters(model))
+    named = list(model.named_parameters())
+    rest = [p for n, p in named if n not in routing]
+    chosen = [p for n, p in named if n in routing]
+    if not chosen:
+        raise ValueError(f"routing_optimizer={cfg.routing_optimizer!r}: model {cfg.model!r} has no routing "
+                         f"parameters to give it")
+    route_lr = cfg.online_lr * cfg.routing_lr_scale
+    return _Optimizers(make(rest, lr=cfg.online_lr),
+                       ONLINE_OPTIMIZERS[cfg.routing_optimizer](chosen, lr=route_lr))
+
+
 def _shift(cfg, seed, generator) -> dict:
     stream = shift_stream(seed, centre_spread=cfg.shift_centre_spread)
     dim = stream.states.shape[-1]
     transitions = cfg.shift_context == "transitions"
     model = build_program_model(cfg.model, dim, dim, dim * dim if transitions else dim * stream.history,
                                 cfg.nc_options)
-    optimizer = ONLINE_OPTIMIZERS[cfg.online_optimizer](parameter_groups(model, cfg.online_lr, cfg.routing_lr_scale),
-                                                        lr=cfg.online_lr)
+    optimizer = _online_optimizer(model, cfg)
     errors = []
     model.train()
     for t in range(len(stream.program)):
