@@ -552,3 +552,29 @@ def test_shift_runs_with_the_transition_context(monkeypatch):
     # Both models were built for, and given, the 4 x 4 transition context (not the 3 x 4 states).
     assert built == [16, 16]
     assert set(contexts) == {torch.Size([16, 16])}
+
+
+def test_shift_error_curve_averages_the_steps_after_each_switch(tmp_path, capsys):
+    """scripts/shift_error_curve.py (programs notes): the mean error at each offset after the
+    switches to a recurring program (or, --first, to a new one), over switches and seeds."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(
+        "shift_error_curve", Path(__file__).resolve().parents[1] / "scripts" / "shift_error_curve.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    # Programs 0, 1, 0, 1 in segments of 3 steps: switches at 3, 6, 9; 6 and 9 recur.
+    seeds = tmp_path / "run" / "seeds"
+    seeds.mkdir(parents=True)
+    first = {"errors": [9, 8, 7, 6, 5, 4, 1, 2, 3, 3, 4, 5], "switches": [3, 6, 9], "order": [0, 1, 0, 1]}
+    second = {**first, "errors": [0, 0, 0, 0, 0, 0, 3, 2, 1, 1, 0, 1]}
+    for i, record in enumerate((first, second)):
+        (seeds / f"seed-{i:02d}.json").write_text(json.dumps(record))
+    values, count = script.curve(tmp_path / "run", steps=2)
+    assert count == 4 and values == [(1 + 3 + 3 + 1) / 4, (2 + 4 + 2 + 0) / 4]
+    values, count = script.curve(tmp_path / "run", steps=3, recurring=False)
+    assert count == 4 and values == [(9 + 6 + 0 + 0) / 4, (8 + 5) / 4, (7 + 4) / 4]
+    script.main([str(tmp_path / "run"), "--steps", "2"])
+    assert "2.00 2.00  (sum 4.00; 4 switches)" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="no seeds/seed"):
+        script.curve(tmp_path, steps=2)
