@@ -32,6 +32,43 @@ def test_orthogonality_loss_value():
     torch.testing.assert_close(m.orthogonality_loss(), torch.tensor(3 * 3 ** 0.5, dtype=torch.float64))
 
 
+def test_orthogonality_over_keys_covers_key_and_value_together(tmp_path):
+    """The released code's loss: ||[K_U | U][K_U | U]^T - I|| + the same for V. In content mode
+    the key columns are parameters of their own that only the loss reaches; in learned mode
+    they are the keys the reads use. Default off: the loss on the values alone."""
+    torch.manual_seed(0)
+    for key_mode in ("content", "learned"):
+        m = ProgramMemory(5, 7, 4, key_dim=3, key_mode=key_mode, orthogonality_over_keys=True, dtype=torch.float64)
+        ku, kv = ((m.u_key_columns, m.v_key_columns) if key_mode == "content" else (m.u_keys, m.v_keys))
+        u, v = torch.cat([ku, m.u], 1), torch.cat([kv, m.v], 1)
+        eye = torch.eye(5, dtype=torch.float64)
+        expected = torch.linalg.matrix_norm(u @ u.T - eye) + torch.linalg.matrix_norm(v @ v.T - eye)
+        torch.testing.assert_close(m.orthogonality_loss(), expected)
+        plain = ProgramMemory(5, 7, 4, key_dim=3, key_mode=key_mode, dtype=torch.float64)
+        plain.load_state_dict({n: t for n, t in m.state_dict().items() if "key_columns" not in n})
+        assert not torch.allclose(plain.orthogonality_loss(), m.orthogonality_loss())
+    # Content mode: 2 P k more parameters, which the output never reads and the loss does.
+    torch.manual_seed(1)
+    layer = NeurocoderLinear(7, 4, num_programs=5, key_dim=3, orthogonality_over_keys=True)
+    base = NeurocoderLinear(7, 4, num_programs=5, key_dim=3)
+    assert sum(p.numel() for p in layer.parameters()) - sum(p.numel() for p in base.parameters()) == 2 * 5 * 3
+    layer(torch.randn(6, 7)).pow(2).sum().backward()
+    assert layer.memory.u_key_columns.grad is None and layer.memory.v_key_columns.grad is None
+    layer.orthogonality_loss().backward()
+    assert layer.memory.u_key_columns.grad.abs().sum() > 0 and layer.memory.v_key_columns.grad.abs().sum() > 0
+    # Grows with the memory; saves and loads; a memory without the option refuses the file.
+    layer.memory.grow(2)
+    assert layer.memory.u_key_columns.shape == (7, 3) and layer.memory.v_key_columns.shape == (7, 3)
+    path = layer.save_programs(tmp_path / "okeys.safetensors")
+    assert ProgramMemory.from_file(path).orthogonality_over_keys
+    rebuilt = ProgramMemory.from_file(path)
+    torch.testing.assert_close(rebuilt.orthogonality_loss(), layer.memory.orthogonality_loss())
+    with pytest.raises(ValueError, match="orthogonality_over_keys: file True, this memory False"):
+        ProgramMemory(7, 7, 4, key_dim=3).load_programs(path)
+    with pytest.raises(TypeError, match=r"NeurocoderLinear\(in_features=7, out_features=4\): orthogonality_over_keys must be True or False, got .yes."):
+        NeurocoderLinear(7, 4, orthogonality_over_keys="yes")
+
+
 def test_regularization_sums_over_layers():
     model = torch.nn.Sequential(NeurocoderLinear(6, 5), torch.nn.ReLU(), NeurocoderLinear(5, 2))
     expected = model[0].memory.orthogonality_loss() + model[2].memory.orthogonality_loss()

@@ -89,7 +89,8 @@ class NeurocoderLayer(nn.Module):
 
     def _build(self, program_in: int, program_out: int, context_features: int, num_programs: int,
                rank: int, key_dim: int, steps: int, composer: str, key_mode: str, least_used: int,
-               sharpness: float | str, residual: bool, composer_hidden: int, factory: dict) -> None:
+               sharpness: float | str, residual: bool, composer_hidden: int, factory: dict,
+               orthogonality_over_keys: bool = False) -> None:
         owner = self._label
         for name, value in (("num_programs", num_programs), ("rank", rank), ("key_dim", key_dim),
                             ("steps", steps), ("context_features", context_features),
@@ -119,7 +120,10 @@ class NeurocoderLayer(nn.Module):
         self.sharpness = sharpness
         self.residual = residual
         self.context_features = context_features
-        self.memory = ProgramMemory(num_programs, program_in, program_out, key_dim, key_mode, **factory)
+        if not isinstance(orthogonality_over_keys, bool):
+            raise TypeError(f"{owner}: orthogonality_over_keys must be True or False, got {orthogonality_over_keys!r}")
+        self.memory = ProgramMemory(num_programs, program_in, program_out, key_dim, key_mode,
+                                    orthogonality_over_keys=orthogonality_over_keys, **factory)
         options = dict(sharpness=sharpness, least_used=least_used > 0, residual=residual, **factory)
         if composer == "feedforward":
             self.composer = FeedForwardComposer(context_features, key_dim, rank, **options)
@@ -285,6 +289,8 @@ class NeurocoderLinear(NeurocoderLayer):
             autocast and torch.func) through the fused read-and-apply of :mod:`neurocoder.fused`;
             False uses the composable path everywhere (same values and gradients up to rounding,
             slower). Also settable later as ``layer.fused``.
+        orthogonality_over_keys: the orthogonality loss over each slot's key and value together,
+            as in the authors' released code (see :class:`~neurocoder.memory.ProgramMemory`).
 
     Shapes:
         x: (..., in_features) -> y: (..., out_features); context: (..., context_features) with
@@ -297,7 +303,7 @@ class NeurocoderLinear(NeurocoderLayer):
                  key_dim: int = 8, steps: int = 1, composer: str = "feedforward", key_mode: str = "content",
                  least_used: int = 0, sharpness: float | str = "learned", residual: bool = False,
                  bias: bool = True, context_features: int | None = None, composer_hidden: int = 64,
-                 fused: bool = True, device=None, dtype=None) -> None:
+                 fused: bool = True, orthogonality_over_keys: bool = False, device=None, dtype=None) -> None:
         super().__init__()
         check_positive_int("NeurocoderLinear", "in_features", in_features)
         if not isinstance(fused, bool):
@@ -308,7 +314,8 @@ class NeurocoderLinear(NeurocoderLayer):
         factory = {"device": device, "dtype": dtype}
         self.in_features, self.out_features = in_features, out_features
         self._build(in_features, out_features, context_features or in_features, num_programs, rank, key_dim,
-                    steps, composer, key_mode, least_used, sharpness, residual, composer_hidden, factory)
+                    steps, composer, key_mode, least_used, sharpness, residual, composer_hidden, factory,
+                    orthogonality_over_keys)
         self.has_separate_context = context_features is not None
         if residual:
             self.residual_weight = nn.Parameter(torch.empty(in_features, out_features, **factory))
@@ -556,7 +563,7 @@ class NeurocoderConv2d(NeurocoderLayer):
                  composer: str = "feedforward", key_mode: str = "content", least_used: int = 0,
                  sharpness: float | str = "learned", residual: bool = False, bias: bool = True,
                  context_features: int | None = None, composer_hidden: int = 64, fused: bool = True,
-                 device=None, dtype=None) -> None:
+                 orthogonality_over_keys: bool = False, device=None, dtype=None) -> None:
         super().__init__()
         check_positive_int("NeurocoderConv2d", "in_channels", in_channels)
         # The convolution has one path (already a single conv plus a 1x1 mix); ``fused`` is
@@ -580,7 +587,8 @@ class NeurocoderConv2d(NeurocoderLayer):
         self.in_channels, self.out_channels = in_channels, out_channels
         filter_size = in_channels * self.kernel_size[0] * self.kernel_size[1]
         self._build(filter_size, out_channels, context_features or in_channels, num_programs, rank, key_dim,
-                    steps, composer, key_mode, least_used, sharpness, residual, composer_hidden, factory)
+                    steps, composer, key_mode, least_used, sharpness, residual, composer_hidden, factory,
+                    orthogonality_over_keys)
         self.has_separate_context = context_features is not None
         if residual:
             self.residual_weight = nn.Parameter(torch.empty(out_channels, in_channels, *self.kernel_size, **factory))

@@ -48,6 +48,15 @@ class ProgramMemory(nn.Module):
         key_mode: ``'learned'`` (keys are free parameters) or ``'content'`` (keys of U and V
             are a learned linear map of the slot's value, so a key follows its program).
         usage_momentum: momentum of the running average of usage over batches.
+        orthogonality_over_keys: compute the orthogonality loss over each slot's key and value
+            together, ``[K_U | U]`` and ``[K_V | V]``, as the authors' released code does (its
+            banks store key and value in one matrix and its loss covers the whole matrix).
+            In ``learned`` key mode K are the keys the reads use; in ``content`` mode, where the
+            reads use keys computed from the values, the released bank's key columns are read by
+            nothing but this loss, so the memory holds them as ``u_key_columns`` (P, k) and
+            ``v_key_columns`` (P, k), free parameters that only the loss moves (and that freezing
+            a slot leaves free: they never reach an output). Default False: the loss on the
+            values alone, as METHOD.md specifies.
 
     Attributes:
         u: (P, d_in) the U programs as a tensor (frozen slots included).
@@ -66,6 +75,7 @@ class ProgramMemory(nn.Module):
         key_dim: int,
         key_mode: str = "content",
         usage_momentum: float = 0.99,
+        orthogonality_over_keys: bool = False,
         device=None,
         dtype=None,
     ) -> None:
@@ -77,6 +87,9 @@ class ProgramMemory(nn.Module):
             raise ValueError(f"ProgramMemory: key_mode must be one of {KEY_MODES}, got {key_mode!r}")
         if not 0.0 <= usage_momentum < 1.0:
             raise ValueError(f"ProgramMemory: usage_momentum must be in [0, 1), got {usage_momentum!r}")
+        if not isinstance(orthogonality_over_keys, bool):
+            raise TypeError(f"ProgramMemory: orthogonality_over_keys must be True or False, "
+                            f"got {orthogonality_over_keys!r}")
         factory = {"device": device, "dtype": dtype}
         self.num_programs = num_programs
         self.in_features = in_features
@@ -84,6 +97,7 @@ class ProgramMemory(nn.Module):
         self.key_dim = key_dim
         self.key_mode = key_mode
         self.usage_momentum = usage_momentum
+        self.orthogonality_over_keys = orthogonality_over_keys
 
         P = num_programs
         self.u_values = nn.Parameter(torch.empty(P, in_features, **factory))
@@ -96,6 +110,9 @@ class ProgramMemory(nn.Module):
         else:
             self.u_key_map = nn.Linear(in_features, key_dim, **factory)
             self.v_key_map = nn.Linear(out_features, key_dim, **factory)
+            if orthogonality_over_keys:
+                self.u_key_columns = nn.Parameter(torch.empty(P, key_dim, **factory))
+                self.v_key_columns = nn.Parameter(torch.empty(P, key_dim, **factory))
 
         # Snapshots of frozen slots. Reads take frozen slots from here, so nothing an optimiser
         # does to the parameters (momentum, weight decay) can move them.
@@ -128,12 +145,18 @@ class ProgramMemory(nn.Module):
         else:
             self.u_key_map.reset_parameters()
             self.v_key_map.reset_parameters()
+            if self.orthogonality_over_keys:
+                # Xavier bounds of the released (P, k + d) bank that holds key and value together.
+                for columns, width in ((self.u_key_columns, self.in_features), (self.v_key_columns, self.out_features)):
+                    bound = math.sqrt(6.0 / (P + k + width))
+                    nn.init.uniform_(columns, -bound, bound)
 
     def extra_repr(self) -> str:
         frozen = int(self.frozen.sum()) if self._has_frozen else 0
         return (f"num_programs={self.num_programs}, in_features={self.in_features}, "
                 f"out_features={self.out_features}, key_dim={self.key_dim}, "
-                f"key_mode={self.key_mode!r}, frozen={frozen}")
+                f"key_mode={self.key_mode!r}, frozen={frozen}"
+                + (", orthogonality_over_keys=True" if self.orthogonality_over_keys else ""))
 
     # ----------------------------------------------------------------------------- reading
     def _effective(self, live: torch.Tensor, bank: str, part: str) -> torch.Tensor:
@@ -176,9 +199,16 @@ class ProgramMemory(nn.Module):
         """``||U U^T - I||_F + ||V V^T - I||_F`` on the program values (a scalar).
 
         It keeps the stored singular vectors orthonormal. With more slots than a bank's width
-        it cannot reach zero.
+        it cannot reach zero. With ``orthogonality_over_keys`` each bank's keys join its values
+        (``[K_U | U]``, ``[K_V | V]``), as in the released code.
         """
         u, v = self.u, self.v
+        if self.orthogonality_over_keys:
+            if self.key_mode == "learned":
+                ku, kv = self._effective(self.u_keys, "u", "keys"), self._effective(self.v_keys, "v", "keys")
+            else:
+                ku, kv = self.u_key_columns, self.v_key_columns
+            u, v = torch.cat([ku, u], dim=1), torch.cat([kv, v], dim=1)
         eye = torch.eye(self.num_programs, device=u.device, dtype=u.dtype)
         return torch.linalg.matrix_norm(u @ u.T - eye) + torch.linalg.matrix_norm(v @ v.T - eye)
 
@@ -288,6 +318,11 @@ class ProgramMemory(nn.Module):
         else:
             self.u_values = extend(self.u_values, away(u, usage[0]))
             self.v_values = extend(self.v_values, away(v, usage[1]))
+            if self.orthogonality_over_keys:
+                for name in ("u_key_columns", "v_key_columns"):
+                    old = getattr(self, name)
+                    setattr(self, name, extend(old, noise * old.std() * torch.randn(
+                        n, self.key_dim, device=old.device, dtype=old.dtype)))
         self.s_values = extend(self.s_values, s.mean().expand(n))
         self.s_keys = extend(self.s_keys, away(keys[2], usage[2]))
         old_bias = self.slot_bias if self.slot_bias is not None else u.new_zeros(3, P)
@@ -313,6 +348,7 @@ class ProgramMemory(nn.Module):
             "key_dim": self.key_dim,
             "key_mode": self.key_mode,
             "usage_momentum": self.usage_momentum,
+            "orthogonality_over_keys": self.orthogonality_over_keys,
             "dtype": str(self.u_values.dtype).removeprefix("torch."),
             "shapes": {name: list(t.shape) for name, t in self.state_dict().items()},
             "grown": self.slot_bias is not None,
@@ -391,9 +427,10 @@ class ProgramMemory(nn.Module):
         """
         meta, tensors = self.read_programs(path)
         mine = self.metadata()
-        fields = ("num_programs", "in_features", "out_features", "key_dim", "key_mode")
-        diffs = [f"{f}: file {meta.get(f)!r}, this memory {mine[f]!r}" for f in fields
-                 if meta.get(f) != mine[f]]
+        fields = ("num_programs", "in_features", "out_features", "key_dim", "key_mode", "orthogonality_over_keys")
+        defaults = {"orthogonality_over_keys": False}      # files written before the option existed
+        diffs = [f"{f}: file {meta.get(f, defaults.get(f))!r}, this memory {mine[f]!r}" for f in fields
+                 if meta.get(f, defaults.get(f)) != mine[f]]
         if diffs:
             raise ValueError(f"{path} does not fit this memory: " + "; ".join(diffs))
         if "slot_bias" in tensors and self.slot_bias is None:
@@ -415,7 +452,8 @@ class ProgramMemory(nn.Module):
         """Build a memory from a programs file."""
         meta, _ = cls.read_programs(path)
         memory = cls(meta["num_programs"], meta["in_features"], meta["out_features"], meta["key_dim"],
-                     meta["key_mode"], usage_momentum=meta.get("usage_momentum", 0.99), device=device,
+                     meta["key_mode"], usage_momentum=meta.get("usage_momentum", 0.99),
+                     orthogonality_over_keys=meta.get("orthogonality_over_keys", False), device=device,
                      dtype=getattr(torch, meta.get("dtype", "float32")))
         memory.load_programs(path)
         return memory
