@@ -818,6 +818,14 @@ def test_pool_repeats_pools_seed_sets_and_names_what_is_missing(tmp_path, capsys
         pool.main([str(tmp_path / "a"), str(tmp_path / "b")])
     with pytest.raises(SystemExit, match="no method has both"):
         pool.main([str(tmp_path / "a"), str(tmp_path / "b"), "--model", "nsm"])
+    # The reference's folders from other sets, paired in order (a model rerun with an option).
+    (tmp_path / "c" / "adam-naive-neurocoder-released").mkdir(parents=True)
+    (tmp_path / "c" / "adam-naive-neurocoder-released" / "results.json").write_text(
+        json.dumps({"final_average_accuracy": {"values": [58.0, 60.0]}}))
+    rows = pool.pool([tmp_path / "c"], "neurocoder-released", "mlp", [tmp_path / "a"])
+    assert rows[0]["per_set"] == pytest.approx([8.0]) and rows[0]["repeats"] == 2
+    with pytest.raises(SystemExit, match="2 --reference-sets for 1 sets"):
+        pool.main([str(tmp_path / "c"), "--reference-sets", str(tmp_path / "a"), str(tmp_path / "b")])
 
 
 def test_normalisation_32x32_uses_the_padded_images_statistics(isolated):  # noqa: F811
