@@ -454,6 +454,13 @@ def test_report_lays_out_published_numbers(isolated):  # noqa: F811
     runs = load_runs([isolated / "runs"])
     table = continual_tables(runs)
     assert "| Online EWC |" in table and "71.79 +- 2.04" in table and "gap (released - MLP)" in table
+    assert "Layer options beyond the preset" not in table
+    # A layer option set on every run of a model changes what its column means: the report names it.
+    for run in runs:
+        if run["config"]["model"] == "neurocoder-released":
+            run["config"]["layer_options"] = {"orthogonality_over_keys": True}
+    assert ("Layer options beyond the preset: neurocoder-released: orthogonality_over_keys=True."
+            in continual_tables(runs))
     path = write_report(runs, isolated / "report")
     assert path.exists() and list((isolated / "report").glob("accuracy_after_each_task_*.png"))
     with pytest.raises(FileNotFoundError, match="no finished run"):

@@ -218,6 +218,12 @@ def continual_tables(runs: list[dict]) -> str:
         if fisher:
             parts.append(f"EWC's Fisher averaged over: {', '.join(fisher)} ('batches' is Hsu et al.'s and the "
                          f"authors' code, which R1's lambdas were set for; 'samples' is 128x weaker at batch 128).")
+        # Layer options set beyond a model's preset change what the model column means: name them.
+        options = sorted({f"{r['config']['model']}: " + ", ".join(f"{k}={v}" for k, v in sorted(
+            r["config"]["layer_options"].items())) for r in members
+            if r["config"].get("layer_options") and r["config"]["model"] != "mlp"})
+        if options:
+            parts.append("Layer options beyond the preset: " + "; ".join(options) + ".")
         if data.get("subset"):
             parts.append("On this data subset the optimiser steps per task equal those of the full-data protocol "
                          "(4 epochs of the full MNIST task at batch 128); the published numbers used full MNIST.")
