@@ -531,6 +531,15 @@ def test_project_model_freezes_programs_by_default():
         ContinualConfig(freeze_programs=-1).check()
 
 
+def test_layer_options_on_a_model_without_neurocoder_layers_are_refused():
+    """Recorded in the run folder, they would read as if they had applied."""
+    with pytest.raises(ValueError, match=r"layer_options=\{'orthogonality_over_keys': True\} set for model='mlp', "
+                                         r"which has no Neurocoder layer"):
+        ContinualConfig(model="mlp", layer_options={"orthogonality_over_keys": True}).check()
+    ContinualConfig(model="neurocoder-released", layer_options={"orthogonality_over_keys": True}).check()
+    ContinualConfig(model="mlp").check()
+
+
 def test_task_incremental_leaves_unused_neurocoder_heads_untouched(isolated):  # noqa: F811
     # Each task has its own head; the orthogonality loss of a head no sample of the batch uses is left
     # out, so training task 2 cannot move task 1's head (the body may move: that is forgetting proper).

@@ -116,6 +116,10 @@ class ContinualConfig:
         from neurocoder.experiments.models import MODEL_VARIANTS
         if self.model not in MODEL_VARIANTS:
             problems.append(f"model={self.model!r} (choose {sorted(MODEL_VARIANTS)})")
+        elif self.layer_options and not self.model.startswith("neurocoder"):
+            # Options for Neurocoder layers on a model without any would be recorded as if applied.
+            problems.append(f"layer_options={self.layer_options} set for model={self.model!r}, which has no "
+                            f"Neurocoder layer (drop them, or choose a neurocoder model)")
         if self.freeze_programs is not None and self.freeze_programs < 0:
             problems.append(f"freeze_programs={self.freeze_programs} (must be >= 0)")
         from neurocoder.train.strategies.ewc import FISHER_AVERAGES
