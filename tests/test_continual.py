@@ -189,8 +189,11 @@ def test_summarise_accuracy_matrix():
 
 
 def test_set_overrides_and_errors():
-    cfg = make_config("split-mnist-domain", ["strategy=ewc", "repeats=3", "lr=0.01", "layer_options.least_used=5"])
+    cfg = make_config("split-mnist-domain", ["strategy=ewc", "repeats=3", "lr=0.01", "model=neurocoder-released",
+                                             "layer_options.least_used=5"])
     assert (cfg.strategy, cfg.repeats, cfg.lr, cfg.layer_options) == ("ewc", 3, 0.01, {"least_used": 5})
+    with pytest.raises(ValueError, match="which has no Neurocoder layer"):     # the preset's model is the MLP
+        make_config("split-mnist-domain", ["layer_options.least_used=5"])
     with pytest.raises(ValueError, match="unknown key; known keys"):
         make_config("split-mnist-domain", ["colour=red"])
     with pytest.raises(ValueError, match=r"strategy='magic'"):
