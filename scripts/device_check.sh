@@ -1,10 +1,23 @@
 #!/usr/bin/env bash
-# One short, prepared check for a machine with a GPU: the CUDA tests, then the layer benchmark
-# on the GPU (results in $OUT or benchmarks/results/). Needs torch with CUDA on that machine.
+# One short, prepared check for a machine with a GPU: the CUDA tests, the layer benchmark on the
+# GPU and a profile of one training step there (results in $OUT or benchmarks/results/). Needs
+# python3 with torch (CUDA) on that machine; uses pytest-xdist when it is installed there.
+#   OUT=/tmp/out bash scripts/device_check.sh
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 out="${OUT:-benchmarks/results}"
-python3 -c "import torch; print(torch.__version__, torch.cuda.get_device_name(0))" || exit 1
-python3 -m pytest -q -p no:cacheprovider tests/test_cuda.py tests/test_layers.py tests/test_fused.py tests/test_classification.py -k "cuda or split_long" 2>&1 | tee "$out/cuda-tests.log"
-python3 benchmarks/bench_layers.py --device cuda --repeats 50 --out "$out/layers-cuda.json" 2>&1 | tee "$out/bench-cuda.log"
+mkdir -p "$out"
+{ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader; nproc
+  python3 -c "import torch; print(torch.__version__, torch.cuda.get_device_name(0))"; } 2>&1 | tee "$out/machine.txt"
+python3 -c "import torch; assert torch.cuda.is_available()" || { echo "no CUDA device" >&2; exit 1; }
+parallel=""; python3 -c "import xdist" 2>/dev/null && parallel="-n 8"
+timeout "${TESTS_TIMEOUT:-270}" python3 -m pytest -q -p no:cacheprovider $parallel tests/test_cuda.py tests/test_layers.py \
+  tests/test_fused.py tests/test_classification.py -k "cuda or split_long" > "$out/cuda-tests.log" 2>&1
+echo "cuda tests: exit $? after $SECONDS s" | tee -a "$out/machine.txt"
+timeout "${BENCH_TIMEOUT:-200}" python3 benchmarks/bench_layers.py --device cuda --repeats "${REPEATS:-30}" \
+  --out "$out/layers-cuda.json" > "$out/bench-cuda.log" 2>&1
+echo "layer benchmark: exit $? after $SECONDS s" | tee -a "$out/machine.txt"
+timeout 60 python3 benchmarks/profile_layer.py --device cuda --rows 30 > "$out/profile-cuda.log" 2>&1
+echo "profile: exit $? after $SECONDS s" | tee -a "$out/machine.txt"
+tail -n 5 "$out/cuda-tests.log"; cat "$out/bench-cuda.log"; head -n 45 "$out/profile-cuda.log"

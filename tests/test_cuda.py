@@ -74,3 +74,29 @@ def test_fused_keys_gradient_split_on_cuda_matches_composable_path():
     layer = NeurocoderLinear(12, 7, num_programs=9, rank=4, key_dim=5, dtype=torch.float64).cuda()
     _perturb(layer)
     _assert_paths_agree(layer, torch.randn(2100, 12, dtype=torch.float64, device="cuda"))
+
+
+@pytest.mark.parametrize("key_mode", ["content", "learned"])
+def test_released_mlp_with_orthogonality_over_keys_trains_on_cuda_as_on_cpu(key_mode):
+    """The continual-learning model with the released loss (keys and values together): the same
+    output, loss and gradients on the GPU as on the CPU (float64), the key columns included."""
+    from neurocoder.experiments.models import build_mlp
+
+    torch.manual_seed(0)
+    model = build_mlp("neurocoder-released", 64, 1, 2, hidden=32,
+                      layer_options={"orthogonality_over_keys": True, "key_mode": key_mode}).double()
+    x = torch.randn(16, 64, dtype=torch.float64)
+
+    def loss_and_grads(m, inputs):
+        loss = m(inputs).square().mean() + neurocoder.regularization(m)
+        grads = torch.autograd.grad(loss, list(m.parameters()))
+        return loss, dict(zip([n for n, _ in m.named_parameters()], grads))
+
+    loss_cpu, grads_cpu = loss_and_grads(model, x)
+    gpu = copy.deepcopy(model).cuda()
+    loss_gpu, grads_gpu = loss_and_grads(gpu, x.cuda())
+    torch.testing.assert_close(loss_gpu.cpu(), loss_cpu, rtol=1e-9, atol=1e-10)
+    assert any("key_columns" in n for n in grads_cpu) == (key_mode == "content")
+    for name, grad in grads_cpu.items():
+        assert grads_gpu[name].is_cuda
+        torch.testing.assert_close(grads_gpu[name].cpu(), grad, rtol=1e-7, atol=1e-9, msg=name)
