@@ -2,9 +2,16 @@
 # One short, prepared check for a machine with a GPU: the CUDA tests, the layer benchmark on the
 # GPU and a profile of one training step there (results in $OUT or benchmarks/results/). Needs
 # python3 with torch (CUDA) on that machine; uses pytest-xdist when it is installed there.
+# The working tree that travels must stay under 64 MiB: results/ is larger (see README, GPU).
 #   OUT=/tmp/out bash scripts/device_check.sh
 set -uo pipefail
 cd "$(dirname "$0")/.."
+# Packages the machine lacks (the classification test's MNIST-1D generator) travel as wheels in
+# .whl/: python3 -m pip download --no-deps -d .whl mnist1d, then carry .whl.
+if compgen -G ".whl/*.whl" > /dev/null; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+fi
 export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 out="${OUT:-benchmarks/results}"
 mkdir -p "$out"
@@ -12,7 +19,7 @@ mkdir -p "$out"
   python3 -c "import torch; print(torch.__version__, torch.cuda.get_device_name(0))"; } 2>&1 | tee "$out/machine.txt"
 python3 -c "import torch; assert torch.cuda.is_available()" || { echo "no CUDA device" >&2; exit 1; }
 parallel=""; python3 -c "import xdist" 2>/dev/null && parallel="-n 8"
-timeout "${TESTS_TIMEOUT:-270}" python3 -m pytest -q -p no:cacheprovider $parallel tests/test_cuda.py tests/test_layers.py \
+timeout "${TESTS_TIMEOUT:-270}" python3 -m pytest -o addopts= -p no:cacheprovider -rfE $parallel tests/test_cuda.py tests/test_layers.py \
   tests/test_fused.py tests/test_classification.py -k "cuda or split_long" > "$out/cuda-tests.log" 2>&1
 echo "cuda tests: exit $? after $SECONDS s" | tee -a "$out/machine.txt"
 timeout "${BENCH_TIMEOUT:-200}" python3 benchmarks/bench_layers.py --device cuda --repeats "${REPEATS:-30}" \
