@@ -656,6 +656,41 @@ def test_combined_penalty_equals_the_per_term_sum(count):
         assert all(torch.equal(grads[n], expected_grads[n]) for n in grads)
 
 
+@pytest.mark.parametrize("name", ["ewc", "online-ewc", "l2", "si", "mas"])
+@pytest.mark.parametrize("count", [1, 3])
+def test_added_penalty_gradient_equals_backpropagating_the_penalty(name, count):
+    """The trainer's path (task loss backward, then add_penalty_gradient) gives every parameter the
+    gradient that backpropagating loss + penalty() gives, and the same penalty value; a parameter
+    the task loss does not reach (the second head) gets the penalty's gradient alone."""
+    torch.manual_seed(0)
+    model = build_mlp("neurocoder-released", 20, 2, 2, hidden=16).double()
+    strategy = STRATEGIES[name](model)
+    assert strategy.adds_penalty_gradient
+    reference = _ewc_with_terms(model, count)
+    strategy.terms = [{k: {n: t.double() for n, t in part.items()} for k, part in term.items()}
+                      for term in reference.terms]
+    x, y, heads = torch.randn(8, 20, dtype=torch.float64), torch.randint(0, 2, (8,)), torch.zeros(8, dtype=torch.long)
+
+    def task_loss():
+        return F.cross_entropy(model(x, heads), y)
+
+    model.zero_grad(set_to_none=True)
+    expected_value = strategy.penalty()
+    (task_loss() + expected_value).backward()
+    expected = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad(set_to_none=True)
+    task_loss().backward()
+    unreached = list(model.heads[1].parameters())
+    assert all(p.grad is None for p in unreached)
+    value = strategy.add_penalty_gradient(value=True)
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, expected[n], rtol=1e-10, atol=1e-12, msg=n)
+    assert value == pytest.approx(float(expected_value.detach()), rel=1e-10)
+    assert all(p.grad is not None for p in unreached) and sum(p.grad.abs().sum() for p in unreached) > 0
+    strategy.terms = []
+    assert strategy.add_penalty_gradient(value=True) == 0.0 and strategy.add_penalty_gradient() is None
+
+
 def test_combined_penalty_follows_every_change_of_the_terms():
     from neurocoder.train.strategies.base import per_term_penalty
     torch.manual_seed(0)

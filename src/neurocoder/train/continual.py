@@ -289,14 +289,21 @@ class _Repeat:
             loss = self.loss(x, y, heads) + self.regularization(heads)
             if self.has_moe:
                 loss = loss + cfg.moe_balance_weight * neurocoder.load_balancing_loss(self.model)
-            loss = loss + self.strategy.penalty()
+            # Quadratic penalties (EWC, online EWC, L2, SI, MAS) add their gradient straight to the
+            # parameters' gradients after backward: the same step, without the penalty's graph.
+            penalty_as_gradient = getattr(self.strategy, "adds_penalty_gradient", False)
+            if not penalty_as_gradient:
+                loss = loss + self.strategy.penalty()
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
+            penalty_value = 0.0
+            if penalty_as_gradient:
+                penalty_value = self.strategy.add_penalty_gradient(value=bar is not None)
             self.strategy.before_step()
             self.optimizer.step()
             self.strategy.after_step()
             if bar is not None:
-                bar.update(suffix=f"task {task_index + 1} loss {loss.item():.3f}")
+                bar.update(suffix=f"task {task_index + 1} loss {loss.item() + penalty_value:.3f}")
 
         def task_batches():
             g = torch.Generator().manual_seed(self.seed * 100 + task_index + 50)
