@@ -31,9 +31,10 @@ def diagonal_fisher(model, batches, loss_fn, average: str = "batches") -> dict[s
     for x, y, heads in batch_list:
         model.zero_grad(set_to_none=True)
         loss_fn(x, y, heads, targets="predicted").backward()
-        for n, p in params.items():
-            if p.grad is not None:
-                fisher[n] += p.grad.detach() ** 2 * len(x) / total
+        reached = [n for n, p in params.items() if p.grad is not None]
+        grads = [params[n].grad.detach() for n in reached]
+        # One fused multiply-add per tensor (fisher += g * g * weight) rather than three passes.
+        torch._foreach_addcmul_([fisher[n] for n in reached], grads, grads, value=len(x) / total)
     model.zero_grad(set_to_none=True)
     model.train(was_training)
     return fisher
