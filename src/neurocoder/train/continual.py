@@ -284,14 +284,14 @@ class _Repeat:
             xs, ys, hs = task.train_x, task.train_y, self.heads_for(task_index, len(task.train_y))
         self.model.train()
         self.begin_task(task_index)
+        # Quadratic penalties (EWC, online EWC, L2, SI, MAS) add their gradient straight to the
+        # parameters' gradients after backward: the same step, without the penalty's graph.
+        penalty_as_gradient = self.strategy.adds_penalty_gradient
         for x, y, heads in _batches(xs, ys, hs, cfg.batch_size, steps, generator):
             x, y, heads = self.strategy.training_batch(x, y, heads)
             loss = self.loss(x, y, heads) + self.regularization(heads)
             if self.has_moe:
                 loss = loss + cfg.moe_balance_weight * neurocoder.load_balancing_loss(self.model)
-            # Quadratic penalties (EWC, online EWC, L2, SI, MAS) add their gradient straight to the
-            # parameters' gradients after backward: the same step, without the penalty's graph.
-            penalty_as_gradient = getattr(self.strategy, "adds_penalty_gradient", False)
             if not penalty_as_gradient:
                 loss = loss + self.strategy.penalty()
             self.optimizer.zero_grad(set_to_none=True)

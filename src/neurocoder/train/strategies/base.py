@@ -22,6 +22,9 @@ class Strategy:
     name = "naive"
     default_coef = 0.0
     joint = False          # the offline upper bound trains on all tasks at once
+    # True where the trainer adds the penalty's gradient with add_penalty_gradient() after backward
+    # instead of backpropagating penalty() (QuadraticPenalty).
+    adds_penalty_gradient = False
 
     def __init__(self, model: nn.Module, coef: float | None = None, **options) -> None:
         self.model = model
@@ -135,16 +138,14 @@ class QuadraticPenalty(Strategy):
         flat = torch.cat([params[n].reshape(-1) for n in names])
         return self.coef * ((total * (flat - centre) ** 2).sum() + constant)
 
-    # The continual trainer adds this penalty's gradient with add_penalty_gradient instead of
-    # backpropagating penalty().
     adds_penalty_gradient = True
 
     def add_penalty_gradient(self, value: bool = False) -> float | None:
         """Add the penalty's gradient, ``2 coef F (p - c)``, to every parameter's ``.grad`` in place.
 
         The same gradient as backpropagating :meth:`penalty` (to rounding; tested), without its
-        autograd graph: ~7 passes over the parameters per step instead of ~20, measured in
-        ``benchmarks/bench_strategies.py``. Call it after the task loss's backward and before
+        autograd graph (a flat copy of every parameter, its elementwise passes and the split of its
+        gradient back into each tensor); the step's time is compared in ``benchmarks/bench_strategies.py``. Call it after the task loss's backward and before
         :meth:`before_step` (SI reads the gradients there, the penalty's included). Returns the
         penalty's value when ``value`` is True (the progress bar shows the whole loss), else None.
         """
