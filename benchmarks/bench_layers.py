@@ -28,13 +28,24 @@ import torch.nn as nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 import neurocoder  # noqa: E402
-from neurocoder import NeurocoderConv2d, NeurocoderLinear, presets  # noqa: E402
+from neurocoder import NeurocoderConv2d, NeurocoderLinear, native, presets  # noqa: E402
 from neurocoder.runs import code_version  # noqa: E402
 
 
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize()
+
+
+def without_native(module: nn.Module):
+    """``module``'s forward with the C++ kernels switched off (the backward follows the forward)."""
+    def run(x):
+        native.set_enabled(False)
+        try:
+            return module(x)
+        finally:
+            native.set_enabled(True)
+    return run
 
 
 def train_step(fn, x):
@@ -165,6 +176,8 @@ def main() -> None:
         "neurocoder": neurocoder.__version__,
         # The commit (and whether the tree had changes): ratios move with the layer's code.
         "code_version": code_version(),
+        # Whether the CPU rows ran the C++ kernels (neurocoder.native).
+        "native_kernels": device.type == "cpu" and native.available(),
         "repeats": args.repeats,
         "blocks": args.blocks,
         "cases": {},
@@ -188,6 +201,10 @@ def main() -> None:
     contenders = {"nn.Linear(1024, 400)": dense, "NeurocoderLinear (fast path)": layer,
                   "fast path, composable (fused=False)": composable,
                   "composed weight + bmm (released)": layer.forward_explicit}
+    if device.type == "cpu" and native.available():
+        # The fast path as it runs without the C++ kernels (the Python Function; also what runs
+        # where they cannot be built).
+        contenders["fast path, Python (no C++ kernels)"] = without_native(copy.deepcopy(layer))
     if not args.no_compile:
         # max-autotune also tries inductor's own GEMM kernels (C++ templates on a CPU) against
         # the library's. nn.Linear is timed eager: compiled with max-autotune it was slower here
@@ -217,6 +234,8 @@ def main() -> None:
     hidden_x = x.clone().requires_grad_(True)
     hidden_contenders = {"nn.Linear(1024, 400)": dense, "NeurocoderLinear (fast path)": layer,
                          "fast path, composable (fused=False)": composable}
+    if "fast path, Python (no C++ kernels)" in contenders:
+        hidden_contenders["fast path, Python (no C++ kernels)"] = contenders["fast path, Python (no C++ kernels)"]
     times, per_block = time_in_blocks(hidden_contenders, hidden_x, args.repeats, device, args.blocks)
     spread = {name: block_ratios(per_block, name, "nn.Linear(1024, 400)") for name in hidden_contenders}
     report("linear, released shape, input requiring grad (a hidden layer)", times, "nn.Linear(1024, 400)",

@@ -23,6 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
+from . import native as _native
+
 __all__ = ["fused_read_apply", "fused_layer_apply"]
 
 _EPS = 1e-8
@@ -294,6 +296,46 @@ class _FusedLayer(torch.autograd.Function):
                 grad_c, grad_d, grad_slot_bias, None, None, None, None)
 
 
+class _NativeFusedLayer(torch.autograd.Function):
+    """:class:`_FusedLayer`'s maths through the C++ kernels of :mod:`neurocoder.native` (CPU).
+
+    Same inputs and outputs; the forward and backward each run as one C++ call (a few loops and
+    the GEMMs) instead of ~70 Python-issued operations. Tests (tests/test_native.py) check both
+    Functions agree in value and gradient.
+    """
+
+    @staticmethod
+    def forward(ctx, x, head_weight, head_bias, u_values, v_values, s_values, s_keys, key_a, key_b, key_c, key_d,
+                slot_bias, rank, key_dim, sharpness, want_usage):
+        y, sigma, usage, *saved = _native.ops().fused_layer_forward(
+            x, head_weight, head_bias, u_values, v_values, s_values, s_keys, key_a, key_b, key_c, key_d, slot_bias,
+            rank, key_dim, sharpness, want_usage)
+        ctx.save_for_backward(x, head_weight, u_values, v_values, s_values, key_a, key_c, *saved)
+        ctx.rank, ctx.sharpness, ctx.has_slot_bias = rank, sharpness, slot_bias is not None
+        ctx.content = key_c is not None
+        ctx.set_materialize_grads(False)
+        ctx.mark_non_differentiable(usage)
+        return y, sigma, usage
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_y, grad_sigma, _grad_usage):
+        # once_differentiable: as _FusedReadApply's.
+        x, head_weight, u_values, v_values, s_values, key_a, key_c, *saved = ctx.saved_tensors
+        need = ctx.needs_input_grad
+        mask = sum(1 << i for i in range(12) if need[i])
+        grads = _native.ops().fused_layer_backward(
+            grad_y, grad_sigma, x, head_weight, u_values, v_values, s_values, key_a, key_c, saved, ctx.rank,
+            ctx.sharpness, ctx.has_slot_bias, mask)
+        exists = (True,) * 9 + (ctx.content, ctx.content, ctx.has_slot_bias)
+        return (*(g if need[i] and exists[i] else None for i, g in enumerate(grads)), None, None, None, None)
+
+
+def _native_applies(x: torch.Tensor) -> bool:
+    """Whether this call can take the C++ kernels: a CPU tensor outside torch.compile, kernels built."""
+    return x.device.type == "cpu" and not torch.compiler.is_compiling() and _native.ops() is not None
+
+
 def fused_layer_apply(x: torch.Tensor, head_weight: torch.Tensor, head_bias: torch.Tensor, u_values: torch.Tensor,
                       v_values: torch.Tensor, s_values: torch.Tensor, s_keys: torch.Tensor,
                       key_tensors: tuple, slot_bias: torch.Tensor | None, rank: int, key_dim: int,
@@ -320,8 +362,9 @@ def fused_layer_apply(x: torch.Tensor, head_weight: torch.Tensor, head_bias: tor
         As :func:`fused_read_apply`: y (B, d_out), sigma (B, R), usage (3, P).
     """
     a, b, c, d = (tuple(key_tensors) + (None, None))[:4]
-    return _FusedLayer.apply(x, head_weight, head_bias, u_values, v_values, s_values, s_keys, a, b, c, d, slot_bias,
-                             rank, key_dim, None if sharpness is None else float(sharpness), want_usage)
+    function = _NativeFusedLayer if _native_applies(x) else _FusedLayer
+    return function.apply(x, head_weight, head_bias, u_values, v_values, s_values, s_keys, a, b, c, d, slot_bias,
+                          rank, key_dim, None if sharpness is None else float(sharpness), want_usage)
 
 
 _REVERSE_CUMSUMS: dict = {}

@@ -1,0 +1,603 @@
+// The forward and backward of neurocoder.fused._FusedLayer for CPU tensors, in C++.
+//
+// Why: on a CPU, at the released shape, the Python Function runs ~70 small ATen operations per
+// training step; their dispatch, the Python that sequences them and the temporaries they
+// allocate (each (J, P, R x B) pass a fresh 0.75 MB at batch 128) cost as much as the
+// arithmetic. Here the GEMMs (the composer's map and x M_U^T, the V product, their gradients)
+// stay ATen calls, and everything between them is a few loops: the content attention with its
+// softmax (attend), the composed apply up to the V product (compose), and their backwards, each
+// parallel over PyTorch's threads. fused.py holds the same maths as operations; tests check the
+// two agree in value and gradient for every option.
+// Shapes as in fused.py (T = 1 here):
+//   J banks (3)  P slots  k key size  B batch  R = rank  N = R x B  C composer rows  Q = J R k
+//   head_t (C + P, B): rows (j, r, c) of queries, then (learned) J R sharpness rows, then P rows
+//   of x M_U^T; weights (J, P, R, B); unit_queries (J, k, R, B); query_norm (J, R, B).
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <optional>
+#include <vector>
+#include <chrono>
+#include <cstdio>
+static double now_us(){return std::chrono::duration<double,std::micro>(std::chrono::steady_clock::now().time_since_epoch()).count();}
+static double T_acc[4]; static long T_n;
+
+namespace {
+
+using at::Tensor;
+constexpr double kEps = 1e-8;
+constexpr double kBoundedLogits = 30.0;  // as fused._BOUNDED_LOGITS
+
+// An out= argument from a view made in the call (the view lives until the call returns).
+inline Tensor& out(Tensor&& view) { return view; }
+
+
+// exp for the softmax's loops. float: Cephes' expf (range reduction to |r| <= ln 2 / 2, a
+// degree-6 polynomial, 2^n by the exponent bits), ~1e-7 relative error, written without calls
+// or branches so that the compiler vectorises the loops that use it (needs -fno-trapping-math
+// for the clamp); double: std::exp (the double path is for tests and exact work, not speed).
+inline float exp_for_softmax(float x) {
+  x = std::min(std::max(x, -87.0f), 88.0f);
+  const float n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;   // round to nearest
+  const float r = x - n * 0.693359375f + n * 2.12194440e-4f;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r * r + r + 1.0f;
+  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
+  float scale;
+  std::memcpy(&scale, &bits, sizeof scale);
+  return p * scale;
+}
+inline double exp_for_softmax(double x) { return std::exp(x); }
+
+template <typename T>
+inline T softplus(T x) { return x > T(20) ? x : std::log1p(std::exp(x)); }   // as F.softplus (threshold 20)
+
+// Content attention of every component, one (bank, component) unit at a time: normalise the
+// queries (rows of head_t), scale them, take cosines with the unit keys and the softmax over
+// the P slots. Writes unit_queries (J, k, R, B), query_norm (J, R, B) and weights (J, P, R, B)
+// in fused.py's layouts. Within a unit the P x B block of weights stays in cache through the
+// logits, exp and normalisation: one write to memory instead of four passes.
+// (The loops live in functions taking their sizes by value: inside a lambda capturing by
+// reference the compiler must reload them after every store and the loops do not vectorise;
+// measured 5-8x slower.)
+// KeySize > 0 fixes the key size at compile time: the k products inside the vectorised loop over
+// the batch then unroll (4-8x faster than a run-time k there); 0 takes k as given.
+template <typename T, int KeySize>
+void attend_units(const T* head, const T* unit_keys, const T* learned_sharpness, T fixed_sharpness,
+                  const T* slot_bias, int64_t J, int64_t P, int64_t R, int64_t key_dim, int64_t B,
+                  T* unit_queries, T* query_norm, T* weights, int64_t begin, int64_t end) {
+  const int64_t k = KeySize > 0 ? KeySize : key_dim;
+  (void)J;   // the units' range covers the banks
+  {
+    std::vector<T> scaled(k * B), column(B), largest(B);
+    for (int64_t unit = begin; unit < end; ++unit) {
+      const int64_t j = unit / R, r = unit % R;
+      const T* q = head + unit * k * B;                              // (k, B): row (j, r, c)
+      T* norm = query_norm + unit * B;
+      std::fill(column.begin(), column.end(), T(0));
+      for (int64_t c = 0; c < k; ++c)
+        for (int64_t b = 0; b < B; ++b) column[b] += q[c * B + b] * q[c * B + b];
+      for (int64_t b = 0; b < B; ++b) norm[b] = std::max(std::sqrt(column[b]), T(1e-8));
+      const T* scale_row = learned_sharpness ? learned_sharpness + unit * B : nullptr;
+      for (int64_t c = 0; c < k; ++c) {
+        T* unit_q = unit_queries + ((j * k + c) * R + r) * B;
+        for (int64_t b = 0; b < B; ++b) {
+          const T u = q[c * B + b] / norm[b];
+          unit_q[b] = u;
+          scaled[c * B + b] = u * (scale_row ? scale_row[b] : fixed_sharpness);
+        }
+      }
+      // |logit| <= the sharpness plus the largest |slot bias|: when that is at most kBoundedLogits
+      // exp needs no max subtracted (the softmax is the same; exp(30) x P stays far inside float).
+      T bound = 0;
+      for (int64_t b = 0; b < B; ++b) bound = std::max(bound, std::abs(scale_row ? scale_row[b] : fixed_sharpness));
+      T largest_bias = 0;
+      if (slot_bias)
+        for (int64_t p = 0; p < P; ++p) largest_bias = std::max(largest_bias, std::abs(slot_bias[j * P + p]));
+      const bool bounded = bound + largest_bias <= T(kBoundedLogits);
+      // Logits column by column (the k products inside the vectorised loop over the batch), then
+      // when bounded exp and the column sums in the same pass; otherwise the max first.
+      T* __restrict__ sums = column.data();
+      T* __restrict__ top = largest.data();
+      const T* __restrict__ sq = scaled.data();
+      if (!bounded) std::fill(largest.begin(), largest.end(), -std::numeric_limits<T>::infinity());
+      std::fill(column.begin(), column.end(), T(0));
+      for (int64_t p = 0; p < P; ++p) {
+        T* __restrict__ w = weights + ((j * P + p) * R + r) * B;
+        const T* __restrict__ key = unit_keys + (j * P + p) * k;
+        const T offset = slot_bias ? slot_bias[j * P + p] : T(0);
+        if (bounded) {
+#pragma omp simd
+          for (int64_t b = 0; b < B; ++b) {
+            T logit = offset;
+            for (int64_t c = 0; c < k; ++c) logit += key[c] * sq[c * B + b];
+            const T e = exp_for_softmax(logit);
+            w[b] = e;
+            sums[b] += e;
+          }
+        } else {
+#pragma omp simd
+          for (int64_t b = 0; b < B; ++b) {
+            T logit = offset;
+            for (int64_t c = 0; c < k; ++c) logit += key[c] * sq[c * B + b];
+            w[b] = logit;
+            top[b] = std::max(top[b], logit);
+          }
+        }
+      }
+      if (!bounded) {
+        for (int64_t p = 0; p < P; ++p) {
+          T* __restrict__ w = weights + ((j * P + p) * R + r) * B;
+#pragma omp simd
+          for (int64_t b = 0; b < B; ++b) { w[b] = exp_for_softmax(w[b] - top[b]); sums[b] += w[b]; }
+        }
+      }
+      for (int64_t b = 0; b < B; ++b) column[b] = T(1) / column[b];
+      for (int64_t p = 0; p < P; ++p) {
+        T* __restrict__ w = weights + ((j * P + p) * R + r) * B;
+        const T* __restrict__ inverse = column.data();
+        for (int64_t b = 0; b < B; ++b) w[b] *= inverse[b];
+      }
+    }
+  }
+}
+
+template <typename T>
+void attend(const T* head, const T* unit_keys, const T* learned_sharpness, T fixed_sharpness,
+            const T* slot_bias, int64_t J, int64_t P, int64_t R, int64_t k, int64_t B,
+            T* unit_queries, T* query_norm, T* weights) {
+  auto units = attend_units<T, 0>;
+  switch (k) {
+    case 1: units = attend_units<T, 1>; break;
+    case 2: units = attend_units<T, 2>; break;
+    case 3: units = attend_units<T, 3>; break;
+    case 4: units = attend_units<T, 4>; break;
+    case 5: units = attend_units<T, 5>; break;
+    case 6: units = attend_units<T, 6>; break;
+    case 8: units = attend_units<T, 8>; break;
+    case 16: units = attend_units<T, 16>; break;
+    default: break;
+  }
+  at::parallel_for(0, J * R, 1, [=](int64_t begin, int64_t end) {
+    units(head, unit_keys, learned_sharpness, fixed_sharpness, slot_bias, J, P, R, k, B, unit_queries,
+          query_norm, weights, begin, end);
+  });
+}
+
+// The composed low-rank apply up to the last product, column by column (each sample apart):
+// raw_sigma = S . read_s, sigma = reverse cumulative sum of softplus(raw_sigma) (descending),
+// projected = read_u . (x M_U^T), per_component = projected * sigma, mixed = read_v . per_component.
+// weights (J, P, R, B); memory_by_slot (P, B); outputs (R, B) and mixed (P, B).
+template <typename T>
+void compose_columns(const T* weights, const T* memory_by_slot, const T* s_values, int64_t P, int64_t R, int64_t B,
+                     T* raw_sigma, T* sigma, T* projected, T* per_component, T* mixed, int64_t b0, int64_t b1) {
+  const T *read_u = weights, *read_v = weights + P * R * B, *read_s = weights + 2 * P * R * B;
+  {
+    const int64_t n = b1 - b0;
+    for (int64_t r = 0; r < R; ++r) {
+      T* raw = raw_sigma + r * B + b0;
+      T* proj = projected + r * B + b0;
+      std::fill(raw, raw + n, T(0));
+      std::fill(proj, proj + n, T(0));
+      for (int64_t p = 0; p < P; ++p) {
+        const T* ws = read_s + (p * R + r) * B + b0;
+        const T* wu = read_u + (p * R + r) * B + b0;
+        const T* m = memory_by_slot + p * B + b0;
+        const T s = s_values[p];
+        for (int64_t b = 0; b < n; ++b) { raw[b] += s * ws[b]; proj[b] += wu[b] * m[b]; }
+      }
+    }
+    for (int64_t b = b0; b < b1; ++b) {
+      T running = 0;
+      for (int64_t r = R - 1; r >= 0; --r) {
+        running += softplus(raw_sigma[r * B + b]);
+        sigma[r * B + b] = running;
+        per_component[r * B + b] = projected[r * B + b] * running;
+      }
+    }
+    for (int64_t p = 0; p < P; ++p) {
+      T* out_row = mixed + p * B + b0;
+      std::fill(out_row, out_row + n, T(0));
+      for (int64_t r = 0; r < R; ++r) {
+        const T* wv = read_v + (p * R + r) * B + b0;
+        const T* pc = per_component + r * B + b0;
+        for (int64_t b = 0; b < n; ++b) out_row[b] += wv[b] * pc[b];
+      }
+    }
+  }
+}
+
+template <typename T>
+void compose(const T* weights, const T* memory_by_slot, const T* s_values, int64_t P, int64_t R, int64_t B,
+             T* raw_sigma, T* sigma, T* projected, T* per_component, T* mixed) {
+  at::parallel_for(0, B, 32, [=](int64_t b0, int64_t b1) {
+    compose_columns(weights, memory_by_slot, s_values, P, R, B, raw_sigma, sigma, projected, per_component, mixed,
+                    b0, b1);
+  });
+}
+
+// usage (J, P): each slot's largest weight over a composition's R components, batch-averaged.
+template <typename T>
+void usage_rows(const T* weights, int64_t R, int64_t B, T* usage, int64_t begin, int64_t end) {
+  {
+    std::vector<T> largest(B);
+    for (int64_t row = begin; row < end; ++row) {
+      const T* w = weights + row * R * B;
+      std::copy(w, w + B, largest.begin());
+      for (int64_t r = 1; r < R; ++r)
+        for (int64_t b = 0; b < B; ++b) largest[b] = std::max(largest[b], w[r * B + b]);
+      T total = 0;
+      for (int64_t b = 0; b < B; ++b) total += largest[b];
+      usage[row] = total / T(B);
+    }
+  }
+}
+
+template <typename T>
+void usage_of(const T* weights, int64_t J, int64_t P, int64_t R, int64_t B, T* usage) {
+  at::parallel_for(0, J * P, 8, [=](int64_t begin, int64_t end) { usage_rows(weights, R, B, usage, begin, end); });
+}
+
+// The backward of compose for columns [b0, b1): from d loss / d mixed (P, B) (and of sigma,
+// (R, B), when sigma is an output in use) to d loss / d projected times sigma (grad_projected),
+// d loss / d raw_sigma (grad_raw) and d loss / d (x M_U^T) (grad_through_memory, (P, B): the
+// U rows of the head's gradient).
+template <typename T>
+void compose_backward_columns(const T* weights, const T* sigma, const T* projected, const T* raw_sigma,
+                              const T* grad_mixed, const T* grad_sigma, int64_t P, int64_t R, int64_t B,
+                              T* grad_projected, T* grad_raw, T* grad_through_memory, int64_t b0, int64_t b1) {
+  const T *read_u = weights, *read_v = weights + P * R * B;
+  const int64_t n = b1 - b0;
+  for (int64_t r = 0; r < R; ++r) {                   // d loss / d per_component, kept in grad_projected
+    T* __restrict__ g = grad_projected + r * B + b0;
+    std::fill(g, g + n, T(0));
+    for (int64_t p = 0; p < P; ++p) {
+      const T* __restrict__ wv = read_v + (p * R + r) * B + b0;
+      const T* __restrict__ gm = grad_mixed + p * B + b0;
+#pragma omp simd
+      for (int64_t b = 0; b < n; ++b) g[b] += wv[b] * gm[b];
+    }
+  }
+  for (int64_t b = b0; b < b1; ++b) {
+    // sigma_r = sum_{r' >= r} softplus(raw_r'): d / d softplus(raw_r') = sum_{r <= r'} d / d sigma_r.
+    T running = 0;
+    for (int64_t r = 0; r < R; ++r) {
+      const int64_t at = r * B + b;
+      const T grad_per_component = grad_projected[at];
+      running += grad_per_component * projected[at] + (grad_sigma ? grad_sigma[at] : T(0));
+      grad_raw[at] = running / (T(1) + std::exp(-raw_sigma[at]));          // times sigmoid(raw)
+      grad_projected[at] = grad_per_component * sigma[at];
+    }
+  }
+  for (int64_t p = 0; p < P; ++p) {
+    T* __restrict__ out_row = grad_through_memory + p * B + b0;
+    std::fill(out_row, out_row + n, T(0));
+    for (int64_t r = 0; r < R; ++r) {
+      const T* __restrict__ wu = read_u + (p * R + r) * B + b0;
+      const T* __restrict__ gp = grad_projected + r * B + b0;
+#pragma omp simd
+      for (int64_t b = 0; b < n; ++b) out_row[b] += wu[b] * gp[b];
+    }
+  }
+}
+
+// The backward of attend, one (bank, component) unit at a time: d loss / d read weights (from
+// compose's gradients), the softmax's backward, then the gradients of the scaled queries (into
+// the head's gradient, through the normalisation and, when learned, the sharpness) and, per
+// unit, partial sums over the batch for the keys (J R, P, k), the slot bias (J R, P) and the S
+// programs (R, P; bank 2 only), which the caller sums over components.
+template <typename T, int KeySize>
+void attend_backward_units(const T* weights, const T* unit_queries, const T* query_norm, const T* unit_keys,
+                           const T* learned_sharpness, T fixed_sharpness, const T* memory_by_slot,
+                           const T* grad_projected, const T* grad_mixed, const T* per_component, const T* s_values,
+                           const T* grad_raw, int64_t J, int64_t P, int64_t R, int64_t key_dim, int64_t B,
+                           T* grad_head, T* key_partials, T* bias_partials, T* s_partials, int64_t begin,
+                           int64_t end) {
+  const int64_t k = KeySize > 0 ? KeySize : key_dim, Q = J * R * k;
+  std::vector<T> dot_buffer(B), grad_logit_buffer(B), grad_scaled_buffer(k * B), scale_buffer(B);
+  T* __restrict__ dot = dot_buffer.data();
+  T* __restrict__ grad_logit = grad_logit_buffer.data();
+  T* __restrict__ grad_scaled = grad_scaled_buffer.data();
+  T* __restrict__ scale = scale_buffer.data();
+  for (int64_t unit = begin; unit < end; ++unit) {
+    const int64_t j = unit / R, r = unit % R;
+    // d loss / d read weight (p, b) = first[p, b] * second[b]: bank U: (x M_U^T)[p] * d projected;
+    // V: d mixed[p] * per_component; S: s[p] * d raw_sigma.
+    const T* second = (j == 0 ? grad_projected : j == 1 ? per_component : grad_raw) + r * B;
+    auto first_row = [&](int64_t p) { return (j == 0 ? memory_by_slot : grad_mixed) + p * B; };
+    std::fill(dot, dot + B, T(0));
+    for (int64_t p = 0; p < P; ++p) {
+      const T* __restrict__ w = weights + ((j * P + p) * R + r) * B;
+      if (j == 2) {
+        const T s = s_values[p];
+#pragma omp simd
+        for (int64_t b = 0; b < B; ++b) dot[b] += w[b] * s * second[b];
+      } else {
+        const T* __restrict__ f = first_row(p);
+#pragma omp simd
+        for (int64_t b = 0; b < B; ++b) dot[b] += w[b] * f[b] * second[b];
+      }
+    }
+    const T* sharp = learned_sharpness ? learned_sharpness + unit * B : nullptr;
+    for (int64_t b = 0; b < B; ++b) scale[b] = sharp ? sharp[b] : fixed_sharpness;
+    std::fill(grad_scaled, grad_scaled + k * B, T(0));
+    for (int64_t p = 0; p < P; ++p) {
+      const T* __restrict__ w = weights + ((j * P + p) * R + r) * B;
+      if (j == 2) {
+        const T s = s_values[p];
+        T s_sum = 0;
+#pragma omp simd reduction(+ : s_sum)
+        for (int64_t b = 0; b < B; ++b) {
+          grad_logit[b] = w[b] * (s * second[b] - dot[b]);
+          s_sum += w[b] * second[b];
+        }
+        if (s_partials) s_partials[r * P + p] = s_sum;
+      } else {
+        const T* __restrict__ f = first_row(p);
+#pragma omp simd
+        for (int64_t b = 0; b < B; ++b) grad_logit[b] = w[b] * (f[b] * second[b] - dot[b]);
+      }
+      if (bias_partials) {
+        T total = 0;
+#pragma omp simd reduction(+ : total)
+        for (int64_t b = 0; b < B; ++b) total += grad_logit[b];
+        bias_partials[unit * P + p] = total;
+      }
+      const T* key = unit_keys + (j * P + p) * k;
+      for (int64_t c = 0; c < k; ++c) {
+        const T* __restrict__ uq = unit_queries + ((j * k + c) * R + r) * B;
+        T* __restrict__ gs = grad_scaled + c * B;
+        const T key_c = key[c];
+        T total = 0;
+#pragma omp simd reduction(+ : total)
+        for (int64_t b = 0; b < B; ++b) {
+          total += grad_logit[b] * uq[b] * scale[b];
+          gs[b] += key_c * grad_logit[b];
+        }
+        key_partials[(unit * P + p) * k + c] = total;
+      }
+    }
+    // Through q_hat * scale and q_hat = q / |q|: d q = scale (g - q_hat (g . q_hat)) / |q|, with
+    // g = d loss / d scaled query; g . q_hat is also d loss / d scale.
+    const T* norm = query_norm + unit * B;
+#pragma omp simd
+    for (int64_t b = 0; b < B; ++b) {
+      T along = 0;
+      for (int64_t c = 0; c < k; ++c) along += grad_scaled[c * B + b] * unit_queries[((j * k + c) * R + r) * B + b];
+      for (int64_t c = 0; c < k; ++c) {
+        const T uq = unit_queries[((j * k + c) * R + r) * B + b];
+        grad_head[((j * R + r) * k + c) * B + b] = scale[b] * (grad_scaled[c * B + b] - uq * along) / norm[b];
+      }
+      if (sharp) grad_head[(Q + j * R + r) * B + b] = -along * std::expm1(-sharp[b]);   // d softplus = sigmoid
+    }
+  }
+}
+
+template <typename T>
+void attend_backward(const T* weights, const T* unit_queries, const T* query_norm, const T* unit_keys,
+                     const T* learned_sharpness, T fixed_sharpness, const T* memory_by_slot, const T* grad_projected,
+                     const T* grad_mixed, const T* per_component, const T* s_values, const T* grad_raw, int64_t J,
+                     int64_t P, int64_t R, int64_t k, int64_t B, T* grad_head, T* key_partials, T* bias_partials,
+                     T* s_partials) {
+  auto units = attend_backward_units<T, 0>;
+  switch (k) {
+    case 1: units = attend_backward_units<T, 1>; break;
+    case 2: units = attend_backward_units<T, 2>; break;
+    case 3: units = attend_backward_units<T, 3>; break;
+    case 4: units = attend_backward_units<T, 4>; break;
+    case 5: units = attend_backward_units<T, 5>; break;
+    case 6: units = attend_backward_units<T, 6>; break;
+    case 8: units = attend_backward_units<T, 8>; break;
+    case 16: units = attend_backward_units<T, 16>; break;
+    default: break;
+  }
+  at::parallel_for(0, J * R, 1, [=](int64_t begin, int64_t end) {
+    units(weights, unit_queries, query_norm, unit_keys, learned_sharpness, fixed_sharpness, memory_by_slot,
+          grad_projected, grad_mixed, per_component, s_values, grad_raw, J, P, R, k, B, grad_head, key_partials,
+          bias_partials, s_partials, begin, end);
+  });
+}
+
+// Buffers kept between calls and handed out again once nothing else holds them (neither the
+// tensor nor any view of its storage: autograd's saved tensors, a gradient a parameter kept).
+// Why: glibc serves each allocation above its mmap threshold with fresh pages, and touching
+// them costs page faults and zeroing; at the released shape, batch 128, that made the weight
+// gradient's product (200 x 1,024) take ~1.5 ms against ~0.6 ms into memory already mapped.
+// Per thread, a few sizes per buffer, each at most kReuseBytes (larger ones are allocated afresh).
+enum Buffer { kHead, kWeights, kUnitQueries, kOutput, kGradHead, kGradJoined, kGradInput, kBufferCount };
+constexpr int kReusePerBuffer = 4;
+constexpr int64_t kReuseBytes = 16 << 20;
+
+Tensor reusable(Buffer buffer, at::IntArrayRef sizes, const at::TensorOptions& options) {
+  thread_local std::vector<Tensor> kept[kBufferCount];
+  auto& entries = kept[buffer];
+  for (auto& t : entries)
+    if (t.use_count() == 1 && t.storage().use_count() == 1 && t.sizes() == sizes &&
+        t.scalar_type() == c10::typeMetaToScalarType(options.dtype()) && t.device() == options.device())
+      return t;
+  Tensor fresh = at::empty(sizes, options);
+  if (fresh.nbytes() <= kReuseBytes && fresh.device().is_cpu()) {
+    if (static_cast<int>(entries.size()) == kReusePerBuffer) entries.erase(entries.begin());
+    entries.push_back(fresh);
+  }
+  return fresh;
+}
+
+
+// Returns {y (B, d_out), sigma (B, R), usage (J, P)} then the tensors the backward needs:
+// unit_queries, query_norm, unit_keys, key_norm, weights, memory_by_slot, raw_sigma, sigma_rb,
+// projected, per_component, mixed, sharpness (empty when fixed).
+std::vector<Tensor> fused_layer_forward(
+    const Tensor& x, const Tensor& head_weight, const Tensor& head_bias, const Tensor& u_values,
+    const Tensor& v_values, const Tensor& s_values, const Tensor& s_keys, const Tensor& key_a,
+    const Tensor& key_b, const std::optional<Tensor>& key_c, const std::optional<Tensor>& key_d,
+    const std::optional<Tensor>& slot_bias, int64_t rank, int64_t key_dim,
+    std::optional<double> fixed_sharpness, bool want_usage) {
+  const int64_t B = x.size(0), C = head_weight.size(0), P = u_values.size(0), J = 3, k = key_dim;
+  const int64_t R = rank, N = R * B, Q = J * R * k;
+  // The composer's rows then x M_U^T, transposed ((C + P, B)): each product fills contiguous rows.
+  Tensor head_t = reusable(kHead, {C + P, B}, x.options());
+  at::addmm_out(out(head_t.narrow(0, 0, C)), head_bias.unsqueeze(1), head_weight, x.t());
+  at::mm_out(out(head_t.narrow(0, C, P)), u_values, x.t());
+  Tensor keys = at::empty({J, P, k}, x.options());
+  if (key_c.has_value()) {
+    at::addmm_out(out(keys[0]), key_b, u_values, key_a.t());
+    at::addmm_out(out(keys[1]), *key_d, v_values, key_c->t());
+  } else {
+    keys[0].copy_(key_a);
+    keys[1].copy_(key_b);
+  }
+  keys[2].copy_(s_keys);
+  const bool learned = !fixed_sharpness.has_value();
+  TORCH_CHECK(C == Q + (learned ? J * R : 0), "fused_layer_forward: the composer has ", C, " rows, expected ",
+              Q + (learned ? J * R : 0), " (queries", learned ? " and sharpness" : "", " only)");
+  Tensor sharpness;  // (J, 1, R, B) when learned
+  if (learned) sharpness = at::softplus(head_t.narrow(0, Q, J * R)).contiguous().view({J, 1, R, B});
+
+  Tensor key_norm = at::linalg_vector_norm(keys, 2, {2}, true).clamp_min_(kEps);      // (J, P, 1)
+  Tensor unit_keys = keys / key_norm;                                                   // (J, P, k)
+  Tensor unit_queries = reusable(kUnitQueries, {J, k, N}, x.options());
+  Tensor query_norm = at::empty({J, 1, R, B}, x.options());
+  Tensor weights = reusable(kWeights, {J, P, N}, x.options());
+  Tensor raw_sigma = at::empty({R, B}, x.options()), sigma = at::empty({R, B}, x.options());
+  Tensor projected = at::empty({R, B}, x.options()), per_component = at::empty({R, B}, x.options());
+  Tensor mixed = at::empty({P, B}, x.options());
+  Tensor usage = at::zeros({J, P}, x.options());
+  Tensor memory_by_slot = head_t.narrow(0, C, P);                                       // (P, B)
+  Tensor bias = slot_bias.has_value() ? slot_bias->contiguous() : Tensor();
+  Tensor s_contiguous = s_values.contiguous();
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "fused_layer_forward", [&] {
+    double t0 = now_us();
+    attend<scalar_t>(head_t.data_ptr<scalar_t>(), unit_keys.data_ptr<scalar_t>(),
+                     learned ? sharpness.data_ptr<scalar_t>() : nullptr,
+                     static_cast<scalar_t>(learned ? 0.0 : *fixed_sharpness),
+                     bias.defined() ? bias.data_ptr<scalar_t>() : nullptr, J, P, R, k, B,
+                     unit_queries.data_ptr<scalar_t>(), query_norm.data_ptr<scalar_t>(), weights.data_ptr<scalar_t>());
+    double t1 = now_us();
+    compose<scalar_t>(weights.data_ptr<scalar_t>(), memory_by_slot.data_ptr<scalar_t>(),
+                      s_contiguous.data_ptr<scalar_t>(), P, R, B, raw_sigma.data_ptr<scalar_t>(),
+                      sigma.data_ptr<scalar_t>(), projected.data_ptr<scalar_t>(), per_component.data_ptr<scalar_t>(),
+                      mixed.data_ptr<scalar_t>());
+    double t2 = now_us();
+    if (want_usage) usage_of<scalar_t>(weights.data_ptr<scalar_t>(), J, P, R, B, usage.data_ptr<scalar_t>());
+    double t3 = now_us();
+    T_acc[0]+=t1-t0; T_acc[1]+=t2-t1; T_acc[2]+=t3-t2; if (++T_n % 200 == 0) { fprintf(stderr, "attend %.1f compose %.1f usage %.1f us\n", T_acc[0]/200, T_acc[1]/200, T_acc[2]/200); T_acc[0]=T_acc[1]=T_acc[2]=0; }
+  });
+  Tensor y = reusable(kOutput, {B, v_values.size(1)}, x.options());
+  at::mm_out(y, mixed.t(), v_values);                                               // (B, d_out)
+  return {y, sigma.t(), usage, unit_queries, query_norm, unit_keys, key_norm, weights, memory_by_slot,
+          raw_sigma, sigma, projected, per_component, mixed, learned ? sharpness : at::empty({0}, x.options())};
+}
+
+// Gradients, in _FusedLayer.forward's argument order: x, head_weight, head_bias, u_values,
+// v_values, s_values, s_keys, key_a, key_b, key_c, key_d, slot_bias. An entry whose input needs
+// no gradient (or does not exist) is an empty tensor; the Python side turns it into None.
+std::vector<Tensor> fused_layer_backward(
+    const std::optional<Tensor>& grad_y_in, const std::optional<Tensor>& grad_sigma, const Tensor& x,
+    const Tensor& head_weight, const Tensor& u_values, const Tensor& v_values, const Tensor& s_values,
+    const Tensor& key_a, const std::optional<Tensor>& key_c,
+    at::TensorList saved, int64_t rank, std::optional<double> fixed_sharpness, bool has_slot_bias,
+    int64_t needs_mask) {
+  // Bit i of needs_mask: whether input i (the order below) needs a gradient.
+  auto needs = [needs_mask](int i) { return ((needs_mask >> i) & 1) != 0; };
+  const Tensor &unit_queries = saved[0], &query_norm = saved[1], &unit_keys = saved[2], &key_norm = saved[3],
+               &weights = saved[4], &memory_by_slot = saved[5], &raw_sigma = saved[6], &sigma = saved[7],
+               &projected = saved[8], &per_component = saved[9], &mixed = saved[10], &sharpness = saved[11];
+  const int64_t J = unit_queries.size(0), k = unit_queries.size(1), N = unit_queries.size(2);
+  const int64_t P = unit_keys.size(1), R = rank, B = N / R, C = head_weight.size(0);
+  const bool learned = !fixed_sharpness.has_value();
+  Tensor grad_y = grad_y_in.has_value() ? *grad_y_in : at::zeros({B, v_values.size(1)}, x.options());
+  Tensor grad_v_values = at::mm(mixed, grad_y);                                          // (P, d_out)
+  Tensor grad_mixed = at::mm(v_values, grad_y.t()).contiguous();                         // (P, B)
+  Tensor grad_sigma_rb = grad_sigma.has_value() ? grad_sigma->t().contiguous() : Tensor();   // (R, B)
+  // The head's gradient, (C + P, B) as head_t: query rows, (learned) sharpness rows, U rows; the
+  // kernels write every row.
+  Tensor grad_head = reusable(kGradHead, {C + P, B}, x.options());
+  Tensor grad_projected = at::empty({R, B}, x.options()), grad_raw = at::empty({R, B}, x.options());
+  Tensor key_partials = at::empty({J * R, P, k}, x.options());
+  Tensor bias_partials = has_slot_bias ? at::empty({J * R, P}, x.options()) : Tensor();
+  Tensor s_partials = at::empty({R, P}, x.options());
+  Tensor s_contiguous = s_values.contiguous();
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "fused_layer_backward", [&] {
+    at::parallel_for(0, B, 32, [&](int64_t b0, int64_t b1) {
+      compose_backward_columns<scalar_t>(
+          weights.data_ptr<scalar_t>(), sigma.data_ptr<scalar_t>(), projected.data_ptr<scalar_t>(),
+          raw_sigma.data_ptr<scalar_t>(), grad_mixed.data_ptr<scalar_t>(),
+          grad_sigma_rb.defined() ? grad_sigma_rb.data_ptr<scalar_t>() : nullptr, P, R, B,
+          grad_projected.data_ptr<scalar_t>(), grad_raw.data_ptr<scalar_t>(),
+          grad_head.data_ptr<scalar_t>() + C * B, b0, b1);
+    });
+    attend_backward<scalar_t>(
+        weights.data_ptr<scalar_t>(), unit_queries.data_ptr<scalar_t>(), query_norm.data_ptr<scalar_t>(),
+        unit_keys.data_ptr<scalar_t>(), learned ? sharpness.data_ptr<scalar_t>() : nullptr,
+        static_cast<scalar_t>(learned ? 0.0 : *fixed_sharpness), memory_by_slot.data_ptr<scalar_t>(),
+        grad_projected.data_ptr<scalar_t>(), grad_mixed.data_ptr<scalar_t>(), per_component.data_ptr<scalar_t>(),
+        s_contiguous.data_ptr<scalar_t>(), grad_raw.data_ptr<scalar_t>(), J, P, R, k, B,
+        grad_head.data_ptr<scalar_t>(), key_partials.data_ptr<scalar_t>(),
+        has_slot_bias ? bias_partials.data_ptr<scalar_t>() : nullptr, s_partials.data_ptr<scalar_t>());
+  });
+  Tensor grad_unit_keys = key_partials.view({J, R, P, k}).sum(1);                        // (J, P, k)
+  Tensor grad_slot_bias = has_slot_bias ? bias_partials.view({J, R, P}).sum(1) : at::empty({0}, x.options());
+  Tensor grad_s_values = s_partials.sum(0);                                               // (P,)
+  Tensor grad_keys = (grad_unit_keys - unit_keys * (grad_unit_keys * unit_keys).sum(2, true)) / key_norm;
+
+  Tensor none = at::empty({0}, x.options());   // no gradient (the Python side passes None)
+  Tensor grad_x = none;
+  if (needs(0)) {
+    grad_x = reusable(kGradInput, {B, x.size(1)}, x.options());
+    at::mm_out(grad_x, grad_head.narrow(0, 0, C).t(), head_weight).addmm_(grad_head.narrow(0, C, P).t(), u_values);
+  }
+  Tensor grad_head_weight = none, grad_u = none;
+  if (needs(1) || needs(3)) {
+    Tensor grad_joined = reusable(kGradJoined, {C + P, x.size(1)}, x.options());
+    at::mm_out(grad_joined, grad_head, x);                                          // (C + P, d_in)
+    grad_head_weight = grad_joined.narrow(0, 0, C);
+    grad_u = grad_joined.narrow(0, C, P);
+  }
+  Tensor grad_head_bias = needs(2) ? grad_head.narrow(0, 0, C).sum(1) : none;
+  Tensor grad_a = none, grad_b = none, grad_c = none, grad_d = none;
+  if (key_c.has_value()) {
+    Tensor grad_u_keys = grad_keys[0], grad_v_keys = grad_keys[1];                        // (P, k)
+    if (needs(3)) grad_u.addmm_(grad_u_keys, key_a);
+    if (needs(4)) grad_v_values.addmm_(grad_v_keys, *key_c);
+    if (needs(7)) grad_a = at::mm(grad_u_keys.t(), u_values);
+    if (needs(8)) grad_b = grad_u_keys.sum(0);
+    if (needs(9)) grad_c = at::mm(grad_v_keys.t(), v_values);
+    if (needs(10)) grad_d = grad_v_keys.sum(0);
+  } else {
+    grad_a = grad_keys[0];
+    grad_b = grad_keys[1];
+  }
+  return {grad_x, needs(1) ? grad_head_weight : none, grad_head_bias, needs(3) ? grad_u : none,
+          needs(4) ? grad_v_values : none, needs(5) ? grad_s_values : none, needs(6) ? grad_keys[2] : none,
+          needs(7) ? grad_a : none, needs(8) ? grad_b : none, grad_c, grad_d, grad_slot_bias};
+}
+
+}  // namespace
+
+TORCH_LIBRARY(neurocoder_cpu, m) {
+  m.def("fused_layer_forward(Tensor x, Tensor head_weight, Tensor head_bias, Tensor u_values, Tensor v_values, "
+        "Tensor s_values, Tensor s_keys, Tensor key_a, Tensor key_b, Tensor? key_c, Tensor? key_d, "
+        "Tensor? slot_bias, int rank, int key_dim, float? fixed_sharpness, "
+        "bool want_usage) -> Tensor[]");
+  m.def("fused_layer_backward(Tensor? grad_y, Tensor? grad_sigma, Tensor x, Tensor head_weight, "
+        "Tensor u_values, Tensor v_values, Tensor s_values, Tensor key_a, Tensor? key_c, "
+        "Tensor[] saved, int rank, float? fixed_sharpness, bool has_slot_bias, int needs_mask) -> Tensor[]");
+}
+
+TORCH_LIBRARY_IMPL(neurocoder_cpu, CPU, m) {
+  m.impl("fused_layer_forward", &fused_layer_forward);
+  m.impl("fused_layer_backward", &fused_layer_backward);
+}

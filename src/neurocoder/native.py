@@ -1,0 +1,106 @@
+"""The C++ kernels for CPU training steps of the fused layer (``csrc/fused_layer.cpp``).
+
+The fused feed-forward layer (:mod:`neurocoder.fused`) runs ~70 small ATen operations per
+training step; on a CPU their dispatch, the Python that sequences them and the temporaries they
+allocate cost as much as the arithmetic. The kernels do the same maths as a few loops between
+the GEMMs. They are compiled on first use with PyTorch's ``torch.utils.cpp_extension`` (needs a
+C++ compiler, and ninja, a dependency; about 30 s on two cores, cached under
+``TORCH_EXTENSIONS_DIR``, by default ``~/.cache/torch_extensions``) and used for CPU tensors in
+float32 and float64. Everything else (CUDA, torch.compile, autocast, least-used reading, traces)
+keeps the Python path, and so does every call when the build is unavailable: the maths is the
+same, only slower. ``make setup`` builds them ahead of time, as does
+``python -c "import neurocoder.native as n; n.main()"``, which also says whether they are in use.
+
+Set ``NEUROCODER_NATIVE=0`` to never build or use them, or call :func:`set_enabled`.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import warnings
+from pathlib import Path
+
+import torch
+
+__all__ = ["available", "ops", "set_enabled", "build", "main"]
+
+_SOURCE = Path(__file__).resolve().parent / "csrc" / "fused_layer.cpp"
+_NAME = "neurocoder_cpu_ops"
+# None: not tried yet; False: disabled, or the build failed; otherwise torch.ops.neurocoder_cpu.
+_state: dict = {"ops": None, "enabled": os.environ.get("NEUROCODER_NATIVE", "1") != "0", "error": None}
+
+
+def set_enabled(enabled: bool) -> None:
+    """Use the C++ kernels where they apply (True, the default) or never (False: the Python path)."""
+    if not isinstance(enabled, bool):
+        raise TypeError(f"neurocoder.native.set_enabled: expected True or False, got {enabled!r}")
+    _state["enabled"] = enabled
+
+
+def _compile_flags() -> list[str]:
+    """-O3; OpenMP, so that at::parallel_for splits the loops over PyTorch's threads (the soname
+    resolves to the libgomp PyTorch already loaded); -fno-trapping-math, so that the clamp in the
+    softmax's exp vectorises; AVX2 and FMA where PyTorch found them on this CPU."""
+    flags = ["-O3", "-fopenmp", "-fno-trapping-math"]
+    if torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512"):
+        flags += ["-mavx2", "-mfma"]
+    return flags
+
+
+def build(verbose: bool = False):
+    """Compile (or load the cached build of) the kernels; returns ``torch.ops.neurocoder_cpu``.
+    Raises what the build raised (a missing compiler, a compile error)."""
+    if _state["ops"] is None:
+        from torch.utils import cpp_extension
+        if not hasattr(torch.ops.neurocoder_cpu, "fused_layer_forward"):
+            # The build runs ninja from PATH; the one pip installed beside this interpreter (a
+            # dependency) counts too, also when the environment is not activated.
+            scripts = str(Path(sys.executable).parent)
+            path = os.environ.get("PATH", "")
+            if scripts not in path.split(os.pathsep):
+                os.environ["PATH"] = scripts + (os.pathsep + path if path else "")
+            cpp_extension.load(name=_NAME, sources=[str(_SOURCE)], extra_cflags=_compile_flags(),
+                               extra_ldflags=["-fopenmp"], is_python_module=False, verbose=verbose)
+        _state["ops"] = torch.ops.neurocoder_cpu
+    return _state["ops"]
+
+
+def ops():
+    """``torch.ops.neurocoder_cpu`` when the kernels are enabled and built, else None.
+
+    The first call builds them (tens of seconds without a cached build). A failed build warns
+    once, naming the error, and the library carries on with the Python path.
+    """
+    if not _state["enabled"] or _state["error"] is not None:
+        return None
+    if _state["ops"] is None:
+        try:
+            build()
+        except Exception as error:  # noqa: BLE001 - any build failure means: use the Python path
+            _state["error"] = error
+            warnings.warn(f"neurocoder: the C++ CPU kernels could not be built ({type(error).__name__}: "
+                          f"{str(error).strip().splitlines()[-1] if str(error).strip() else ''}); "
+                          "using the Python path (same results, slower on a CPU). Install a C++ compiler "
+                          "(e.g. Debian's g++) to build them, or set NEUROCODER_NATIVE=0 to silence this.",
+                          RuntimeWarning, stacklevel=3)
+            return None
+    return _state["ops"]
+
+
+def available() -> bool:
+    """Whether CPU training steps of the fused layer run the C++ kernels (building them if needed)."""
+    return ops() is not None
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Build the kernels (``-v``: show the compiler's output) and say whether they are in use."""
+    argv = sys.argv[1:] if argv is None else argv
+    try:
+        build(verbose="-v" in argv)
+    except Exception as error:  # noqa: BLE001
+        print(f"neurocoder.native: build failed: {type(error).__name__}: {error}")
+        return 1
+    print(f"neurocoder.native: C++ CPU kernels built from {_SOURCE.name}"
+          + (" and in use" if _state["enabled"] else ", but disabled by NEUROCODER_NATIVE=0"))
+    return 0

@@ -1,0 +1,187 @@
+"""The C++ CPU kernels (neurocoder.native, csrc/fused_layer.cpp) against the Python Function
+they replace (neurocoder.fused._FusedLayer): same values and gradients for every option, taken
+exactly where they apply, buffers reused only when nothing else holds them, and a failed build
+that falls back with a warning."""
+
+import itertools
+import shutil
+
+import pytest
+import torch
+
+import neurocoder.fused as fused_module
+from neurocoder import NeurocoderLinear, native, presets
+from neurocoder.fused import fused_layer_apply
+
+pytestmark = pytest.mark.skipif(shutil.which("c++") is None and shutil.which("g++") is None,
+                                reason="no C++ compiler to build the kernels")
+
+
+@pytest.fixture(autouse=True)
+def _restore_native_switch():
+    yield
+    native.set_enabled(True)
+
+
+def _inputs(B, d_in, d_out, P, rank, k, key_mode, slot_bias, learned_sharpness, dtype=torch.float64, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+
+    def tensor(*shape, scale=1.0):
+        return (torch.randn(*shape, generator=generator, dtype=dtype) * scale).requires_grad_(True)
+
+    C = 3 * rank * k + (3 * rank if learned_sharpness else 0)
+    keys = ((tensor(k, d_in), tensor(k), tensor(k, d_out), tensor(k)) if key_mode == "content" else
+            (tensor(P, k), tensor(P, k)))
+    return dict(x=tensor(B, d_in), head_weight=tensor(C, d_in, scale=0.5), head_bias=tensor(C),
+                u_values=tensor(P, d_in), v_values=tensor(P, d_out), s_values=tensor(P), s_keys=tensor(P, k),
+                key_tensors=keys, slot_bias=tensor(3, P) if slot_bias else None, rank=rank, key_dim=k)
+
+
+def _run(enabled, inputs, sharpness, use_sigma=True):
+    """Outputs and the gradient of every input of one forward+backward, with the kernels on or off."""
+    native.set_enabled(enabled)
+    leaves = [v for name, v in inputs.items() if isinstance(v, torch.Tensor)] + list(inputs["key_tensors"])
+    for leaf in leaves:
+        leaf.grad = None
+    y, sigma, usage = fused_layer_apply(inputs["x"], inputs["head_weight"], inputs["head_bias"], inputs["u_values"],
+                                        inputs["v_values"], inputs["s_values"], inputs["s_keys"],
+                                        inputs["key_tensors"], inputs["slot_bias"], inputs["rank"],
+                                        inputs["key_dim"], sharpness)
+    weights = torch.linspace(-1, 1, y.shape[1], dtype=y.dtype)
+    loss = (y * weights).square().sum() + (sigma.log().sum() if use_sigma else 0)
+    loss.backward()
+    return [y.detach(), sigma.detach(), usage], [None if leaf.grad is None else leaf.grad.clone() for leaf in leaves]
+
+
+def _function_taken(inputs, sharpness):
+    y, _, _ = fused_layer_apply(inputs["x"], inputs["head_weight"], inputs["head_bias"], inputs["u_values"],
+                                inputs["v_values"], inputs["s_values"], inputs["s_keys"], inputs["key_tensors"],
+                                inputs["slot_bias"], inputs["rank"], inputs["key_dim"], sharpness)
+    return type(y.grad_fn).__name__
+
+
+CASES = list(itertools.product(["content", "learned"], [False, True], ["fixed", "large", "learned"], [1, 5, 70],
+                               [3, 5, 7]))
+
+
+@pytest.mark.parametrize("key_mode,slot_bias,sharpness,B,k", CASES,
+                         ids=[f"{m}-bias{int(b)}-{s}-B{n}-k{k}" for m, b, s, n, k in CASES])
+def test_kernels_equal_the_python_function_in_float64(key_mode, slot_bias, sharpness, B, k):
+    """Every branch of the kernels: content and learned keys, slot bias, a fixed sharpness small
+    enough for the max-free softmax and one too large for it, a learned one; batches of one, an
+    odd size and one the threads split; key sizes compiled in (3, 5) and taken at run time (7)."""
+    inputs = _inputs(B, 11, 6, 9, 3, k, key_mode, slot_bias, sharpness == "learned", seed=B + k)
+    fixed = {"fixed": 1.7, "large": 45.0, "learned": None}[sharpness]
+    assert _function_taken(inputs, fixed) == "_NativeFusedLayerBackward"
+    outputs_native, grads_native = _run(True, inputs, fixed)
+    outputs_python, grads_python = _run(False, inputs, fixed)
+    for got, want in zip(outputs_native, outputs_python):
+        torch.testing.assert_close(got, want, rtol=1e-11, atol=1e-12)
+    for i, (got, want) in enumerate(zip(grads_native, grads_python)):
+        assert (got is None) == (want is None), i
+        if want is not None:
+            torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-11, msg=f"gradient of input {i}")
+
+
+def test_kernels_in_float32_at_the_released_shape():
+    """float32 (the softmax's exp is a polynomial there) against the Python Function."""
+    torch.manual_seed(0)
+    layer = NeurocoderLinear(1024, 400, **presets.layer_options("released"))
+    x = torch.randn(128, 1024)
+    results = []
+    for enabled in (True, False):
+        native.set_enabled(enabled)
+        layer.zero_grad(set_to_none=True)
+        y = layer(x)
+        y.square().mean().backward()
+        results.append([y.detach()] + [p.grad.clone() for p in layer.parameters() if p.grad is not None])
+    assert len(results[0]) == len(results[1])
+    for got, want in zip(*results):
+        torch.testing.assert_close(got, want, rtol=2e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("needs", [(0,), (1, 3), (4, 5, 6), (7, 8, 9, 10), (11,)])
+def test_only_the_inputs_that_need_it_get_a_gradient(needs):
+    inputs = _inputs(4, 8, 5, 6, 2, 3, "content", True, True)
+    leaves = [inputs[n] for n in ("x", "head_weight", "head_bias", "u_values", "v_values", "s_values", "s_keys")]
+    leaves += list(inputs["key_tensors"]) + [inputs["slot_bias"]]
+    for i, leaf in enumerate(leaves):
+        leaf.requires_grad_(i in needs)
+    outputs_native, grads_native = _run(True, inputs, None)
+    outputs_python, grads_python = _run(False, inputs, None)
+    for got, want in zip(grads_native, grads_python):
+        assert (got is None) == (want is None)
+        if want is not None:
+            torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-11)
+
+
+def test_reused_buffers_never_overwrite_what_is_still_held():
+    """Outputs kept across steps, gradients a parameter took over (``.grad`` set to None before
+    the step, so autograd keeps the returned tensor) and an input gradient kept by a leaf stay
+    as they were while later steps run."""
+    torch.manual_seed(1)
+    layer = NeurocoderLinear(32, 16, num_programs=8, rank=3, key_dim=4, sharpness=2.0, dtype=torch.float64)
+    reference = NeurocoderLinear(32, 16, num_programs=8, rank=3, key_dim=4, sharpness=2.0, dtype=torch.float64)
+    reference.load_state_dict(layer.state_dict())
+    held = []
+    for step in range(4):
+        x = torch.randn(20, 32, dtype=torch.float64, requires_grad=True)
+        layer.zero_grad(set_to_none=True)
+        y = layer(x)
+        y.square().sum().backward()
+        held.append((y, x, {n: p.grad for n, p in layer.named_parameters()}, y.detach().clone(), x.grad.clone(),
+                     {n: p.grad.clone() for n, p in layer.named_parameters()}))
+    native.set_enabled(False)
+    for y, x, grads, y_copy, x_grad_copy, grad_copies in held:
+        torch.testing.assert_close(y.detach(), y_copy, rtol=0, atol=0)
+        torch.testing.assert_close(x.grad, x_grad_copy, rtol=0, atol=0)
+        for name in grads:
+            torch.testing.assert_close(grads[name], grad_copies[name], rtol=0, atol=0)
+        # and they are what the Python path computes (the layer's usage average aside)
+        reference.zero_grad(set_to_none=True)
+        x_again = x.detach().requires_grad_(True)
+        y_python = reference(x_again)
+        y_python.square().sum().backward()
+        torch.testing.assert_close(y_copy, y_python.detach(), rtol=1e-11, atol=1e-12)
+        torch.testing.assert_close(x_grad_copy, x_again.grad, rtol=1e-9, atol=1e-11)
+
+
+def test_switch_and_where_the_kernels_apply():
+    inputs = _inputs(3, 6, 4, 5, 2, 2, "content", False, False)
+    native.set_enabled(False)
+    assert native.ops() is None
+    assert _function_taken(inputs, 1.0) == "_FusedLayerBackward"
+    native.set_enabled(True)
+    assert native.available()
+    assert _function_taken(inputs, 1.0) == "_NativeFusedLayerBackward"
+    with pytest.raises(TypeError, match="set_enabled: expected True or False"):
+        native.set_enabled("yes")
+
+
+def test_a_failed_build_warns_once_and_falls_back(monkeypatch):
+    state = dict(native._state)
+    monkeypatch.setitem(native._state, "ops", None)
+    monkeypatch.setitem(native._state, "error", None)
+
+    def failing_build(verbose=False):
+        raise RuntimeError("Error building extension 'neurocoder_cpu_ops'\nc++: not found")
+
+    monkeypatch.setattr(native, "build", failing_build)
+    layer = NeurocoderLinear(6, 4, num_programs=5, rank=2, key_dim=3)
+    x = torch.randn(3, 6)
+    with pytest.warns(RuntimeWarning, match=r"C\+\+ CPU kernels could not be built .*c\+\+: not found.*Python path"):
+        y = layer(x)
+    y.sum().backward()                                    # the Python Function did the step
+    assert type(layer(x).grad_fn).__name__ != "_NativeFusedLayerBackward"
+    assert native.ops() is None                           # no second attempt, no second warning
+    native._state.update(state)
+
+
+def test_torch_compile_traces_the_python_function(monkeypatch):
+    """Inside torch.compile the Python Function runs (the compiler traces its operations)."""
+    calls, python_apply = [], fused_module._FusedLayer.apply
+    monkeypatch.setattr(fused_module.torch.compiler, "is_compiling", lambda: True)
+    monkeypatch.setattr(fused_module._FusedLayer, "apply", lambda *a: calls.append(1) or python_apply(*a))
+    inputs = _inputs(3, 6, 4, 5, 2, 2, "content", False, False)
+    _run(True, inputs, 1.0)
+    assert calls
