@@ -24,10 +24,6 @@
 #include <limits>
 #include <optional>
 #include <vector>
-#include <chrono>
-#include <cstdio>
-static double now_us(){return std::chrono::duration<double,std::micro>(std::chrono::steady_clock::now().time_since_epoch()).count();}
-static double T_acc[4]; static long T_n;
 
 namespace {
 
@@ -479,21 +475,16 @@ std::vector<Tensor> fused_layer_forward(
   Tensor bias = slot_bias.has_value() ? slot_bias->contiguous() : Tensor();
   Tensor s_contiguous = s_values.contiguous();
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "fused_layer_forward", [&] {
-    double t0 = now_us();
     attend<scalar_t>(head_t.data_ptr<scalar_t>(), unit_keys.data_ptr<scalar_t>(),
                      learned ? sharpness.data_ptr<scalar_t>() : nullptr,
                      static_cast<scalar_t>(learned ? 0.0 : *fixed_sharpness),
                      bias.defined() ? bias.data_ptr<scalar_t>() : nullptr, J, P, R, k, B,
                      unit_queries.data_ptr<scalar_t>(), query_norm.data_ptr<scalar_t>(), weights.data_ptr<scalar_t>());
-    double t1 = now_us();
     compose<scalar_t>(weights.data_ptr<scalar_t>(), memory_by_slot.data_ptr<scalar_t>(),
                       s_contiguous.data_ptr<scalar_t>(), P, R, B, raw_sigma.data_ptr<scalar_t>(),
                       sigma.data_ptr<scalar_t>(), projected.data_ptr<scalar_t>(), per_component.data_ptr<scalar_t>(),
                       mixed.data_ptr<scalar_t>());
-    double t2 = now_us();
     if (want_usage) usage_of<scalar_t>(weights.data_ptr<scalar_t>(), J, P, R, B, usage.data_ptr<scalar_t>());
-    double t3 = now_us();
-    T_acc[0]+=t1-t0; T_acc[1]+=t2-t1; T_acc[2]+=t3-t2; if (++T_n % 200 == 0) { fprintf(stderr, "attend %.1f compose %.1f usage %.1f us\n", T_acc[0]/200, T_acc[1]/200, T_acc[2]/200); T_acc[0]=T_acc[1]=T_acc[2]=0; }
   });
   Tensor y = reusable(kOutput, {B, v_values.size(1)}, x.options());
   at::mm_out(y, mixed.t(), v_values);                                               // (B, d_out)
