@@ -158,6 +158,16 @@ def test_switch_and_where_the_kernels_apply():
         native.set_enabled("yes")
 
 
+def test_other_dtypes_take_the_python_function():
+    """bfloat16 (which the kernels do not cover) and inputs of mixed dtypes go to the Python Function."""
+    inputs = _inputs(3, 6, 4, 5, 2, 2, "content", False, False, dtype=torch.bfloat16)
+    assert _function_taken(inputs, 1.0) == "_FusedLayerBackward"
+    inputs = _inputs(3, 6, 4, 5, 2, 2, "content", False, False, dtype=torch.float32)
+    inputs["x"] = inputs["x"].detach().double().requires_grad_(True)
+    with pytest.raises(RuntimeError):                     # the Python Function's own complaint
+        _function_taken(inputs, 1.0)
+
+
 def test_a_failed_build_warns_once_and_falls_back(monkeypatch):
     state = dict(native._state)
     monkeypatch.setitem(native._state, "ops", None)

@@ -331,9 +331,13 @@ class _NativeFusedLayer(torch.autograd.Function):
         return (*(g if need[i] and exists[i] else None for i, g in enumerate(grads)), None, None, None, None)
 
 
-def _native_applies(x: torch.Tensor) -> bool:
-    """Whether this call can take the C++ kernels: a CPU tensor outside torch.compile, kernels built."""
-    return x.device.type == "cpu" and not torch.compiler.is_compiling() and _native.ops() is not None
+def _native_applies(x: torch.Tensor, *others: torch.Tensor | None) -> bool:
+    """Whether this call can take the C++ kernels: CPU tensors of one dtype, float32 or float64,
+    outside torch.compile, kernels built. (Anything else takes the Python Function, which also
+    reports mismatched inputs in its own words.)"""
+    return (x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64)
+            and all(t is None or (t.dtype == x.dtype and t.device.type == "cpu") for t in others)
+            and not torch.compiler.is_compiling() and _native.ops() is not None)
 
 
 def fused_layer_apply(x: torch.Tensor, head_weight: torch.Tensor, head_bias: torch.Tensor, u_values: torch.Tensor,
@@ -362,7 +366,8 @@ def fused_layer_apply(x: torch.Tensor, head_weight: torch.Tensor, head_bias: tor
         As :func:`fused_read_apply`: y (B, d_out), sigma (B, R), usage (3, P).
     """
     a, b, c, d = (tuple(key_tensors) + (None, None))[:4]
-    function = _NativeFusedLayer if _native_applies(x) else _FusedLayer
+    native = _native_applies(x, head_weight, head_bias, u_values, v_values, s_values, s_keys, a, b, c, d, slot_bias)
+    function = _NativeFusedLayer if native else _FusedLayer
     return function.apply(x, head_weight, head_bias, u_values, v_values, s_values, s_keys, a, b, c, d, slot_bias,
                           rank, key_dim, None if sharpness is None else float(sharpness), want_usage)
 
