@@ -16,6 +16,7 @@ Set ``NEUROCODER_NATIVE=0`` to never build or use them, or call :func:`set_enabl
 
 from __future__ import annotations
 
+import hashlib
 import os
 import sys
 import warnings
@@ -48,6 +49,16 @@ def _compile_flags() -> list[str]:
     return flags
 
 
+def _build_name(flags: list[str]) -> str:
+    """The build's name (its folder under TORCH_EXTENSIONS_DIR): the source, the flags and the
+    PyTorch install it compiles against, hashed. So two environments (a venv and a CI clone's)
+    keep a build each instead of rebuilding in turn, and a changed source never overwrites a
+    library another process has loaded."""
+    digest = hashlib.sha256(_SOURCE.read_bytes())
+    digest.update(" ".join(flags + [torch.__version__, str(Path(torch.__file__).resolve())]).encode())
+    return f"{_NAME}_{digest.hexdigest()[:12]}"
+
+
 def build(verbose: bool = False):
     """Compile (or load the cached build of) the kernels; returns ``torch.ops.neurocoder_cpu``.
     Raises what the build raised (a missing compiler, a compile error)."""
@@ -60,7 +71,8 @@ def build(verbose: bool = False):
             path = os.environ.get("PATH", "")
             if scripts not in path.split(os.pathsep):
                 os.environ["PATH"] = scripts + (os.pathsep + path if path else "")
-            cpp_extension.load(name=_NAME, sources=[str(_SOURCE)], extra_cflags=_compile_flags(),
+            flags = _compile_flags()
+            cpp_extension.load(name=_build_name(flags), sources=[str(_SOURCE)], extra_cflags=flags,
                                extra_ldflags=["-fopenmp"], is_python_module=False, verbose=verbose)
         _state["ops"] = torch.ops.neurocoder_cpu
     return _state["ops"]
