@@ -23,6 +23,7 @@
 #include <cstring>
 #include <limits>
 #include <optional>
+#include <type_traits>
 #include <vector>
 
 namespace {
@@ -65,6 +66,23 @@ inline T softplus(T x) { return x > T(20) ? x : std::log1p(std::exp(x)); }   // 
 // the P slots. Writes unit_queries (J, k, R, B), query_norm (J, R, B) and weights (J, P, R, B)
 // in fused.py's layouts. Within a unit the P x B block of weights stays in cache through the
 // logits, exp and normalisation: one write to memory instead of four passes.
+// pick(std::integral_constant<int, K>) for the key sizes compiled in (K = k), else for K = 0 (the
+// generic loop): how attend and its backward choose their instantiation.
+template <typename Pick>
+auto with_key_size(int64_t k, Pick pick) {
+  switch (k) {
+    case 1: return pick(std::integral_constant<int, 1>{});
+    case 2: return pick(std::integral_constant<int, 2>{});
+    case 3: return pick(std::integral_constant<int, 3>{});
+    case 4: return pick(std::integral_constant<int, 4>{});
+    case 5: return pick(std::integral_constant<int, 5>{});
+    case 6: return pick(std::integral_constant<int, 6>{});
+    case 8: return pick(std::integral_constant<int, 8>{});
+    case 16: return pick(std::integral_constant<int, 16>{});
+    default: return pick(std::integral_constant<int, 0>{});
+  }
+}
+
 // KeySize > 0 fixes the key size at compile time: the k products inside the vectorised loop over
 // the batch then unroll (4-5x faster than a run-time k there, measured); 0 takes k as given.
 template <typename T, int KeySize>
@@ -151,22 +169,24 @@ template <typename T>
 void attend(const T* head, const T* unit_keys, const T* learned_sharpness, T fixed_sharpness,
             const T* slot_bias, int64_t J, int64_t P, int64_t R, int64_t k, int64_t B,
             T* unit_queries, T* query_norm, T* weights) {
-  auto units = attend_units<T, 0>;
-  switch (k) {
-    case 1: units = attend_units<T, 1>; break;
-    case 2: units = attend_units<T, 2>; break;
-    case 3: units = attend_units<T, 3>; break;
-    case 4: units = attend_units<T, 4>; break;
-    case 5: units = attend_units<T, 5>; break;
-    case 6: units = attend_units<T, 6>; break;
-    case 8: units = attend_units<T, 8>; break;
-    case 16: units = attend_units<T, 16>; break;
-    default: break;
-  }
+  const auto units = with_key_size(k, [](auto size) { return attend_units<T, decltype(size)::value>; });
   at::parallel_for(0, J * R, 1, [=](int64_t begin, int64_t end) {
     units(head, unit_keys, learned_sharpness, fixed_sharpness, slot_bias, J, P, R, k, B, unit_queries,
           query_norm, weights, begin, end);
   });
+}
+
+// out[b] = sum_i a(i)[b] * c(i)[b] for b < n: a(i), c(i) give the i-th pair of rows. The
+// contractions of compose and its backward (over slots or over components) are all this.
+template <typename T, typename RowsA, typename RowsC>
+inline void sum_of_products(T* __restrict__ out, int64_t n, int64_t count, RowsA a, RowsC c) {
+  std::fill(out, out + n, T(0));
+  for (int64_t i = 0; i < count; ++i) {
+    const T* __restrict__ row_a = a(i);
+    const T* __restrict__ row_c = c(i);
+#pragma omp simd
+    for (int64_t b = 0; b < n; ++b) out[b] += row_a[b] * row_c[b];
+  }
 }
 
 // The composed low-rank apply up to the last product, column by column (each sample apart):
@@ -200,15 +220,9 @@ void compose_columns(const T* weights, const T* memory_by_slot, const T* s_value
         per_component[r * B + b] = projected[r * B + b] * running;
       }
     }
-    for (int64_t p = 0; p < P; ++p) {
-      T* out_row = mixed + p * B + b0;
-      std::fill(out_row, out_row + n, T(0));
-      for (int64_t r = 0; r < R; ++r) {
-        const T* wv = read_v + (p * R + r) * B + b0;
-        const T* pc = per_component + r * B + b0;
-        for (int64_t b = 0; b < n; ++b) out_row[b] += wv[b] * pc[b];
-      }
-    }
+    for (int64_t p = 0; p < P; ++p)
+      sum_of_products(mixed + p * B + b0, n, R, [=](int64_t r) { return read_v + (p * R + r) * B + b0; },
+                      [=](int64_t r) { return per_component + r * B + b0; });
   }
 }
 
@@ -253,16 +267,9 @@ void compose_backward_columns(const T* weights, const T* sigma, const T* project
                               T* grad_projected, T* grad_raw, T* grad_through_memory, int64_t b0, int64_t b1) {
   const T *read_u = weights, *read_v = weights + P * R * B;
   const int64_t n = b1 - b0;
-  for (int64_t r = 0; r < R; ++r) {                   // d loss / d per_component, kept in grad_projected
-    T* __restrict__ g = grad_projected + r * B + b0;
-    std::fill(g, g + n, T(0));
-    for (int64_t p = 0; p < P; ++p) {
-      const T* __restrict__ wv = read_v + (p * R + r) * B + b0;
-      const T* __restrict__ gm = grad_mixed + p * B + b0;
-#pragma omp simd
-      for (int64_t b = 0; b < n; ++b) g[b] += wv[b] * gm[b];
-    }
-  }
+  for (int64_t r = 0; r < R; ++r)                     // d loss / d per_component, kept in grad_projected
+    sum_of_products(grad_projected + r * B + b0, n, P, [=](int64_t p) { return read_v + (p * R + r) * B + b0; },
+                    [=](int64_t p) { return grad_mixed + p * B + b0; });
   for (int64_t b = b0; b < b1; ++b) {
     // sigma_r = sum_{r' >= r} softplus(raw_r'): d / d softplus(raw_r') = sum_{r <= r'} d / d sigma_r.
     T running = 0;
@@ -274,16 +281,10 @@ void compose_backward_columns(const T* weights, const T* sigma, const T* project
       grad_projected[at] = grad_per_component * sigma[at];
     }
   }
-  for (int64_t p = 0; p < P; ++p) {
-    T* __restrict__ out_row = grad_through_memory + p * B + b0;
-    std::fill(out_row, out_row + n, T(0));
-    for (int64_t r = 0; r < R; ++r) {
-      const T* __restrict__ wu = read_u + (p * R + r) * B + b0;
-      const T* __restrict__ gp = grad_projected + r * B + b0;
-#pragma omp simd
-      for (int64_t b = 0; b < n; ++b) out_row[b] += wu[b] * gp[b];
-    }
-  }
+  for (int64_t p = 0; p < P; ++p)
+    sum_of_products(grad_through_memory + p * B + b0, n, R,
+                    [=](int64_t r) { return read_u + (p * R + r) * B + b0; },
+                    [=](int64_t r) { return grad_projected + r * B + b0; });
 }
 
 // The backward of attend, one (bank, component) unit at a time: d loss / d read weights (from
@@ -384,18 +385,8 @@ void attend_backward(const T* weights, const T* unit_queries, const T* query_nor
                      const T* grad_mixed, const T* per_component, const T* s_values, const T* grad_raw, int64_t J,
                      int64_t P, int64_t R, int64_t k, int64_t B, T* grad_head, T* key_partials, T* bias_partials,
                      T* s_partials) {
-  auto units = attend_backward_units<T, 0>;
-  switch (k) {
-    case 1: units = attend_backward_units<T, 1>; break;
-    case 2: units = attend_backward_units<T, 2>; break;
-    case 3: units = attend_backward_units<T, 3>; break;
-    case 4: units = attend_backward_units<T, 4>; break;
-    case 5: units = attend_backward_units<T, 5>; break;
-    case 6: units = attend_backward_units<T, 6>; break;
-    case 8: units = attend_backward_units<T, 8>; break;
-    case 16: units = attend_backward_units<T, 16>; break;
-    default: break;
-  }
+  const auto units =
+      with_key_size(k, [](auto size) { return attend_backward_units<T, decltype(size)::value>; });
   at::parallel_for(0, J * R, 1, [=](int64_t begin, int64_t end) {
     units(weights, unit_queries, query_norm, unit_keys, learned_sharpness, fixed_sharpness, memory_by_slot,
           grad_projected, grad_mixed, per_component, s_values, grad_raw, J, P, R, k, B, grad_head, key_partials,
