@@ -15,8 +15,7 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet $(TORCH)
 	$(PY) -m pip install --quiet -e '.[dev]'
-	# The C++ CPU kernels, built now rather than on first use (~30 s; the library falls back to
-	# its Python path, with a warning, where they cannot be built).
+	@echo "building the C++ CPU kernels (~30 s; without them the layer runs its Python path)"
 	$(PY) -c 'import sys, neurocoder.native as n; sys.exit(n.main())' || \
 	  echo "warning: C++ kernels not built; the Python path will be used"
 	touch $@
