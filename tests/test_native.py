@@ -195,3 +195,13 @@ def test_torch_compile_traces_the_python_function(monkeypatch):
     inputs = _inputs(3, 6, 4, 5, 2, 2, "content", False, False)
     _run(True, inputs, 1.0)
     assert calls
+
+
+def test_a_build_about_to_compile_is_announced_and_a_cached_one_is_not(tmp_path, monkeypatch, capsys):
+    import torch.utils.cpp_extension as cpp_extension
+    monkeypatch.setattr(cpp_extension, "_get_build_directory", lambda name, verbose: str(tmp_path))
+    native._announce_if_building("neurocoder_cpu_ops_test")
+    assert "compiling the C++ CPU kernels, once" in capsys.readouterr().err
+    (tmp_path / "neurocoder_cpu_ops_test.so").write_bytes(b"")
+    native._announce_if_building("neurocoder_cpu_ops_test")
+    assert capsys.readouterr().err == ""

@@ -59,6 +59,19 @@ def _build_name(flags: list[str]) -> str:
     return f"{_NAME}_{digest.hexdigest()[:12]}"
 
 
+def _announce_if_building(name: str) -> None:
+    """Say so on stderr when the kernels are about to be compiled (a pause of tens of seconds in
+    the first call of a layer); a cached build loads silently."""
+    try:
+        from torch.utils.cpp_extension import _get_build_directory   # private: best effort only
+        library = Path(_get_build_directory(name, False)) / f"{name}.so"
+    except Exception:  # noqa: BLE001
+        return
+    if not library.exists():
+        print(f"neurocoder: compiling the C++ CPU kernels, once (~30 s on two cores; kept in {library.parent})",
+              file=sys.stderr, flush=True)
+
+
 def build(verbose: bool = False):
     """Compile (or load the cached build of) the kernels; returns ``torch.ops.neurocoder_cpu``.
     Raises what the build raised (a missing compiler, a compile error)."""
@@ -72,6 +85,7 @@ def build(verbose: bool = False):
             if scripts not in path.split(os.pathsep):
                 os.environ["PATH"] = scripts + (os.pathsep + path if path else "")
             flags = _compile_flags()
+            _announce_if_building(_build_name(flags))
             cpp_extension.load(name=_build_name(flags), sources=[str(_SOURCE)], extra_cflags=flags,
                                extra_ldflags=["-fopenmp"], is_python_module=False, verbose=verbose)
         _state["ops"] = torch.ops.neurocoder_cpu
