@@ -28,7 +28,8 @@ __all__ = ["available", "ops", "set_enabled", "build", "main"]
 
 _SOURCE = Path(__file__).resolve().parent / "csrc" / "fused_layer.cpp"
 _NAME = "neurocoder_cpu_ops"
-# None: not tried yet; False: disabled, or the build failed; otherwise torch.ops.neurocoder_cpu.
+# ops: torch.ops.neurocoder_cpu once built or loaded (None before); enabled: the switch;
+# error: what a failed build raised (then no further attempt is made).
 _state: dict = {"ops": None, "enabled": os.environ.get("NEUROCODER_NATIVE", "1") != "0", "error": None}
 
 
@@ -81,13 +82,19 @@ def build(verbose: bool = False):
             # The build runs ninja from PATH; the one pip installed beside this interpreter (a
             # dependency) counts too, also when the environment is not activated.
             scripts = str(Path(sys.executable).parent)
-            path = os.environ.get("PATH", "")
-            if scripts not in path.split(os.pathsep):
+            path = os.environ.get("PATH")
+            if scripts not in (path or "").split(os.pathsep):
                 os.environ["PATH"] = scripts + (os.pathsep + path if path else "")
-            flags = _compile_flags()
-            _announce_if_building(_build_name(flags))
-            cpp_extension.load(name=_build_name(flags), sources=[str(_SOURCE)], extra_cflags=flags,
-                               extra_ldflags=["-fopenmp"], is_python_module=False, verbose=verbose)
+            try:
+                flags = _compile_flags()
+                _announce_if_building(_build_name(flags))
+                cpp_extension.load(name=_build_name(flags), sources=[str(_SOURCE)], extra_cflags=flags,
+                                   extra_ldflags=["-fopenmp"], is_python_module=False, verbose=verbose)
+            finally:
+                if path is None:
+                    os.environ.pop("PATH", None)
+                else:
+                    os.environ["PATH"] = path
         _state["ops"] = torch.ops.neurocoder_cpu
     return _state["ops"]
 
