@@ -87,8 +87,9 @@ def build(verbose: bool = False):
                 os.environ["PATH"] = scripts + (os.pathsep + path if path else "")
             try:
                 flags = _compile_flags()
-                _announce_if_building(_build_name(flags))
-                cpp_extension.load(name=_build_name(flags), sources=[str(_SOURCE)], extra_cflags=flags,
+                name = _build_name(flags)
+                _announce_if_building(name)
+                cpp_extension.load(name=name, sources=[str(_SOURCE)], extra_cflags=flags,
                                    extra_ldflags=["-fopenmp"], is_python_module=False, verbose=verbose)
             finally:
                 if path is None:
