@@ -205,3 +205,83 @@ def test_a_build_about_to_compile_is_announced_and_a_cached_one_is_not(tmp_path,
     (tmp_path / "neurocoder_cpu_ops_test.so").write_bytes(b"")
     native._announce_if_building("neurocoder_cpu_ops_test")
     assert capsys.readouterr().err == ""
+
+
+def _record_kernel_calls(monkeypatch) -> list:
+    """Patch neurocoder.native.ops so that each kernel called through it is named in the list returned."""
+    calls, original = [], native.ops
+
+    class Recorder:
+        def __init__(self, kernels):
+            self.kernels = kernels
+
+        def __getattr__(self, name):
+            calls.append(name)
+            return getattr(self.kernels, name)
+
+    monkeypatch.setattr(native, "ops", lambda: None if (kernels := original()) is None else Recorder(kernels))
+    return calls
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("grown", [False, True])
+@pytest.mark.parametrize("key_mode,sharpness,bias", [("content", "learned", True), ("content", 2.0, False),
+                                                    ("learned", "learned", False), ("learned", 45.0, True)])
+def test_inference_kernel_matches_the_python_inference_path(key_mode, sharpness, bias, grown, dtype, monkeypatch):
+    """No-grad, eval-mode calls (an agent's rollout) run one C++ call (fused_layer_inference) with
+    the constants reuse_programs keeps: the same outputs as the Python inference path, for every
+    key mode, a fixed (also large: the max-subtracting softmax) or learned sharpness, with and
+    without bias, slot offsets (a grown memory) and frozen slots; and the kept constants are
+    refreshed after a parameter changes."""
+    import neurocoder
+    torch.manual_seed(0)
+    layer = NeurocoderLinear(12, 7, num_programs=9, rank=4, key_dim=5, key_mode=key_mode, sharpness=sharpness,
+                             bias=bias, dtype=dtype)
+    if grown:
+        layer.memory.grow(2)
+        layer.memory.freeze([0, 3])
+    with torch.no_grad():
+        for p in layer.parameters():
+            p.add_(torch.randn_like(p) * 0.3)
+    layer.eval()
+    x = torch.randn(3, 5, 12, dtype=dtype)
+    calls = _record_kernel_calls(monkeypatch)
+    with torch.no_grad():
+        native.set_enabled(False)
+        expected = layer(x)
+        native.set_enabled(True)
+        with neurocoder.reuse_programs(layer):
+            got = [layer(x) for _ in range(2)]
+            layer.memory.v_values.mul_(1.5)
+            changed = layer(x)
+        native.set_enabled(False)
+        expected_changed = layer(x)
+    assert calls.count("fused_layer_inference") == 3 and all(y.dtype == dtype for y in got)
+    tolerance = dict(rtol=1e-12, atol=1e-12) if dtype == torch.float64 else dict(rtol=2e-5, atol=2e-6)
+    for y in got:
+        torch.testing.assert_close(y, expected, **tolerance)
+    torch.testing.assert_close(changed, expected_changed, **tolerance)
+    assert not torch.allclose(changed, expected)
+
+
+def test_inference_kernel_is_not_taken_for_a_separate_context_or_bfloat16(monkeypatch):
+    """A composer reading a separate context, and dtypes the kernels lack, keep the Python
+    inference path (which the fused-path tests check)."""
+    calls = _record_kernel_calls(monkeypatch)
+    with torch.no_grad():
+        layer = NeurocoderLinear(12, 7, num_programs=9, rank=4, key_dim=5, context_features=6).eval()
+        layer(torch.randn(4, 12), context=torch.randn(4, 6))
+        NeurocoderLinear(12, 7, num_programs=9, rank=4, key_dim=5, dtype=torch.bfloat16).eval()(
+            torch.randn(4, 12, dtype=torch.bfloat16))
+    assert "fused_layer_inference" not in calls
+
+
+def test_inference_kernel_names_a_composer_of_the_wrong_size():
+    """Called directly with a composer whose rows do not match rank and key size, the kernel says
+    what it expected instead of reading out of bounds."""
+    J, P, R, k, d_in, d_out = 3, 6, 2, 4, 8, 5
+    x = torch.randn(4, d_in)
+    joined = torch.randn(J * R * k + 1 + P, d_in)
+    with pytest.raises(RuntimeError, match="the composer has 25 rows, expected 24"):
+        native.ops().fused_layer_inference(x, joined, torch.zeros(joined.shape[0]), torch.randn(J, P, k),
+                                           torch.randn(P), torch.randn(P, d_out), None, None, R, k, 1.0)

@@ -564,6 +564,46 @@ std::vector<Tensor> fused_layer_backward(
           needs(7) ? grad_a : none, needs(8) ? grad_b : none, grad_c, grad_d, grad_slot_bias};
 }
 
+// The forward of a no-grad, eval-mode call: an agent's rollout makes thousands of them on small
+// batches, where the fixed cost of each operation dominates. The training forward's maths from
+// constants the caller keeps between calls (neurocoder.reuse_programs): the composer's rows
+// joined with the U programs, (C + P, d_in) and (C + P,), and the unit keys (J, P, k). Nothing is
+// saved for a backward and no usage is counted. Returns y (B, d_out), the output bias included.
+Tensor fused_layer_inference(const Tensor& x, const Tensor& joined_weight, const Tensor& joined_bias,
+                             const Tensor& unit_keys, const Tensor& s_values, const Tensor& v_values,
+                             const std::optional<Tensor>& output_bias, const std::optional<Tensor>& slot_bias,
+                             int64_t rank, int64_t key_dim, std::optional<double> fixed_sharpness) {
+  const int64_t B = x.size(0), P = v_values.size(0), J = 3, k = key_dim, R = rank, N = R * B;
+  const int64_t C = joined_weight.size(0) - P, Q = J * R * k;
+  const bool learned = !fixed_sharpness.has_value();
+  TORCH_CHECK(C == Q + (learned ? J * R : 0), "fused_layer_inference: the composer has ", C, " rows, expected ",
+              Q + (learned ? J * R : 0), " (queries", learned ? " and sharpness" : "", " only)");
+  TORCH_CHECK(unit_keys.dim() == 3 && unit_keys.size(0) == J && unit_keys.size(1) == P && unit_keys.size(2) == k,
+              "fused_layer_inference: unit keys of shape ", unit_keys.sizes(), ", expected (3, ", P, ", ", k, ")");
+  Tensor head_t = at::empty({C + P, B}, x.options());
+  at::addmm_out(head_t, joined_bias.unsqueeze(1), joined_weight, x.t());
+  Tensor sharpness;
+  if (learned) sharpness = at::softplus(head_t.narrow(0, Q, J * R)).contiguous();
+  Tensor unit_queries = at::empty({J, k, N}, x.options()), query_norm = at::empty({J, R, B}, x.options());
+  Tensor weights = at::empty({J, P, N}, x.options());
+  Tensor scratch = at::empty({4, R, B}, x.options()), mixed = at::empty({P, B}, x.options());
+  Tensor keys = unit_keys.contiguous(), s_contiguous = s_values.contiguous();
+  Tensor bias = slot_bias.has_value() ? slot_bias->contiguous() : Tensor();
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "fused_layer_inference", [&] {
+    attend<scalar_t>(head_t.data_ptr<scalar_t>(), keys.data_ptr<scalar_t>(),
+                     learned ? sharpness.data_ptr<scalar_t>() : nullptr,
+                     static_cast<scalar_t>(learned ? 0.0 : *fixed_sharpness),
+                     bias.defined() ? bias.data_ptr<scalar_t>() : nullptr, J, P, R, k, B,
+                     unit_queries.data_ptr<scalar_t>(), query_norm.data_ptr<scalar_t>(), weights.data_ptr<scalar_t>());
+    scalar_t* rows = scratch.data_ptr<scalar_t>();      // raw sigma, sigma, projected, per component
+    compose<scalar_t>(weights.data_ptr<scalar_t>(), head_t.data_ptr<scalar_t>() + C * B,
+                      s_contiguous.data_ptr<scalar_t>(), P, R, B, rows, rows + N, rows + 2 * N, rows + 3 * N,
+                      mixed.data_ptr<scalar_t>());
+  });
+  if (output_bias.has_value()) return at::addmm(*output_bias, mixed.t(), v_values);
+  return at::mm(mixed.t(), v_values);
+}
+
 }  // namespace
 
 TORCH_LIBRARY(neurocoder_cpu, m) {
@@ -574,9 +614,13 @@ TORCH_LIBRARY(neurocoder_cpu, m) {
   m.def("fused_layer_backward(Tensor? grad_y, Tensor? grad_sigma, Tensor x, Tensor head_weight, "
         "Tensor u_values, Tensor v_values, Tensor s_values, Tensor key_a, Tensor? key_c, "
         "Tensor[] saved, int rank, float? fixed_sharpness, bool has_slot_bias, int needs_mask) -> Tensor[]");
+  m.def("fused_layer_inference(Tensor x, Tensor joined_weight, Tensor joined_bias, Tensor unit_keys, "
+        "Tensor s_values, Tensor v_values, Tensor? output_bias, Tensor? slot_bias, int rank, int key_dim, "
+        "float? fixed_sharpness) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(neurocoder_cpu, CPU, m) {
   m.impl("fused_layer_forward", &fused_layer_forward);
   m.impl("fused_layer_backward", &fused_layer_backward);
+  m.impl("fused_layer_inference", &fused_layer_inference);
 }
