@@ -65,6 +65,7 @@ test-fast: $(VENV)/.installed
 
 bench: $(VENV)/.installed
 	$(PY) benchmarks/bench_layers.py
+	$(PY) benchmarks/bench_inference.py
 	$(PY) benchmarks/bench_classification.py
 	$(PY) benchmarks/bench_agents.py
 	$(PY) benchmarks/bench_strategies.py
