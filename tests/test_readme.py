@@ -18,7 +18,8 @@ def test_readme_usage_example_runs(tmp_path, monkeypatch):
 
 def test_readme_names_the_commands_it_documents():
     text = README.read_text()
-    for command in ("make setup", "make demo", "make test", "make bench", "neurocoder data download"):
+    for command in ("make setup", "make demo", "make test", "make bench", "neurocoder data download",
+                    "neurocoder info"):
         assert command in text
     makefile = (README.parent / "Makefile").read_text()
     for target in ("setup:", "demo:", "test:", "bench:"):

@@ -32,6 +32,47 @@ def _data(args: argparse.Namespace) -> int:
     return 0
 
 
+def _info(args: argparse.Namespace) -> int:
+    """What this install has: versions, threads, devices, the C++ kernels, data sets, extras."""
+    import importlib.metadata
+    import platform
+
+    import torch
+
+    from . import native
+    from .data.sources import DATASETS, locate_dataset
+
+    if args.build:
+        try:
+            native.build()
+        except Exception as error:  # noqa: BLE001 - reported below, as the kernels' state
+            native._state["error"] = error
+    def version(package: str) -> str:
+        try:
+            return importlib.metadata.version(package)
+        except importlib.metadata.PackageNotFoundError:
+            return "missing"
+
+    print(f"neurocoder {__version__}, Python {platform.python_version()}, torch {torch.__version__}, "
+          f"numpy {version('numpy')}, safetensors {version('safetensors')}")
+    print(f"  CPU: {torch.get_num_threads()} thread(s) for PyTorch, vector capability "
+          f"{torch.backends.cpu.get_cpu_capability()}")
+    if torch.cuda.is_available():
+        names = ", ".join(torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count()))
+        print(f"  CUDA: {torch.cuda.device_count()} device(s): {names}")
+    else:
+        print("  CUDA: not available (everything runs on the CPU)")
+    print(f"  C++ CPU kernels: {native.describe()}")
+    print("data sets:")
+    for name in DATASETS:
+        where = locate_dataset(name)
+        print(f"  {name:<14} {where or 'missing; install: ' + DATASETS[name]['install']}")
+    print("optional packages (experiments: pip install -e '.[experiments,rl]'; make setup installs them):")
+    for package in ("matplotlib", "mnist1d", "minatar", "gymnasium", "ale-py"):
+        print(f"  {package:<14} {version(package)}")
+    return 1 if args.build and native._state["error"] is not None else 0
+
+
 def _list(args: argparse.Namespace) -> int:
     from .experiments.backbones import BACKBONES, VARIANTS, variants_for
     from .experiments.models import MODEL_VARIANTS
@@ -160,6 +201,10 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--data-dir", default=None, help="folder with the IDX files")
     demo.add_argument("--out", default=None, help="run folder (default runs/demo-<time>)")
     demo.set_defaults(func=_demo)
+
+    info = commands.add_parser("info", help="versions, threads, devices, C++ kernels, data sets on this machine")
+    info.add_argument("--build", action="store_true", help="build (or load) the C++ CPU kernels first")
+    info.set_defaults(func=_info)
 
     lister = commands.add_parser("list", help="named experiment presets, strategies and models")
     lister.set_defaults(func=_list)

