@@ -285,3 +285,89 @@ def test_inference_kernel_names_a_composer_of_the_wrong_size():
     with pytest.raises(RuntimeError, match="the composer has 25 rows, expected 24"):
         native.ops().fused_layer_inference(x, joined, torch.zeros(joined.shape[0]), torch.randn(J, P, k),
                                            torch.randn(P), torch.randn(P, d_out), None, None, R, k, 1.0)
+
+
+def _read_inputs(B, T, rank, k, P, d_out, packed, learned, slot_bias, dtype=torch.float64, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+
+    def tensor(*shape, scale=1.0):
+        return (torch.randn(*shape, generator=generator, dtype=dtype) * scale).requires_grad_(True)
+
+    Q, R = 3 * rank * k, T * rank
+    C = Q + 5 + (P if packed else 0)                       # five columns the read does not use (gates)
+    return dict(head_out=tensor(B, T, C), through_memory=None if packed else tensor(B, P), rank=rank, key_dim=k,
+                keys=tensor(3, P, k), sharpness=(torch.rand(3, 1, R, B, generator=generator, dtype=dtype) * 3 + 0.2)
+                .requires_grad_(True) if learned else None, slot_bias=tensor(3, P) if slot_bias else None,
+                s_values=tensor(P), v_values=tensor(P, d_out))
+
+
+def _read_run(enabled, inputs, fixed_sharpness):
+    native.set_enabled(enabled)
+    leaves = [v for v in inputs.values() if isinstance(v, torch.Tensor)]
+    for leaf in leaves:
+        leaf.grad = None
+    sharpness = inputs["sharpness"] if inputs["sharpness"] is not None else fixed_sharpness
+    y, sigma, usage = fused_module.fused_read_apply(inputs["head_out"], inputs["through_memory"], inputs["rank"],
+                                                    inputs["key_dim"], inputs["keys"], sharpness,
+                                                    inputs["slot_bias"], inputs["s_values"], inputs["v_values"])
+    function = type(y.grad_fn).__name__
+    weights = torch.linspace(-1, 1, y.shape[1], dtype=y.dtype)
+    ((y * weights).square().sum() + sigma.log().sum()).backward()
+    return function, [y.detach(), sigma.detach(), usage], [leaf.grad.clone() for leaf in leaves]
+
+
+@pytest.mark.parametrize("steps,packed", [(1, True), (1, False), (3, False)])
+@pytest.mark.parametrize("sharpness", [1.7, 45.0, "learned"])
+@pytest.mark.parametrize("slot_bias", [False, True])
+@pytest.mark.parametrize("batch,key_dim", [(1, 5), (6, 7), (70, 3)])
+def test_read_kernels_match_the_python_read(steps, packed, sharpness, slot_bias, batch, key_dim):
+    """The read alone (fused_read_apply: the recurrent composer's T steps, a separate context,
+    frozen slots, a working program's gate) on the C++ kernels: the values and the gradient of
+    every input as the Python Function's, in float64, for T = 1 (the head's output packed with
+    x M_U^T, or given apart) and T = 3, fixed (also large: the max-subtracting softmax) and
+    learned sharpness, with and without slot offsets, key sizes compiled in and not."""
+    learned = sharpness == "learned"
+    inputs = _read_inputs(batch, steps, 4, key_dim, 9, 6, packed, learned, slot_bias)
+    fixed = None if learned else sharpness
+    taken, outputs_native, grads_native = _read_run(True, inputs, fixed)
+    python, outputs_python, grads_python = _read_run(False, inputs, fixed)
+    assert (taken, python) == ("_NativeFusedReadApplyBackward", "_FusedReadApplyBackward")
+    for got, want in zip(outputs_native, outputs_python):
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+    for got, want in zip(grads_native, grads_python):
+        # Sharpness 45 makes gradients of ~1e5 beside near-zero ones: the absolute tolerance scales.
+        torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-14 * max(1.0, want.abs().max().item()))
+
+
+def test_read_kernels_in_float32_at_the_released_shape_with_four_steps():
+    """float32, the released shape with the recurrent composer's T = 4 (R = 40 components)."""
+    inputs = _read_inputs(128, 4, 10, 5, 50, 400, False, False, False, dtype=torch.float32)
+    _, outputs_native, grads_native = _read_run(True, inputs, 1.0)
+    _, outputs_python, grads_python = _read_run(False, inputs, 1.0)
+    for got, want in zip(outputs_native + grads_native, outputs_python + grads_python):
+        torch.testing.assert_close(got, want, rtol=2e-4, atol=2e-5 * want.abs().max().item())
+
+
+def test_layers_route_their_reads_to_the_kernels():
+    """A recurrent composer, a separate context and frozen slots read through the kernels on a
+    CPU (and through the Python Function with them off); gradients reach the context."""
+    frozen = NeurocoderLinear(12, 7, num_programs=9, rank=4, key_dim=5)
+    frozen.memory.freeze([0, 1])
+    for options in (dict(composer="recurrent", steps=2), dict(context_features=6), None):
+        layer = frozen if options is None else NeurocoderLinear(12, 7, num_programs=9, rank=4, key_dim=5, **options)
+        options = options or {}
+        context = torch.randn(3, 6, requires_grad=True) if "context_features" in options else None
+        for enabled, name in ((True, "_NativeFusedReadApplyBackward"), (False, "_FusedReadApplyBackward")):
+            native.set_enabled(enabled)
+            y = layer(torch.randn(3, 12), context=context)
+            seen, stack = set(), [y.grad_fn]
+            while stack:                                     # walk the graph: the read is below the bias add
+                node = stack.pop()
+                if node is not None and node not in seen:
+                    seen.add(node)
+                    stack += [n for n, _ in node.next_functions]
+            assert name in {type(n).__name__ for n in seen}
+            if context is not None:
+                y.sum().backward()
+                assert context.grad is not None and context.grad.abs().sum() > 0
+                context.grad = None

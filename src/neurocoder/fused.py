@@ -202,6 +202,55 @@ class _FusedReadApply(torch.autograd.Function):
 
 
 
+class _NativeFusedReadApply(torch.autograd.Function):
+    """:class:`_FusedReadApply`'s maths through the C++ kernels of :mod:`neurocoder.native` (CPU):
+    the read of every composer that is not the layer's own feed-forward map of its input (the
+    recurrent composer's T steps, a separate context, frozen slots, a working program's gate).
+    The queries are laid out for the kernels here, (J R k, B) with components n = t x rank + r;
+    the kernels do the rest. Tests (tests/test_native.py) check it against :class:`_FusedReadApply`."""
+
+    @staticmethod
+    def forward(ctx, head_out, through_memory, rank, key_dim, keys, sharpness, slot_bias, s_values, v_values,
+                want_usage):
+        B, T, C = head_out.shape
+        J, P, k = keys.shape
+        R, Q = T * rank, J * rank * key_dim
+        queries = head_out[..., :Q].reshape(B, T, J, rank, k).permute(2, 1, 3, 4, 0).reshape(J * R * k, B)
+        packed = through_memory is None
+        memory_by_slot = (head_out[:, 0, C - P:] if packed else through_memory).T           # (P, B)
+        learned = isinstance(sharpness, torch.Tensor)
+        scale = sharpness.reshape(J * R, B) if learned else None
+        fixed = None if learned else float(sharpness)
+        y, sigma, usage, *saved = _native.ops().fused_read_forward(
+            queries, scale, fixed, memory_by_slot, keys, slot_bias, s_values, v_values, R, want_usage)
+        ctx.save_for_backward(*saved, scale, memory_by_slot, s_values, v_values)
+        ctx.fixed, ctx.has_slot_bias, ctx.layout = fixed, slot_bias is not None, (B, T, C, rank, k, P, packed)
+        ctx.sharpness_shape = sharpness.shape if learned else None
+        ctx.set_materialize_grads(False)
+        ctx.mark_non_differentiable(usage)
+        return y, sigma, usage
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_y, grad_sigma, _grad_usage):
+        # once_differentiable: as _FusedReadApply's.
+        *saved, scale, memory_by_slot, s_values, v_values = ctx.saved_tensors
+        B, T, C, rank, k, P, packed = ctx.layout
+        J, Q = 3, 3 * rank * k
+        (grad_queries, grad_scale, grad_by_slot, grad_keys, grad_slot_bias, grad_s_values,
+         grad_v_values) = _native.ops().fused_read_backward(grad_y, grad_sigma, saved, scale, ctx.fixed,
+                                                            memory_by_slot, s_values, v_values, ctx.has_slot_bias)
+        filled = Q + (P if packed else 0) == C
+        grad_head_out = (torch.empty if filled else torch.zeros)((B, T, C), dtype=grad_queries.dtype,
+                                                                 device=grad_queries.device)
+        grad_head_out[..., :Q] = grad_queries.view(J, T, rank, k, B).permute(4, 1, 0, 2, 3).reshape(B, T, Q)
+        if packed:
+            grad_head_out[:, 0, C - P:] = grad_by_slot.T
+        return (grad_head_out, None if packed else grad_by_slot.T, None, None, grad_keys,
+                None if ctx.sharpness_shape is None else grad_scale.view(ctx.sharpness_shape),
+                grad_slot_bias if ctx.has_slot_bias else None, grad_s_values, grad_v_values, None)
+
+
 class _FusedLayer(torch.autograd.Function):
     """The whole feed-forward layer in one Function: the composer's linear map and ``x M_U^T``
     (two products into one buffer), the keys (content maps or learned), then the read.
@@ -440,5 +489,8 @@ def fused_read_apply(head_out: torch.Tensor, through_memory: torch.Tensor | None
         sigma: (B, R) singular values, descending;
         usage: (J, P) each slot's largest weight per composition, averaged over the batch (no grad).
     """
-    return _FusedReadApply.apply(head_out, through_memory, rank, key_dim, keys, sharpness, slot_bias, s_values,
-                                 v_values, want_usage)
+    tensors = (keys, slot_bias, s_values, v_values, through_memory) + \
+        ((sharpness,) if isinstance(sharpness, torch.Tensor) else ())
+    function = _NativeFusedReadApply if _native_applies(head_out, *tensors) else _FusedReadApply
+    return function.apply(head_out, through_memory, rank, key_dim, keys, sharpness, slot_bias, s_values, v_values,
+                          want_usage)

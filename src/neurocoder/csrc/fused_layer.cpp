@@ -297,9 +297,10 @@ void attend_backward_units(const T* weights, const T* unit_queries, const T* que
                            const T* learned_sharpness, T fixed_sharpness, const T* memory_by_slot,
                            const T* grad_projected, const T* grad_mixed, const T* per_component, const T* s_values,
                            const T* grad_raw, int64_t J, int64_t P, int64_t R, int64_t key_dim, int64_t B,
-                           T* grad_head, T* key_partials, T* bias_partials, T* s_partials, int64_t begin,
-                           int64_t end) {
-  const int64_t k = KeySize > 0 ? KeySize : key_dim, Q = J * R * k;
+                           T* grad_head, T* grad_sharpness, bool through_softplus, T* key_partials,
+                           T* bias_partials, T* s_partials, int64_t begin, int64_t end) {
+  const int64_t k = KeySize > 0 ? KeySize : key_dim;
+  (void)J;
   std::vector<T> dot_buffer(B), grad_logit_buffer(B), grad_scaled_buffer(k * B), scale_buffer(B);
   T* __restrict__ dot = dot_buffer.data();
   T* __restrict__ grad_logit = grad_logit_buffer.data();
@@ -374,7 +375,9 @@ void attend_backward_units(const T* weights, const T* unit_queries, const T* que
         const T uq = unit_queries[((j * k + c) * R + r) * B + b];
         grad_head[((j * R + r) * k + c) * B + b] = scale[b] * (grad_scaled[c * B + b] - uq * along) / norm[b];
       }
-      if (sharp) grad_head[(Q + j * R + r) * B + b] = -along * std::expm1(-sharp[b]);   // d softplus = sigmoid
+      // through_softplus: the gradient of the raw row (d softplus = sigmoid = -expm1(-softplus));
+      // otherwise of the sharpness itself.
+      if (sharp) grad_sharpness[(j * R + r) * B + b] = through_softplus ? -along * std::expm1(-sharp[b]) : along;
     }
   }
 }
@@ -383,14 +386,14 @@ template <typename T>
 void attend_backward(const T* weights, const T* unit_queries, const T* query_norm, const T* unit_keys,
                      const T* learned_sharpness, T fixed_sharpness, const T* memory_by_slot, const T* grad_projected,
                      const T* grad_mixed, const T* per_component, const T* s_values, const T* grad_raw, int64_t J,
-                     int64_t P, int64_t R, int64_t k, int64_t B, T* grad_head, T* key_partials, T* bias_partials,
-                     T* s_partials) {
+                     int64_t P, int64_t R, int64_t k, int64_t B, T* grad_head, T* grad_sharpness,
+                     bool through_softplus, T* key_partials, T* bias_partials, T* s_partials) {
   const auto units =
       with_key_size(k, [](auto size) { return attend_backward_units<T, decltype(size)::value>; });
   at::parallel_for(0, J * R, 1, [=](int64_t begin, int64_t end) {
     units(weights, unit_queries, query_norm, unit_keys, learned_sharpness, fixed_sharpness, memory_by_slot,
-          grad_projected, grad_mixed, per_component, s_values, grad_raw, J, P, R, k, B, grad_head, key_partials,
-          bias_partials, s_partials, begin, end);
+          grad_projected, grad_mixed, per_component, s_values, grad_raw, J, P, R, k, B, grad_head, grad_sharpness,
+          through_softplus, key_partials, bias_partials, s_partials, begin, end);
   });
 }
 
@@ -524,7 +527,8 @@ std::vector<Tensor> fused_layer_backward(
         static_cast<scalar_t>(learned ? 0.0 : *fixed_sharpness), memory_by_slot.data_ptr<scalar_t>(),
         grad_projected.data_ptr<scalar_t>(), grad_mixed.data_ptr<scalar_t>(), per_component.data_ptr<scalar_t>(),
         s_contiguous.data_ptr<scalar_t>(), grad_raw.data_ptr<scalar_t>(), J, P, R, k, B,
-        grad_head.data_ptr<scalar_t>(), key_partials.data_ptr<scalar_t>(),
+        grad_head.data_ptr<scalar_t>(), grad_head.data_ptr<scalar_t>() + J * R * k * B, /*through_softplus=*/true,
+        key_partials.data_ptr<scalar_t>(),
         has_slot_bias ? bias_partials.data_ptr<scalar_t>() : nullptr, s_partials.data_ptr<scalar_t>());
   });
   Tensor grad_unit_keys = key_partials.view({J, R, P, k}).sum(1);                        // (J, P, k)
@@ -604,6 +608,108 @@ Tensor fused_layer_inference(const Tensor& x, const Tensor& joined_weight, const
   return at::mm(mixed.t(), v_values);
 }
 
+// The read alone (neurocoder.fused._FusedReadApply's maths) for the cases the whole-layer ops do
+// not cover: the recurrent composer's T steps, a composer reading a separate context, frozen
+// slots, a working program's gate. The caller lays the inputs out: queries (J R k, B), the rows
+// of unit (j, n) for components n = t x rank + r of the T steps; sharpness (J R, B), positive,
+// when learned (else fixed_sharpness); memory_by_slot (P, B) = (x M_U^T)^T; keys (J, P, k).
+// Returns y (B, d_out), sigma (B, R), usage (J, P), then what fused_read_backward needs:
+// unit_queries, query_norm, unit_keys, key_norm, weights, raw_sigma, sigma (R, B), projected,
+// per_component, mixed.
+std::vector<Tensor> fused_read_forward(const Tensor& queries, const std::optional<Tensor>& sharpness,
+                                       std::optional<double> fixed_sharpness, const Tensor& memory_by_slot,
+                                       const Tensor& keys, const std::optional<Tensor>& slot_bias,
+                                       const Tensor& s_values, const Tensor& v_values, int64_t components,
+                                       bool want_usage) {
+  const int64_t J = 3, P = keys.size(1), k = keys.size(2), R = components, B = queries.size(1), N = R * B;
+  TORCH_CHECK(queries.dim() == 2 && queries.size(0) == J * R * k, "fused_read_forward: queries of shape ",
+              queries.sizes(), ", expected (", J * R * k, ", B)");
+  TORCH_CHECK(sharpness.has_value() != fixed_sharpness.has_value(),
+              "fused_read_forward: give a learned sharpness tensor or a fixed value, not both or neither");
+  TORCH_CHECK(!sharpness.has_value() || (sharpness->size(0) == J * R && sharpness->size(1) == B),
+              "fused_read_forward: sharpness of shape ", sharpness.has_value() ? sharpness->sizes() : at::IntArrayRef{},
+              ", expected (", J * R, ", ", B, ")");
+  TORCH_CHECK(memory_by_slot.size(0) == P && memory_by_slot.size(1) == B, "fused_read_forward: memory_by_slot of shape ",
+              memory_by_slot.sizes(), ", expected (", P, ", ", B, ")");
+  const auto options = queries.options();
+  Tensor q = queries.contiguous(), by_slot = memory_by_slot.contiguous();
+  Tensor scale = sharpness.has_value() ? sharpness->contiguous() : Tensor();
+  Tensor key_norm = at::linalg_vector_norm(keys, 2, {2}, true).clamp_min_(kEps);       // (J, P, 1)
+  Tensor unit_keys = (keys / key_norm).contiguous();                                    // (J, P, k)
+  Tensor unit_queries = at::empty({J, k, N}, options), query_norm = at::empty({J, 1, R, B}, options);
+  Tensor weights = at::empty({J, P, N}, options);
+  Tensor raw_sigma = at::empty({R, B}, options), sigma = at::empty({R, B}, options);
+  Tensor projected = at::empty({R, B}, options), per_component = at::empty({R, B}, options);
+  Tensor mixed = at::empty({P, B}, options), usage = at::zeros({J, P}, options);
+  Tensor bias = slot_bias.has_value() ? slot_bias->contiguous() : Tensor();
+  Tensor s_contiguous = s_values.contiguous();
+  AT_DISPATCH_FLOATING_TYPES(queries.scalar_type(), "fused_read_forward", [&] {
+    attend<scalar_t>(q.data_ptr<scalar_t>(), unit_keys.data_ptr<scalar_t>(),
+                     scale.defined() ? scale.data_ptr<scalar_t>() : nullptr,
+                     static_cast<scalar_t>(scale.defined() ? 0.0 : *fixed_sharpness),
+                     bias.defined() ? bias.data_ptr<scalar_t>() : nullptr, J, P, R, k, B,
+                     unit_queries.data_ptr<scalar_t>(), query_norm.data_ptr<scalar_t>(), weights.data_ptr<scalar_t>());
+    compose<scalar_t>(weights.data_ptr<scalar_t>(), by_slot.data_ptr<scalar_t>(), s_contiguous.data_ptr<scalar_t>(),
+                      P, R, B, raw_sigma.data_ptr<scalar_t>(), sigma.data_ptr<scalar_t>(),
+                      projected.data_ptr<scalar_t>(), per_component.data_ptr<scalar_t>(), mixed.data_ptr<scalar_t>());
+    if (want_usage) usage_of<scalar_t>(weights.data_ptr<scalar_t>(), J, P, R, B, usage.data_ptr<scalar_t>());
+  });
+  Tensor y = at::mm(mixed.t(), v_values);                                              // (B, d_out)
+  return {y, sigma.t().contiguous(), usage, unit_queries, query_norm, unit_keys, key_norm, weights, raw_sigma, sigma,
+          projected, per_component, mixed};
+}
+
+// fused_read_forward's backward. Returns the gradients of queries (J R k, B), the sharpness
+// (J R, B; empty when fixed), memory_by_slot (P, B), the keys (J, P, k), the slot bias (J, P;
+// empty without it), s_values (P,) and v_values (P, d_out).
+std::vector<Tensor> fused_read_backward(const std::optional<Tensor>& grad_y_in, const std::optional<Tensor>& grad_sigma,
+                                        at::TensorList saved, const std::optional<Tensor>& sharpness,
+                                        std::optional<double> fixed_sharpness, const Tensor& memory_by_slot,
+                                        const Tensor& s_values, const Tensor& v_values, bool has_slot_bias) {
+  const Tensor &unit_queries = saved[0], &query_norm = saved[1], &unit_keys = saved[2], &key_norm = saved[3],
+               &weights = saved[4], &raw_sigma = saved[5], &sigma = saved[6], &projected = saved[7],
+               &per_component = saved[8], &mixed = saved[9];
+  const int64_t J = unit_queries.size(0), k = unit_queries.size(1), P = unit_keys.size(1);
+  const int64_t R = sigma.size(0), B = sigma.size(1);
+  const auto options = unit_queries.options();
+  Tensor grad_y = grad_y_in.has_value() ? *grad_y_in : at::zeros({B, v_values.size(1)}, options);
+  Tensor grad_v_values = at::mm(mixed, grad_y);                                          // (P, d_out)
+  Tensor grad_mixed = at::mm(v_values, grad_y.t()).contiguous();                         // (P, B)
+  Tensor grad_sigma_rb = grad_sigma.has_value() ? grad_sigma->t().contiguous() : Tensor();   // (R, B)
+  Tensor by_slot = memory_by_slot.contiguous(), scale = sharpness.has_value() ? sharpness->contiguous() : Tensor();
+  Tensor grad_queries = at::empty({J * R * k, B}, options);
+  Tensor grad_sharpness = scale.defined() ? at::empty({J * R, B}, options) : at::empty({0}, options);
+  Tensor grad_by_slot = at::empty({P, B}, options);
+  Tensor grad_projected = at::empty({R, B}, options), grad_raw = at::empty({R, B}, options);
+  Tensor key_partials = at::empty({J * R, P, k}, options);
+  Tensor bias_partials = has_slot_bias ? at::empty({J * R, P}, options) : Tensor();
+  Tensor s_partials = at::empty({R, P}, options);
+  Tensor s_contiguous = s_values.contiguous();
+  AT_DISPATCH_FLOATING_TYPES(unit_queries.scalar_type(), "fused_read_backward", [&] {
+    at::parallel_for(0, B, 32, [&](int64_t b0, int64_t b1) {
+      compose_backward_columns<scalar_t>(
+          weights.data_ptr<scalar_t>(), sigma.data_ptr<scalar_t>(), projected.data_ptr<scalar_t>(),
+          raw_sigma.data_ptr<scalar_t>(), grad_mixed.data_ptr<scalar_t>(),
+          grad_sigma_rb.defined() ? grad_sigma_rb.data_ptr<scalar_t>() : nullptr, P, R, B,
+          grad_projected.data_ptr<scalar_t>(), grad_raw.data_ptr<scalar_t>(), grad_by_slot.data_ptr<scalar_t>(),
+          b0, b1);
+    });
+    attend_backward<scalar_t>(
+        weights.data_ptr<scalar_t>(), unit_queries.data_ptr<scalar_t>(), query_norm.data_ptr<scalar_t>(),
+        unit_keys.data_ptr<scalar_t>(), scale.defined() ? scale.data_ptr<scalar_t>() : nullptr,
+        static_cast<scalar_t>(scale.defined() ? 0.0 : *fixed_sharpness), by_slot.data_ptr<scalar_t>(),
+        grad_projected.data_ptr<scalar_t>(), grad_mixed.data_ptr<scalar_t>(), per_component.data_ptr<scalar_t>(),
+        s_contiguous.data_ptr<scalar_t>(), grad_raw.data_ptr<scalar_t>(), J, P, R, k, B,
+        grad_queries.data_ptr<scalar_t>(), scale.defined() ? grad_sharpness.data_ptr<scalar_t>() : nullptr,
+        /*through_softplus=*/false, key_partials.data_ptr<scalar_t>(),
+        has_slot_bias ? bias_partials.data_ptr<scalar_t>() : nullptr, s_partials.data_ptr<scalar_t>());
+  });
+  Tensor grad_unit_keys = key_partials.view({J, R, P, k}).sum(1);                        // (J, P, k)
+  Tensor grad_keys = (grad_unit_keys - unit_keys * (grad_unit_keys * unit_keys).sum(2, true)) / key_norm;
+  Tensor grad_slot_bias = has_slot_bias ? bias_partials.view({J, R, P}).sum(1) : at::empty({0}, options);
+  return {grad_queries, grad_sharpness, grad_by_slot, grad_keys, grad_slot_bias, s_partials.sum(0), grad_v_values};
+}
+
 }  // namespace
 
 TORCH_LIBRARY(neurocoder_cpu, m) {
@@ -617,10 +723,18 @@ TORCH_LIBRARY(neurocoder_cpu, m) {
   m.def("fused_layer_inference(Tensor x, Tensor joined_weight, Tensor joined_bias, Tensor unit_keys, "
         "Tensor s_values, Tensor v_values, Tensor? output_bias, Tensor? slot_bias, int rank, int key_dim, "
         "float? fixed_sharpness) -> Tensor");
+  m.def("fused_read_forward(Tensor queries, Tensor? sharpness, float? fixed_sharpness, Tensor memory_by_slot, "
+        "Tensor keys, Tensor? slot_bias, Tensor s_values, Tensor v_values, int components, bool want_usage) "
+        "-> Tensor[]");
+  m.def("fused_read_backward(Tensor? grad_y, Tensor? grad_sigma, Tensor[] saved, Tensor? sharpness, "
+        "float? fixed_sharpness, Tensor memory_by_slot, Tensor s_values, Tensor v_values, bool has_slot_bias) "
+        "-> Tensor[]");
 }
 
 TORCH_LIBRARY_IMPL(neurocoder_cpu, CPU, m) {
   m.impl("fused_layer_forward", &fused_layer_forward);
   m.impl("fused_layer_backward", &fused_layer_backward);
   m.impl("fused_layer_inference", &fused_layer_inference);
+  m.impl("fused_read_forward", &fused_read_forward);
+  m.impl("fused_read_backward", &fused_read_backward);
 }
