@@ -1,14 +1,17 @@
-"""The C++ kernels for CPU training steps of the fused layer (``csrc/fused_layer.cpp``).
+"""The C++ kernels of the fused layer on a CPU (``csrc/fused_layer.cpp``).
 
-The fused feed-forward layer (:mod:`neurocoder.fused`) runs ~70 small ATen operations per
-training step; on a CPU their dispatch, the Python that sequences them and the temporaries they
-allocate cost as much as the arithmetic. The kernels do the same maths as a few loops between
-the GEMMs. They are compiled on first use with PyTorch's ``torch.utils.cpp_extension`` (needs a
-C++ compiler, and ninja, a dependency; about 30 s on two cores, cached under
-``TORCH_EXTENSIONS_DIR``, by default ``~/.cache/torch_extensions``) and used for CPU tensors in
-float32 and float64. Everything else (CUDA, torch.compile, autocast, least-used reading, traces)
-keeps the Python path, and so does every call when the build is unavailable: the maths is the
-same, only slower. ``make setup`` builds them ahead of time, as does
+The fused layer (:mod:`neurocoder.fused`) runs ~70 small ATen operations per training step; on a
+CPU their dispatch, the Python that sequences them and the temporaries they allocate cost as
+much as the arithmetic. The kernels do the same maths as a few loops between the GEMMs: the
+whole training step of a feed-forward layer reading its own input (``fused_layer_forward`` /
+``_backward``), its no-grad eval-mode call (``fused_layer_inference``), and the read alone for
+the other composers (``fused_read_forward`` / ``_backward``: the recurrent composer's steps, a
+separate context, frozen slots, the working program's gate). They are compiled on first use with
+PyTorch's ``torch.utils.cpp_extension`` (needs a C++ compiler, and ninja, a dependency; about
+30 s on two cores, cached under ``TORCH_EXTENSIONS_DIR``, by default
+``~/.cache/torch_extensions``) and used for CPU tensors in float32 and float64. Everything else
+(CUDA, torch.compile, autocast, least-used reading, traces) keeps the Python path, and so does
+every call when the build is unavailable: the maths is the same, only slower. ``make setup`` builds them ahead of time, as does
 ``python -c "import neurocoder.native as n; n.main()"``, which also says whether they are in use.
 
 Set ``NEUROCODER_NATIVE=0`` to never build or use them, or call :func:`set_enabled`.
