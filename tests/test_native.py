@@ -1,7 +1,7 @@
-"""The C++ CPU kernels (neurocoder.native, csrc/fused_layer.cpp) against the Python Function
-they replace (neurocoder.fused._FusedLayer): same values and gradients for every option, taken
-exactly where they apply, buffers reused only when nothing else holds them, and a failed build
-that falls back with a warning."""
+"""The C++ CPU kernels (neurocoder.native, csrc/fused_layer.cpp) against the Python Functions
+they replace (neurocoder.fused._FusedLayer and _FusedReadApply, and the no-grad inference path):
+same values and gradients for every option, taken exactly where they apply, buffers reused only
+when nothing else holds them, and a failed build that falls back with a warning."""
 
 import itertools
 import shutil

@@ -423,6 +423,52 @@ Tensor reusable(Buffer buffer, at::IntArrayRef sizes, const at::TensorOptions& o
 }
 
 
+// The read's backward from d loss / d mixed (P, B) and d loss / d sigma ((R, B), or undefined),
+// shared by the whole-layer op and the read alone; only where the gradients go differs. Writes
+// d loss / d (x M_U^T) into grad_by_slot (P rows of B), the queries' gradient into grad_queries
+// (J R k rows of B) and, when the sharpness is learned, its gradient into grad_sharpness (J R
+// rows of B): through the softplus (the raw rows) or not. Returns the gradients of the raw keys
+// (J, P, k), the slot bias ((J, P), or empty) and the S programs (P,).
+std::tuple<Tensor, Tensor, Tensor> read_backward(
+    const Tensor& weights, const Tensor& unit_queries, const Tensor& query_norm, const Tensor& unit_keys,
+    const Tensor& key_norm, const Tensor& sharpness, std::optional<double> fixed_sharpness,
+    const Tensor& memory_by_slot, const Tensor& raw_sigma, const Tensor& sigma, const Tensor& projected,
+    const Tensor& per_component, const Tensor& s_values, const Tensor& grad_mixed, const Tensor& grad_sigma_rb,
+    bool has_slot_bias, void* grad_by_slot, void* grad_queries, void* grad_sharpness, bool through_softplus) {
+  const int64_t J = unit_queries.size(0), k = unit_queries.size(1), P = unit_keys.size(1);
+  const int64_t R = sigma.size(0), B = sigma.size(1);
+  const auto options = unit_queries.options();
+  Tensor grad_projected = at::empty({R, B}, options), grad_raw = at::empty({R, B}, options);
+  Tensor key_partials = at::empty({J * R, P, k}, options);
+  Tensor bias_partials = has_slot_bias ? at::empty({J * R, P}, options) : Tensor();
+  Tensor s_partials = at::empty({R, P}, options);
+  Tensor s_contiguous = s_values.contiguous();
+  AT_DISPATCH_FLOATING_TYPES(unit_queries.scalar_type(), "read_backward", [&] {
+    auto* by_slot_out = static_cast<scalar_t*>(grad_by_slot);
+    at::parallel_for(0, B, 32, [&](int64_t b0, int64_t b1) {
+      compose_backward_columns<scalar_t>(
+          weights.data_ptr<scalar_t>(), sigma.data_ptr<scalar_t>(), projected.data_ptr<scalar_t>(),
+          raw_sigma.data_ptr<scalar_t>(), grad_mixed.data_ptr<scalar_t>(),
+          grad_sigma_rb.defined() ? grad_sigma_rb.data_ptr<scalar_t>() : nullptr, P, R, B,
+          grad_projected.data_ptr<scalar_t>(), grad_raw.data_ptr<scalar_t>(), by_slot_out, b0, b1);
+    });
+    attend_backward<scalar_t>(
+        weights.data_ptr<scalar_t>(), unit_queries.data_ptr<scalar_t>(), query_norm.data_ptr<scalar_t>(),
+        unit_keys.data_ptr<scalar_t>(), sharpness.defined() ? sharpness.data_ptr<scalar_t>() : nullptr,
+        static_cast<scalar_t>(sharpness.defined() ? 0.0 : *fixed_sharpness), memory_by_slot.data_ptr<scalar_t>(),
+        grad_projected.data_ptr<scalar_t>(), grad_mixed.data_ptr<scalar_t>(), per_component.data_ptr<scalar_t>(),
+        s_contiguous.data_ptr<scalar_t>(), grad_raw.data_ptr<scalar_t>(), J, P, R, k, B,
+        static_cast<scalar_t*>(grad_queries), static_cast<scalar_t*>(grad_sharpness), through_softplus,
+        key_partials.data_ptr<scalar_t>(), has_slot_bias ? bias_partials.data_ptr<scalar_t>() : nullptr,
+        s_partials.data_ptr<scalar_t>());
+  });
+  Tensor grad_unit_keys = key_partials.view({J, R, P, k}).sum(1);                        // (J, P, k)
+  Tensor grad_keys = (grad_unit_keys - unit_keys * (grad_unit_keys * unit_keys).sum(2, true)) / key_norm;
+  Tensor grad_slot_bias = has_slot_bias ? bias_partials.view({J, R, P}).sum(1) : at::empty({0}, options);
+  return {grad_keys, grad_slot_bias, s_partials.sum(0)};
+}
+
+
 // Returns {y (B, d_out), sigma (B, R), usage (J, P)} then the tensors the backward needs:
 // unit_queries, query_norm, unit_keys, key_norm, weights, memory_by_slot, raw_sigma, sigma_rb,
 // projected, per_component, mixed, sharpness (empty when fixed).
@@ -507,34 +553,13 @@ std::vector<Tensor> fused_layer_backward(
   // The head's gradient, (C + P, B) as head_t: query rows, (learned) sharpness rows, U rows; the
   // kernels write every row.
   Tensor grad_head = reusable(kGradHead, {C + P, B}, x.options());
-  Tensor grad_projected = at::empty({R, B}, x.options()), grad_raw = at::empty({R, B}, x.options());
-  Tensor key_partials = at::empty({J * R, P, k}, x.options());
-  Tensor bias_partials = has_slot_bias ? at::empty({J * R, P}, x.options()) : Tensor();
-  Tensor s_partials = at::empty({R, P}, x.options());
-  Tensor s_contiguous = s_values.contiguous();
-  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "fused_layer_backward", [&] {
-    at::parallel_for(0, B, 32, [&](int64_t b0, int64_t b1) {
-      compose_backward_columns<scalar_t>(
-          weights.data_ptr<scalar_t>(), sigma.data_ptr<scalar_t>(), projected.data_ptr<scalar_t>(),
-          raw_sigma.data_ptr<scalar_t>(), grad_mixed.data_ptr<scalar_t>(),
-          grad_sigma_rb.defined() ? grad_sigma_rb.data_ptr<scalar_t>() : nullptr, P, R, B,
-          grad_projected.data_ptr<scalar_t>(), grad_raw.data_ptr<scalar_t>(),
-          grad_head.data_ptr<scalar_t>() + C * B, b0, b1);
-    });
-    attend_backward<scalar_t>(
-        weights.data_ptr<scalar_t>(), unit_queries.data_ptr<scalar_t>(), query_norm.data_ptr<scalar_t>(),
-        unit_keys.data_ptr<scalar_t>(), learned ? sharpness.data_ptr<scalar_t>() : nullptr,
-        static_cast<scalar_t>(learned ? 0.0 : *fixed_sharpness), memory_by_slot.data_ptr<scalar_t>(),
-        grad_projected.data_ptr<scalar_t>(), grad_mixed.data_ptr<scalar_t>(), per_component.data_ptr<scalar_t>(),
-        s_contiguous.data_ptr<scalar_t>(), grad_raw.data_ptr<scalar_t>(), J, P, R, k, B,
-        grad_head.data_ptr<scalar_t>(), grad_head.data_ptr<scalar_t>() + J * R * k * B, /*through_softplus=*/true,
-        key_partials.data_ptr<scalar_t>(),
-        has_slot_bias ? bias_partials.data_ptr<scalar_t>() : nullptr, s_partials.data_ptr<scalar_t>());
-  });
-  Tensor grad_unit_keys = key_partials.view({J, R, P, k}).sum(1);                        // (J, P, k)
-  Tensor grad_slot_bias = has_slot_bias ? bias_partials.view({J, R, P}).sum(1) : at::empty({0}, x.options());
-  Tensor grad_s_values = s_partials.sum(0);                                               // (P,)
-  Tensor grad_keys = (grad_unit_keys - unit_keys * (grad_unit_keys * unit_keys).sum(2, true)) / key_norm;
+  const int64_t element = grad_head.element_size();
+  auto* head_rows = static_cast<char*>(grad_head.data_ptr());
+  auto [grad_keys, grad_slot_bias, grad_s_values] = read_backward(
+      weights, unit_queries, query_norm, unit_keys, key_norm, learned ? sharpness : Tensor(), fixed_sharpness,
+      memory_by_slot, raw_sigma, sigma, projected, per_component, s_values, grad_mixed, grad_sigma_rb,
+      has_slot_bias, head_rows + C * B * element, head_rows, head_rows + J * R * k * B * element,
+      /*through_softplus=*/true);
 
   Tensor none = at::empty({0}, x.options());   // no gradient (the Python side passes None)
   Tensor grad_x = none;
@@ -680,34 +705,11 @@ std::vector<Tensor> fused_read_backward(const std::optional<Tensor>& grad_y_in, 
   Tensor grad_queries = at::empty({J * R * k, B}, options);
   Tensor grad_sharpness = scale.defined() ? at::empty({J * R, B}, options) : at::empty({0}, options);
   Tensor grad_by_slot = at::empty({P, B}, options);
-  Tensor grad_projected = at::empty({R, B}, options), grad_raw = at::empty({R, B}, options);
-  Tensor key_partials = at::empty({J * R, P, k}, options);
-  Tensor bias_partials = has_slot_bias ? at::empty({J * R, P}, options) : Tensor();
-  Tensor s_partials = at::empty({R, P}, options);
-  Tensor s_contiguous = s_values.contiguous();
-  AT_DISPATCH_FLOATING_TYPES(unit_queries.scalar_type(), "fused_read_backward", [&] {
-    at::parallel_for(0, B, 32, [&](int64_t b0, int64_t b1) {
-      compose_backward_columns<scalar_t>(
-          weights.data_ptr<scalar_t>(), sigma.data_ptr<scalar_t>(), projected.data_ptr<scalar_t>(),
-          raw_sigma.data_ptr<scalar_t>(), grad_mixed.data_ptr<scalar_t>(),
-          grad_sigma_rb.defined() ? grad_sigma_rb.data_ptr<scalar_t>() : nullptr, P, R, B,
-          grad_projected.data_ptr<scalar_t>(), grad_raw.data_ptr<scalar_t>(), grad_by_slot.data_ptr<scalar_t>(),
-          b0, b1);
-    });
-    attend_backward<scalar_t>(
-        weights.data_ptr<scalar_t>(), unit_queries.data_ptr<scalar_t>(), query_norm.data_ptr<scalar_t>(),
-        unit_keys.data_ptr<scalar_t>(), scale.defined() ? scale.data_ptr<scalar_t>() : nullptr,
-        static_cast<scalar_t>(scale.defined() ? 0.0 : *fixed_sharpness), by_slot.data_ptr<scalar_t>(),
-        grad_projected.data_ptr<scalar_t>(), grad_mixed.data_ptr<scalar_t>(), per_component.data_ptr<scalar_t>(),
-        s_contiguous.data_ptr<scalar_t>(), grad_raw.data_ptr<scalar_t>(), J, P, R, k, B,
-        grad_queries.data_ptr<scalar_t>(), scale.defined() ? grad_sharpness.data_ptr<scalar_t>() : nullptr,
-        /*through_softplus=*/false, key_partials.data_ptr<scalar_t>(),
-        has_slot_bias ? bias_partials.data_ptr<scalar_t>() : nullptr, s_partials.data_ptr<scalar_t>());
-  });
-  Tensor grad_unit_keys = key_partials.view({J, R, P, k}).sum(1);                        // (J, P, k)
-  Tensor grad_keys = (grad_unit_keys - unit_keys * (grad_unit_keys * unit_keys).sum(2, true)) / key_norm;
-  Tensor grad_slot_bias = has_slot_bias ? bias_partials.view({J, R, P}).sum(1) : at::empty({0}, options);
-  return {grad_queries, grad_sharpness, grad_by_slot, grad_keys, grad_slot_bias, s_partials.sum(0), grad_v_values};
+  auto [grad_keys, grad_slot_bias, grad_s_values] = read_backward(
+      weights, unit_queries, query_norm, unit_keys, key_norm, scale, fixed_sharpness, by_slot, raw_sigma, sigma,
+      projected, per_component, s_values, grad_mixed, grad_sigma_rb, has_slot_bias, grad_by_slot.data_ptr(),
+      grad_queries.data_ptr(), scale.defined() ? grad_sharpness.data_ptr() : nullptr, /*through_softplus=*/false);
+  return {grad_queries, grad_sharpness, grad_by_slot, grad_keys, grad_slot_bias, grad_s_values, grad_v_values};
 }
 
 }  // namespace
