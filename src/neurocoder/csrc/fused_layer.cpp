@@ -423,6 +423,31 @@ Tensor reusable(Buffer buffer, at::IntArrayRef sizes, const at::TensorOptions& o
 }
 
 
+// attend and compose, and the usage when `usage` is defined, shared by the three forwards: from
+// the queries' rows (J R k rows of B, where the caller has them: the head's output or a laid-out
+// copy) and x M_U^T by slot (P rows of B) to mixed (P, B), writing what a backward needs.
+// sharpness: (J R, B) positive values when learned, else undefined and fixed_sharpness is used.
+void read_forward(const void* query_rows, const Tensor& unit_keys, const Tensor& sharpness,
+                  std::optional<double> fixed_sharpness, const Tensor& slot_bias, const void* memory_by_slot,
+                  const Tensor& s_values, int64_t R, int64_t B, const Tensor& unit_queries, const Tensor& query_norm,
+                  const Tensor& weights, const Tensor& raw_sigma, const Tensor& sigma, const Tensor& projected,
+                  const Tensor& per_component, const Tensor& mixed, const Tensor& usage) {
+  const int64_t J = unit_keys.size(0), P = unit_keys.size(1), k = unit_keys.size(2);
+  Tensor s_contiguous = s_values.contiguous();
+  AT_DISPATCH_FLOATING_TYPES(unit_keys.scalar_type(), "read_forward", [&] {
+    attend<scalar_t>(static_cast<const scalar_t*>(query_rows), unit_keys.data_ptr<scalar_t>(),
+                     sharpness.defined() ? sharpness.data_ptr<scalar_t>() : nullptr,
+                     static_cast<scalar_t>(sharpness.defined() ? 0.0 : *fixed_sharpness),
+                     slot_bias.defined() ? slot_bias.data_ptr<scalar_t>() : nullptr, J, P, R, k, B,
+                     unit_queries.data_ptr<scalar_t>(), query_norm.data_ptr<scalar_t>(), weights.data_ptr<scalar_t>());
+    compose<scalar_t>(weights.data_ptr<scalar_t>(), static_cast<const scalar_t*>(memory_by_slot),
+                      s_contiguous.data_ptr<scalar_t>(), P, R, B, raw_sigma.data_ptr<scalar_t>(),
+                      sigma.data_ptr<scalar_t>(), projected.data_ptr<scalar_t>(), per_component.data_ptr<scalar_t>(),
+                      mixed.data_ptr<scalar_t>());
+    if (usage.defined()) usage_of<scalar_t>(weights.data_ptr<scalar_t>(), J, P, R, B, usage.data_ptr<scalar_t>());
+  });
+}
+
 // The read's backward from d loss / d mixed (P, B) and d loss / d sigma ((R, B), or undefined),
 // shared by the whole-layer op and the read alone; only where the gradients go differs. Writes
 // d loss / d (x M_U^T) into grad_by_slot (P rows of B), the queries' gradient into grad_queries
@@ -510,19 +535,9 @@ std::vector<Tensor> fused_layer_forward(
   Tensor usage = at::zeros({J, P}, x.options());
   Tensor memory_by_slot = head_t.narrow(0, C, P);                                       // (P, B)
   Tensor bias = slot_bias.has_value() ? slot_bias->contiguous() : Tensor();
-  Tensor s_contiguous = s_values.contiguous();
-  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "fused_layer_forward", [&] {
-    attend<scalar_t>(head_t.data_ptr<scalar_t>(), unit_keys.data_ptr<scalar_t>(),
-                     learned ? sharpness.data_ptr<scalar_t>() : nullptr,
-                     static_cast<scalar_t>(learned ? 0.0 : *fixed_sharpness),
-                     bias.defined() ? bias.data_ptr<scalar_t>() : nullptr, J, P, R, k, B,
-                     unit_queries.data_ptr<scalar_t>(), query_norm.data_ptr<scalar_t>(), weights.data_ptr<scalar_t>());
-    compose<scalar_t>(weights.data_ptr<scalar_t>(), memory_by_slot.data_ptr<scalar_t>(),
-                      s_contiguous.data_ptr<scalar_t>(), P, R, B, raw_sigma.data_ptr<scalar_t>(),
-                      sigma.data_ptr<scalar_t>(), projected.data_ptr<scalar_t>(), per_component.data_ptr<scalar_t>(),
-                      mixed.data_ptr<scalar_t>());
-    if (want_usage) usage_of<scalar_t>(weights.data_ptr<scalar_t>(), J, P, R, B, usage.data_ptr<scalar_t>());
-  });
+  read_forward(head_t.data_ptr(), unit_keys, learned ? sharpness : Tensor(), fixed_sharpness, bias,
+               memory_by_slot.data_ptr(), s_values, R, B, unit_queries, query_norm, weights, raw_sigma, sigma, projected,
+               per_component, mixed, want_usage ? usage : Tensor());
   Tensor y = reusable(kOutput, {B, v_values.size(1)}, x.options());
   at::mm_out(y, mixed.t(), v_values);                                               // (B, d_out)
   return {y, sigma.t(), usage, unit_queries, query_norm, unit_keys, key_norm, weights, memory_by_slot,
@@ -615,20 +630,13 @@ Tensor fused_layer_inference(const Tensor& x, const Tensor& joined_weight, const
   if (learned) sharpness = at::softplus(head_t.narrow(0, Q, J * R)).contiguous();
   Tensor unit_queries = at::empty({J, k, N}, x.options()), query_norm = at::empty({J, R, B}, x.options());
   Tensor weights = at::empty({J, P, N}, x.options());
-  Tensor scratch = at::empty({4, R, B}, x.options()), mixed = at::empty({P, B}, x.options());
-  Tensor keys = unit_keys.contiguous(), s_contiguous = s_values.contiguous();
+  Tensor mixed = at::empty({P, B}, x.options());
   Tensor bias = slot_bias.has_value() ? slot_bias->contiguous() : Tensor();
-  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "fused_layer_inference", [&] {
-    attend<scalar_t>(head_t.data_ptr<scalar_t>(), keys.data_ptr<scalar_t>(),
-                     learned ? sharpness.data_ptr<scalar_t>() : nullptr,
-                     static_cast<scalar_t>(learned ? 0.0 : *fixed_sharpness),
-                     bias.defined() ? bias.data_ptr<scalar_t>() : nullptr, J, P, R, k, B,
-                     unit_queries.data_ptr<scalar_t>(), query_norm.data_ptr<scalar_t>(), weights.data_ptr<scalar_t>());
-    scalar_t* rows = scratch.data_ptr<scalar_t>();      // raw sigma, sigma, projected, per component
-    compose<scalar_t>(weights.data_ptr<scalar_t>(), head_t.data_ptr<scalar_t>() + C * B,
-                      s_contiguous.data_ptr<scalar_t>(), P, R, B, rows, rows + N, rows + 2 * N, rows + 3 * N,
-                      mixed.data_ptr<scalar_t>());
-  });
+  Tensor raw_sigma = at::empty({R, B}, x.options()), sigma = at::empty({R, B}, x.options());
+  Tensor projected = at::empty({R, B}, x.options()), per_component = at::empty({R, B}, x.options());
+  read_forward(head_t.data_ptr(), unit_keys.contiguous(), sharpness, fixed_sharpness, bias,
+               head_t.narrow(0, C, P).data_ptr(), s_values, R, B, unit_queries, query_norm, weights, raw_sigma,
+               sigma, projected, per_component, mixed, Tensor());
   if (output_bias.has_value()) return at::addmm(*output_bias, mixed.t(), v_values);
   return at::mm(mixed.t(), v_values);
 }
@@ -667,18 +675,9 @@ std::vector<Tensor> fused_read_forward(const Tensor& queries, const std::optiona
   Tensor projected = at::empty({R, B}, options), per_component = at::empty({R, B}, options);
   Tensor mixed = at::empty({P, B}, options), usage = at::zeros({J, P}, options);
   Tensor bias = slot_bias.has_value() ? slot_bias->contiguous() : Tensor();
-  Tensor s_contiguous = s_values.contiguous();
-  AT_DISPATCH_FLOATING_TYPES(queries.scalar_type(), "fused_read_forward", [&] {
-    attend<scalar_t>(q.data_ptr<scalar_t>(), unit_keys.data_ptr<scalar_t>(),
-                     scale.defined() ? scale.data_ptr<scalar_t>() : nullptr,
-                     static_cast<scalar_t>(scale.defined() ? 0.0 : *fixed_sharpness),
-                     bias.defined() ? bias.data_ptr<scalar_t>() : nullptr, J, P, R, k, B,
-                     unit_queries.data_ptr<scalar_t>(), query_norm.data_ptr<scalar_t>(), weights.data_ptr<scalar_t>());
-    compose<scalar_t>(weights.data_ptr<scalar_t>(), by_slot.data_ptr<scalar_t>(), s_contiguous.data_ptr<scalar_t>(),
-                      P, R, B, raw_sigma.data_ptr<scalar_t>(), sigma.data_ptr<scalar_t>(),
-                      projected.data_ptr<scalar_t>(), per_component.data_ptr<scalar_t>(), mixed.data_ptr<scalar_t>());
-    if (want_usage) usage_of<scalar_t>(weights.data_ptr<scalar_t>(), J, P, R, B, usage.data_ptr<scalar_t>());
-  });
+  read_forward(q.data_ptr(), unit_keys, scale, fixed_sharpness, bias, by_slot.data_ptr(), s_values, R, B,
+               unit_queries, query_norm, weights, raw_sigma, sigma, projected, per_component, mixed,
+               want_usage ? usage : Tensor());
   Tensor y = at::mm(mixed.t(), v_values);                                              // (B, d_out)
   return {y, sigma.t().contiguous(), usage, unit_queries, query_norm, unit_keys, key_norm, weights, raw_sigma, sigma,
           projected, per_component, mixed};
