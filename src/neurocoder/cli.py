@@ -47,6 +47,7 @@ def _info(args: argparse.Namespace) -> int:
             native.build()
         except Exception as error:  # noqa: BLE001 - reported below, as the kernels' state
             native._state["error"] = error
+
     def version(package: str) -> str:
         try:
             return importlib.metadata.version(package)
