@@ -79,7 +79,7 @@ def head_costs(plain: torch.nn.Module, neurocoder_head: torch.nn.Module, cfg: PP
     def rollout(layer):
         layer.eval()                     # as the trainer's rollout: no usage bookkeeping
         with torch.no_grad(), neurocoder.reuse_programs(layer):
-            for _ in range(8):
+            for _ in range(cfg.num_steps):   # one rollout's calls share the kept constants, as in the trainer
                 layer(x_roll)
         layer.train()
 
@@ -88,10 +88,10 @@ def head_costs(plain: torch.nn.Module, neurocoder_head: torch.nn.Module, cfg: PP
 
     extra = 0.0
     calls_per_update = (cfg.num_steps + 1, cfg.update_epochs * cfg.num_minibatches)
-    for (label, fn, per), calls in zip((("rollout call, batch %d, no grad" % cfg.num_envs, rollout, 8),
+    for (label, fn, per), calls in zip((("rollout call, batch %d, no grad" % cfg.num_envs, rollout, cfg.num_steps),
                                         ("training minibatch %d, fwd+bwd" % minibatch, train, 1)), calls_per_update):
         times = {"plain": [], "nc-heads": []}
-        for _ in range(rounds // per):
+        for _ in range(max(20, rounds // per)):       # at least 20 timings for the median
             for name, layer in (("plain", plain), ("nc-heads", neurocoder_head)):
                 start = time.perf_counter()
                 fn(layer)
