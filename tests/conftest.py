@@ -1,7 +1,13 @@
 import itertools
+import os
 
 import pytest
 import torch
+
+# Triton's kernels (neurocoder.triton_layer, tests/test_triton.py) run in its interpreter where
+# there is no GPU; Triton reads this when a kernel is defined, so before anything imports them.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 # Every combination of the options that change the computation.
 OPTION_GRID = [

@@ -69,3 +69,14 @@ def test_info_build_reports_a_failed_build_with_exit_status_1(monkeypatch, capsy
     monkeypatch.setattr(native, "build", failing_build)
     assert cli.main(["info", "--build"]) == 1
     assert "the build failed (OSError: c++: command not found)" in capsys.readouterr().out
+
+
+def test_info_says_whether_the_triton_kernels_are_on(monkeypatch, capsys):
+    monkeypatch.setenv("NEUROCODER_TRITON", "0")
+    cli.main(["info"])
+    line = next(l for l in capsys.readouterr().out.splitlines() if "Triton GPU kernels:" in l)
+    assert "not installed" in line or "off until switched on (NEUROCODER_TRITON=1)" in line
+    monkeypatch.setenv("NEUROCODER_TRITON", "1")
+    cli.main(["info"])
+    line = next(l for l in capsys.readouterr().out.splitlines() if "Triton GPU kernels:" in l)
+    assert "not installed" in line or "in use for CUDA tensors" in line

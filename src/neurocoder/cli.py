@@ -64,6 +64,15 @@ def _info(args: argparse.Namespace) -> int:
     else:
         print("  CUDA: not available (everything runs on the CPU)")
     print(f"  C++ CPU kernels: {native.describe()}")
+    # Read from the environment, without importing Triton (neurocoder.triton_layer reads the same).
+    triton_version = version("triton")
+    if triton_version == "missing":
+        gpu_kernels = "Triton not installed (pip install 'neurocoder[gpu]'); CUDA runs the fused layer's ATen path"
+    else:
+        switched_on = os.environ.get("NEUROCODER_TRITON", "0") == "1"
+        gpu_kernels = (f"Triton {triton_version}; " + ("in use for CUDA tensors (NEUROCODER_TRITON=1)" if switched_on
+                       else "off until switched on (NEUROCODER_TRITON=1): not yet timed on a GPU"))
+    print(f"  Triton GPU kernels: {gpu_kernels}")
     print("data sets:")
     for name in DATASETS:
         where = locate_dataset(name)

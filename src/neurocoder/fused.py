@@ -417,6 +417,12 @@ def fused_layer_apply(x: torch.Tensor, head_weight: torch.Tensor, head_bias: tor
     a, b, c, d = (tuple(key_tensors) + (None, None))[:4]
     native = _native_applies(x, head_weight, head_bias, u_values, v_values, s_values, s_keys, a, b, c, d, slot_bias)
     function = _NativeFusedLayer if native else _FusedLayer
+    if x.is_cuda:
+        # Imported here: Triton (optional) loads only for CUDA tensors.
+        from . import triton_layer
+        if triton_layer.applies(x, slot_bias, head_weight, head_bias, u_values, v_values, s_values, s_keys, a, b, c,
+                                d):
+            function = triton_layer.TritonFusedLayer
     return function.apply(x, head_weight, head_bias, u_values, v_values, s_values, s_keys, a, b, c, d, slot_bias,
                           rank, key_dim, None if sharpness is None else float(sharpness), want_usage)
 
