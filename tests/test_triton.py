@@ -177,3 +177,41 @@ def test_fused_layer_apply_keeps_the_cpu_paths_for_cpu_tensors():
     y, _, _ = fused_layer_apply(inputs["x"], inputs["head_weight"], inputs["head_bias"], inputs["u_values"],
                                 inputs["v_values"], inputs["s_values"], inputs["s_keys"], keys, None, 2, 3, 1.0)
     assert type(y.grad_fn).__name__ in ("_NativeFusedLayerBackward", "_FusedLayerBackward")
+
+
+# ATen operations that launch no kernel of their own (allocation, views, and the interpreter's
+# copies of each argument to and from the host when there is no GPU).
+_NO_KERNEL = {"new_empty", "empty", "set_", "copy_", "permute", "slice", "unsqueeze", "select", "view", "detach",
+              "transpose", "t", "expand", "alias"}
+
+
+@pytest.mark.parametrize("input_needs_grad", [False, True])
+def test_a_training_step_issues_few_aten_kernels(input_needs_grad):
+    """The point of the kernels is the launch count (a GPU step at this size is bound by it):
+    beside the four Triton kernels, a step issues 4 ATen kernels forward (three GEMMs and the
+    usage's sum) and 3 backward (GEMMs), 5 when the input needs its gradient. (The ATen fast path,
+    neurocoder.fused._FusedLayer: session 27's GPU profile counted at least 77 kernels a step.)"""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Count(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.kernels = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func.overloadpacket.__name__ not in _NO_KERNEL:
+                self.kernels.append(func.overloadpacket.__name__)
+            return func(*args, **(kwargs or {}))
+
+    inputs = _inputs(20, 12, 7, 6, 2, 3, "content", False, dtype=torch.float32)
+    inputs["x"].requires_grad_(input_needs_grad)
+    a, b, c, d = inputs["key_tensors"]
+    arguments = (inputs["x"], inputs["head_weight"], inputs["head_bias"], inputs["u_values"], inputs["v_values"],
+                 inputs["s_values"], inputs["s_keys"], a, b, c, d, None, 2, 3, 1.0, True)
+    with Count() as forward:
+        y, _, _ = triton_layer.TritonFusedLayer.apply(*arguments)
+    grad_y = torch.ones_like(y)
+    with Count() as backward:
+        y.backward(grad_y)           # first backward: every gradient is assigned, not added
+    assert sorted(forward.kernels) == ["addmm", "mm", "mm", "sum"]
+    assert sorted(backward.kernels) == (["addmm_", "mm", "mm", "mm", "mm"] if input_needs_grad else ["mm", "mm", "mm"])
