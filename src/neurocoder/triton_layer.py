@@ -42,6 +42,10 @@ _state = {"enabled": os.environ.get("NEUROCODER_TRITON", "0") == "1"}
 # Samples per program instance. Small: at batch 128 the grid is 8-16 instances either way, and
 # each instance holds a (BLOCK_B, P, k) product in registers.
 _BLOCK_B = 16
+# Warps per instance of the read kernels: at 4 the backward's (BLOCK_B, P, k) products spill
+# registers when compiled for sm_90 (255 registers and 112 bytes of stack), at 8 it takes 207 and
+# none (scripts/compile_triton_kernels.py prints these).
+_READ_WARPS = 8
 # Above this many sample blocks, their partial sums are added by one torch.sum before the keys'
 # backward kernel (which otherwise re-reads them in every program instance).
 _MAX_UNREDUCED_BLOCKS = 32
@@ -450,7 +454,7 @@ class TritonFusedLayer(torch.autograd.Function):
         fixed = 0.0 if learned else float(sharpness)
         _read_forward_kernel[(n_blocks,)](head_t, unit_keys, s_values.contiguous(), mixed, sigma, usage_parts, B, P, K,
                                           C, fixed, RANK=rank, LEARNED=learned, WANT_USAGE=want_usage,
-                                          BLOCK_B=_BLOCK_B, **blocks)
+                                          BLOCK_B=_BLOCK_B, num_warps=_READ_WARPS, **blocks)
         y = torch.mm(mixed, v_values)
         usage = usage_parts.sum(0) if want_usage else x.new_zeros(3, P)
         ctx.save_for_backward(x, head_weight, u_values, v_values, s_values, a, b, c, d, head_t, unit_keys, key_norm,
@@ -482,7 +486,8 @@ class TritonFusedLayer(torch.autograd.Function):
         _read_backward_kernel[(n_blocks,)](head_t, unit_keys, s_values, grad_mixed,
                                            grad_sigma.contiguous() if has_grad_sigma else grad_mixed, grad_head,
                                            partial, B, P, K, C, fixed, RANK=rank, LEARNED=learned,
-                                           HAS_GRAD_SIGMA=has_grad_sigma, BLOCK_B=_BLOCK_B, **blocks)
+                                           HAS_GRAD_SIGMA=has_grad_sigma, BLOCK_B=_BLOCK_B, num_warps=_READ_WARPS,
+                                           **blocks)
         grad_x = None
         if need[0]:
             grad_x = torch.mm(grad_head[:C].T, head_weight).addmm_(grad_head[C:].T, u_values)
