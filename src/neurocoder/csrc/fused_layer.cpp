@@ -711,6 +711,144 @@ std::vector<Tensor> fused_read_backward(const std::optional<Tensor>& grad_y_in, 
   return {grad_queries, grad_sharpness, grad_by_slot, grad_keys, grad_slot_bias, grad_s_values, grad_v_values};
 }
 
+
+// ------------------------------------------------------------------ least-used reading
+// neurocoder.reading.read_with_least_used for CPU tensors: attention (J, B, R, P) and gates
+// (J, B, R) -> weights (J, B, R, P) and usage (J, B, P). Each (bank, sample) row runs its R
+// components in order: w_n = (1 - g_n) a_n + g_n l_n, with l_n the least-used weight of the usage
+// before n (the m slots of smallest usage, ties to the lower index, as a stable sort takes them;
+// weight proportional to max(1 - usage, eps)), then usage = max(usage, w_n). The Python loop
+// issues ~10 operations per component forward and ~20 backward; here each row is one pass.
+// Saved for the backward: the usage before each component and each l_n, (J, B, R, P) each.
+
+// The m slots of smallest usage (ties to the lower index) into chosen[0..m).
+template <typename T>
+void least_used_slots(const T* usage, int64_t P, int64_t m, std::vector<int64_t>& order) {
+  order.resize(P);
+  for (int64_t p = 0; p < P; ++p) order[p] = p;
+  auto before = [usage](int64_t a, int64_t b) { return usage[a] < usage[b] || (usage[a] == usage[b] && a < b); };
+  if (m < P) std::nth_element(order.begin(), order.begin() + m, order.end(), before);
+}
+
+std::vector<Tensor> least_used_read_forward(const Tensor& attention_in, const Tensor& gates_in, int64_t m) {
+  const Tensor attention = attention_in.contiguous(), gates = gates_in.contiguous();
+  TORCH_CHECK(attention.dim() == 4 && gates.dim() == 3 && gates.size(0) == attention.size(0) &&
+              gates.size(1) == attention.size(1) && gates.size(2) == attention.size(2),
+              "least_used_read_forward: attention (J, B, R, P) and gates (J, B, R) expected, got ",
+              attention.sizes(), " and ", gates.sizes());
+  const int64_t rows = attention.size(0) * attention.size(1), R = attention.size(2), P = attention.size(3);
+  TORCH_CHECK(m >= 1 && m <= P, "least_used_read_forward: least_used must be in [1, ", P, "], got ", m);
+  Tensor weights = at::empty_like(attention), usage_before = at::empty_like(attention);
+  Tensor least = at::empty_like(attention);
+  Tensor usage = at::empty({attention.size(0), attention.size(1), P}, attention.options());
+  AT_DISPATCH_FLOATING_TYPES(attention.scalar_type(), "least_used_read_forward", [&] {
+    const scalar_t* a = attention.data_ptr<scalar_t>();
+    const scalar_t* g = gates.data_ptr<scalar_t>();
+    scalar_t* w = weights.data_ptr<scalar_t>();
+    scalar_t* before = usage_before.data_ptr<scalar_t>();
+    scalar_t* l = least.data_ptr<scalar_t>();
+    scalar_t* u_out = usage.data_ptr<scalar_t>();
+    at::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) {
+      std::vector<scalar_t> u(P);
+      std::vector<int64_t> order;
+      for (int64_t row = begin; row < end; ++row) {
+        std::fill(u.begin(), u.end(), scalar_t(0));
+        for (int64_t n = 0; n < R; ++n) {
+          const int64_t at_n = (row * R + n) * P;
+          std::copy(u.begin(), u.end(), before + at_n);
+          least_used_slots(u.data(), P, m, order);
+          scalar_t* ln = l + at_n;
+          std::fill(ln, ln + P, scalar_t(0));
+          scalar_t total = 0;
+          for (int64_t i = 0; i < m; ++i) {
+            const int64_t p = order[i];
+            ln[p] = std::max(scalar_t(1) - u[p], scalar_t(kEps));
+            total += ln[p];
+          }
+          for (int64_t i = 0; i < m; ++i) ln[order[i]] /= total;
+          const scalar_t gate = g[row * R + n];
+          for (int64_t p = 0; p < P; ++p) {
+            const scalar_t value = (scalar_t(1) - gate) * a[at_n + p] + gate * ln[p];
+            w[at_n + p] = value;
+            u[p] = std::max(u[p], value);
+          }
+        }
+        std::copy(u.begin(), u.end(), u_out + row * P);
+      }
+    });
+  });
+  return {weights, usage, usage_before, least};
+}
+
+// Gradients of attention and gates from those of weights and usage (either may be undefined).
+// Reverse order over the components, carrying d loss / d usage. Follows autograd's rules for the
+// Python loop: torch.maximum splits a tie's gradient in half; clamp_min passes it where
+// 1 - usage >= eps; the chosen slots (a sort) pass none.
+std::vector<Tensor> least_used_read_backward(const std::optional<Tensor>& grad_weights_in,
+                                             const std::optional<Tensor>& grad_usage_in, const Tensor& attention_in,
+                                             const Tensor& gates_in, const Tensor& weights, const Tensor& usage_before,
+                                             const Tensor& least) {
+  const Tensor attention = attention_in.contiguous(), gates = gates_in.contiguous();
+  const int64_t rows = attention.size(0) * attention.size(1), R = attention.size(2), P = attention.size(3);
+  Tensor grad_weights = grad_weights_in.has_value() ? grad_weights_in->contiguous() : Tensor();
+  Tensor grad_usage = grad_usage_in.has_value() ? grad_usage_in->contiguous() : Tensor();
+  Tensor grad_attention = at::empty_like(attention), grad_gates = at::empty_like(gates);
+  AT_DISPATCH_FLOATING_TYPES(attention.scalar_type(), "least_used_read_backward", [&] {
+    const scalar_t* a = attention.data_ptr<scalar_t>();
+    const scalar_t* g = gates.data_ptr<scalar_t>();
+    const scalar_t* w = weights.data_ptr<scalar_t>();
+    const scalar_t* before = usage_before.data_ptr<scalar_t>();
+    const scalar_t* l = least.data_ptr<scalar_t>();
+    const scalar_t* gw_in = grad_weights.defined() ? grad_weights.data_ptr<scalar_t>() : nullptr;
+    const scalar_t* gu_in = grad_usage.defined() ? grad_usage.data_ptr<scalar_t>() : nullptr;
+    scalar_t* ga = grad_attention.data_ptr<scalar_t>();
+    scalar_t* gg = grad_gates.data_ptr<scalar_t>();
+    at::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) {
+      std::vector<scalar_t> grad_u(P), grad_prev(P), grad_w(P);
+      for (int64_t row = begin; row < end; ++row) {
+        if (gu_in) std::copy(gu_in + row * P, gu_in + (row + 1) * P, grad_u.begin());
+        else std::fill(grad_u.begin(), grad_u.end(), scalar_t(0));
+        for (int64_t n = R - 1; n >= 0; --n) {
+          const int64_t at_n = (row * R + n) * P;
+          const scalar_t* u_prev = before + at_n;
+          const scalar_t* wn = w + at_n;
+          const scalar_t* ln = l + at_n;
+          // usage_n = maximum(usage_{n-1}, w_n)
+          for (int64_t p = 0; p < P; ++p) {
+            const scalar_t carried = grad_u[p];
+            if (u_prev[p] > wn[p]) { grad_prev[p] = carried; grad_w[p] = 0; }
+            else if (u_prev[p] < wn[p]) { grad_prev[p] = 0; grad_w[p] = carried; }
+            else { grad_prev[p] = carried / 2; grad_w[p] = carried / 2; }
+            if (gw_in) grad_w[p] += gw_in[at_n + p];
+          }
+          // w_n = (1 - g) a_n + g l_n
+          const scalar_t gate = g[row * R + n];
+          scalar_t grad_gate = 0, weighted = 0, total = 0;
+          for (int64_t p = 0; p < P; ++p) {
+            ga[at_n + p] = (scalar_t(1) - gate) * grad_w[p];
+            grad_gate += grad_w[p] * (ln[p] - a[at_n + p]);
+          }
+          gg[row * R + n] = grad_gate;
+          // l_n = raw / sum(raw), raw = chosen x max(1 - usage_{n-1}, eps): d raw_p = gl_p / S - sum(gl raw) / S^2
+          for (int64_t p = 0; p < P; ++p) {
+            if (ln[p] != 0) {
+              const scalar_t raw = std::max(scalar_t(1) - u_prev[p], scalar_t(kEps));
+              total += raw;
+              weighted += gate * grad_w[p] * ln[p];
+            }
+          }
+          for (int64_t p = 0; p < P; ++p) {
+            if (ln[p] != 0 && scalar_t(1) - u_prev[p] >= scalar_t(kEps))
+              grad_prev[p] -= (gate * grad_w[p] - weighted) / total;
+          }
+          std::swap(grad_u, grad_prev);
+        }
+      }
+    });
+  });
+  return {grad_attention, grad_gates};
+}
+
 }  // namespace
 
 TORCH_LIBRARY(neurocoder_cpu, m) {
@@ -730,6 +868,9 @@ TORCH_LIBRARY(neurocoder_cpu, m) {
   m.def("fused_read_backward(Tensor? grad_y, Tensor? grad_sigma, Tensor[] saved, Tensor? sharpness, "
         "float? fixed_sharpness, Tensor memory_by_slot, Tensor s_values, Tensor v_values, bool has_slot_bias) "
         "-> Tensor[]");
+  m.def("least_used_read_forward(Tensor attention, Tensor gates, int least_used) -> Tensor[]");
+  m.def("least_used_read_backward(Tensor? grad_weights, Tensor? grad_usage, Tensor attention, Tensor gates, "
+        "Tensor weights, Tensor usage_before, Tensor least) -> Tensor[]");
 }
 
 TORCH_LIBRARY_IMPL(neurocoder_cpu, CPU, m) {
@@ -738,4 +879,6 @@ TORCH_LIBRARY_IMPL(neurocoder_cpu, CPU, m) {
   m.impl("fused_layer_inference", &fused_layer_inference);
   m.impl("fused_read_forward", &fused_read_forward);
   m.impl("fused_read_backward", &fused_read_backward);
+  m.impl("least_used_read_forward", &least_used_read_forward);
+  m.impl("least_used_read_backward", &least_used_read_backward);
 }
