@@ -6,7 +6,8 @@ operations, side by side in one process.
 Needs CUDA and Triton (on a CPU it says so and exits 0). At the released shape (batch 128,
 1024 -> 400, P = 50, r = 10, k = 5, content keys) it times a forward+backward of:
 nn.Linear(1024, 400); NeurocoderLinear's fast path (neurocoder.fused._FusedLayer, ~77 kernels);
-the same layer through neurocoder.triton_layer (switched on for the call). Rows:
+the same layer through neurocoder.triton_layer (switched on for the call), with the products with
+V inside the read kernels (the default) and as two GEMMs. Rows:
 - as benchmarks/bench_layers.py times them (gradients accumulate across steps);
 - with the gradients set to None before each step, as ``optimizer.zero_grad()`` does in a
   training loop (accumulating adds one kernel per parameter: 2 for nn.Linear, 10 here);
@@ -35,15 +36,17 @@ from neurocoder import NeurocoderLinear, presets, triton_layer  # noqa: E402
 from neurocoder.runs import code_version  # noqa: E402
 
 
-def with_triton(module: nn.Module):
-    """``module``'s forward with the Triton kernels switched on (the backward follows the forward)."""
+def with_triton(module: nn.Module, fold: bool = True):
+    """``module``'s forward with the Triton kernels switched on (the backward follows the forward);
+    ``fold``: the products with V inside the read kernels, or as GEMMs."""
     def run(x):
-        before = triton_layer.enabled()
+        before = dict(triton_layer._state)
         triton_layer.set_enabled(True)
+        triton_layer.set_fold_output_products(fold)
         try:
             return module(x)
         finally:
-            triton_layer.set_enabled(before)
+            triton_layer._state.update(before)
     return run
 
 
@@ -63,16 +66,28 @@ def kernels_per_step(fn, x) -> int:
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         train_step(fn, x)
         torch.cuda.synchronize()
-    return sum(1 for e in prof.events() if e.device_type.name == "CUDA")
+    return sum(1 for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA)
 
 
-def check_against_fast_path(layer: NeurocoderLinear, x: torch.Tensor) -> float:
+def functions_in_graph(y: torch.Tensor) -> set[str]:
+    """Names of the autograd nodes behind ``y`` (the layer's Function sits below a reshape)."""
+    seen, stack = set(), [y.grad_fn]
+    while stack:
+        node = stack.pop()
+        if node is not None and node not in seen:
+            seen.add(node)
+            stack += [n for n, _ in node.next_functions]
+    return {type(n).__name__ for n in seen}
+
+
+def check_against_fast_path(layer: NeurocoderLinear, x: torch.Tensor, fold: bool) -> float:
     """Largest relative difference of the output and every gradient, Triton step against fast path."""
     results = []
-    for fn in (with_triton(layer), layer):
+    for fn in (with_triton(layer, fold), layer):
         layer.zero_grad(set_to_none=True)
         y = fn(x)
-        assert (type(y.grad_fn).__name__ == "TritonFusedLayerBackward") == (fn is not layer), type(y.grad_fn)
+        took = "TritonFusedLayerBackward" in functions_in_graph(y)
+        assert took == (fn is not layer), f"the Triton kernels {'were' if took else 'were not'} taken"
         y.square().mean().backward()
         results.append([y.detach()] + [p.grad.clone() for p in layer.parameters() if p.grad is not None])
     layer.zero_grad(set_to_none=True)
@@ -100,9 +115,11 @@ def main() -> int:
     results: dict = {"device_name": torch.cuda.get_device_name(device), "torch": torch.__version__,
                      "triton": __import__("triton").__version__, "neurocoder": neurocoder.__version__,
                      "code_version": code_version(), "repeats": args.repeats, "blocks": args.blocks, "cases": {}}
-    worst = check_against_fast_path(layer, x)
-    results["largest_relative_difference_to_fast_path"] = worst
-    print(f"Triton step against the fast path: largest relative difference {worst:.2e} (output and gradients)")
+    for fold in (True, False):
+        worst = check_against_fast_path(layer, x, fold)
+        results[f"largest_relative_difference_to_fast_path{'' if fold else '_products_as_gemms'}"] = worst
+        print(f"Triton step{'' if fold else ' (products with V as GEMMs)'} against the fast path: largest relative "
+              f"difference {worst:.2e} (output and gradients)")
     triton_copy = copy.deepcopy(layer)
 
     def report(name, times, per_block):
@@ -116,14 +133,18 @@ def main() -> int:
             print(f"  {k:<34} {v * 1e3:8.3f} ms  {ratios[k]:6.2f}x nn.Linear   (blocks {blocks})")
 
     contenders = {"nn.Linear(1024, 400)": dense, "NeurocoderLinear, fast path": layer,
-                  "NeurocoderLinear, Triton kernels": with_triton(triton_copy)}
+                  "NeurocoderLinear, Triton kernels": with_triton(triton_copy),
+                  "Triton, products with V as GEMMs": with_triton(copy.deepcopy(layer), fold=False)}
     times, per_block = time_in_blocks(contenders, x, args.repeats, device, args.blocks, warm_calls=1)
     report("released shape, batch 128 (gradients accumulate, as bench_layers.py)", times, per_block)
 
-    copies = {name: copy.deepcopy(m) for name, m in (("dense", dense), ("fast", layer), ("triton", layer))}
+    copies = {name: copy.deepcopy(m) for name, m in (("dense", dense), ("fast", layer), ("triton", layer),
+                                                      ("unfolded", layer))}
     fresh = {"nn.Linear(1024, 400)": fresh_grads(copies["dense"], copies["dense"]),
              "NeurocoderLinear, fast path": fresh_grads(copies["fast"], copies["fast"]),
-             "NeurocoderLinear, Triton kernels": fresh_grads(with_triton(copies["triton"]), copies["triton"])}
+             "NeurocoderLinear, Triton kernels": fresh_grads(with_triton(copies["triton"]), copies["triton"]),
+             "Triton, products with V as GEMMs": fresh_grads(with_triton(copies["unfolded"], fold=False),
+                                                            copies["unfolded"])}
     times, per_block = time_in_blocks(fresh, x, args.repeats, device, args.blocks, warm_calls=1)
     report("released shape, batch 128, gradients set to None before each step (zero_grad)", times, per_block)
 

@@ -8,8 +8,8 @@ Compiles each kernel of neurocoder.triton_layer, ahead of time through Triton's 
 a cubin (ptxas ships with Triton), for the shapes that matter: the released layer (content keys,
 fixed sharpness), the default preset (learned sharpness, k = 8) and learned keys, with the launch
 options the layer uses. Prints each kernel's registers and spilled bytes (cuobjdump, also shipped
-with Triton) and exits 1 if any kernel fails to compile. --quick: the released layer and learned
-keys only. Needs Triton with its NVIDIA backend (Linux x86-64); no GPU, no CUDA driver.
+with Triton) and exits 1 if any kernel fails to compile. --quick: the released layer (both ways of
+its products with V) and learned keys only. Needs Triton with its NVIDIA backend (Linux x86-64); no GPU, no CUDA driver.
 """
 
 from __future__ import annotations
@@ -68,6 +68,8 @@ def _resources(compiled) -> str:
 def configurations(quick: bool) -> list[dict]:
     """(name, P, k, rank, content keys, learned sharpness, d_in, d_out, batch)."""
     rows = [dict(name="released (content keys, fixed sharpness)", P=50, k=5, rank=10, content=True, learned=False),
+            dict(name="released, the products with V as GEMMs", P=50, k=5, rank=10, content=True, learned=False,
+                 fold=False),
             dict(name="learned keys, learned sharpness", P=50, k=5, rank=10, content=False, learned=True)]
     if not quick:
         rows += [dict(name="default preset (content keys, learned sharpness, k = 8)", P=50, k=8, rank=10,
@@ -79,7 +81,7 @@ def configurations(quick: bool) -> list[dict]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--arch", type=int, default=90, help="compute capability x 10 (90: H100/H200; 80: A100)")
-    parser.add_argument("--quick", action="store_true", help="two configurations instead of four")
+    parser.add_argument("--quick", action="store_true", help="three configurations instead of five")
     args = parser.parse_args(argv)
     try:
         import triton  # noqa: F401
@@ -95,19 +97,20 @@ def main(argv: list[str] | None = None) -> int:
         C = 3 * rank * k + (3 * rank if learned else 0)
         blocks = kernels._blocks(P, k, rank)
         maybe = PTR if content else None
-        read = dict(B=B, P=P, K=k, C=C, fixed_sharpness=1.0, RANK=rank, LEARNED=learned, BLOCK_B=kernels._BLOCK_B,
-                    **blocks)
+        fold = row.get("fold", True)
+        read = dict(B=B, P=P, K=k, C=C, D_OUT=d_out, fixed_sharpness=1.0, RANK=rank, LEARNED=learned,
+                    BLOCK_B=kernels._BLOCK_B, BLOCK_O=kernels._BLOCK_O, **blocks)
         jobs = [
             ("keys", kernels._keys_kernel, 4,
              dict(u_ptr=PTR, a_ptr=PTR, b_ptr=PTR, v_ptr=maybe, c_ptr=maybe, d_ptr=maybe, s_keys_ptr=PTR,
                   unit_keys_ptr=PTR, key_norm_ptr=PTR, P=P, K=k, D_IN=d_in, D_OUT=d_out, CONTENT=content,
                   BLOCK_P=blocks["BLOCK_P"], BLOCK_K=blocks["BLOCK_K"], BLOCK_D=16)),
             ("read forward", kernels._read_forward_kernel, kernels._READ_WARPS,
-             dict(head_ptr=PTR, keys_ptr=PTR, s_ptr=PTR, mixed_ptr=PTR, sigma_ptr=PTR, usage_ptr=PTR, WANT_USAGE=True,
-                  **read)),
+             dict(head_ptr=PTR, keys_ptr=PTR, s_ptr=PTR, mixed_ptr=PTR, sigma_ptr=PTR, usage_ptr=PTR, v_ptr=PTR,
+                  y_ptr=PTR, WANT_USAGE=True, WITH_OUTPUT=fold, **read)),
             ("read backward", kernels._read_backward_kernel, kernels._READ_WARPS,
              dict(head_ptr=PTR, keys_ptr=PTR, s_ptr=PTR, grad_mixed_ptr=PTR, grad_sigma_ptr=PTR, grad_head_ptr=PTR,
-                  partial_ptr=PTR, HAS_GRAD_SIGMA=False, **read)),
+                  partial_ptr=PTR, v_ptr=PTR, grad_y_ptr=PTR, HAS_GRAD_SIGMA=False, FROM_GRAD_Y=fold, **read)),
             ("keys backward", kernels._keys_backward_kernel, 4,
              dict(partial_ptr=PTR, n_blocks=8, unit_keys_ptr=PTR, key_norm_ptr=PTR, grad_keys_ptr=PTR, grad_s_ptr=PTR,
                   grad_bias_ptr=PTR, u_ptr=PTR, a_ptr=PTR, grad_u_ptr=PTR, grad_a_ptr=maybe, grad_b_ptr=maybe,

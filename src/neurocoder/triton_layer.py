@@ -2,12 +2,14 @@
 
 Why: on a GPU at the released shape (batch 128, 1024 -> 400) every contender is bound by kernel
 launches, not arithmetic. :class:`~neurocoder.fused._FusedLayer` issues ~77 kernels per training
-step (session 27, H200: 4.74x nn.Linear); nn.Linear issues about six. Here the step is 11
-(13 when the input needs its gradient): the forward is the composer's and the U programs' GEMMs, one kernel for the keys, one for the
-read (attention, singular values, the mixed input to V), the V GEMM and the usage's sum; the
-backward is three GEMMs around one read-backward kernel, the input's two GEMMs and one kernel for
-the keys' gradients (which also reduces the per-block partial sums, so nothing needs atomics and
-every result is deterministic).
+step (session 27, H200: 4.74x nn.Linear); nn.Linear issues about six. Here the step is 9
+(11 when the input needs its gradient): the forward is the composer's and the U programs' GEMMs,
+one kernel for the keys, one for the read (attention, singular values, the input mixed for V and
+its product with V) and the usage's sum; the backward is the V programs' gradient GEMM, one
+read-backward kernel (which starts from grad_y V^T), the head's gradient GEMM (and the input's
+two) and one kernel for the keys' gradients (which also adds up the per-block partial sums, so
+nothing needs atomics and every result is deterministic). With the products with V as GEMMs
+(:func:`set_fold_output_products`) it is 11 (13).
 
 Status: **opt-in and not yet timed on a GPU.** The kernels are tested against the Python Function
 in float64 with Triton's interpreter on the CPU (``TRITON_INTERPRET=1``, tests/test_triton.py);
@@ -36,9 +38,11 @@ try:                                     # optional: `pip install neurocoder[gpu
 except ImportError:                      # pragma: no cover - depends on the environment
     triton = None
 
-__all__ = ["available", "enabled", "set_enabled", "applies", "TritonFusedLayer"]
+__all__ = ["available", "enabled", "set_enabled", "set_fold_output_products", "applies", "TritonFusedLayer"]
 
-_state = {"enabled": os.environ.get("NEUROCODER_TRITON", "0") == "1"}
+# fold_output_products: the products with V (y = mixed V forward, grad_y V^T backward) inside the
+# read kernels (tl.dot) rather than as two GEMM launches; a switch so that a GPU run can time both.
+_state = {"enabled": os.environ.get("NEUROCODER_TRITON", "0") == "1", "fold_output_products": True}
 # Samples per program instance. Small: at batch 128 the grid is 8-16 instances either way, and
 # each instance holds a (BLOCK_B, P, k) product in registers.
 _BLOCK_B = 16
@@ -46,6 +50,8 @@ _BLOCK_B = 16
 # registers when compiled for sm_90 (255 registers and 112 bytes of stack), at 8 it takes 207 and
 # none (scripts/compile_triton_kernels.py prints these).
 _READ_WARPS = 8
+# Output columns per tl.dot in the folded V products.
+_BLOCK_O = 64
 # Above this many sample blocks, their partial sums are added by one torch.sum before the keys'
 # backward kernel (which otherwise re-reads them in every program instance).
 _MAX_UNREDUCED_BLOCKS = 32
@@ -66,6 +72,14 @@ def set_enabled(value: bool) -> None:
     if not isinstance(value, bool):
         raise TypeError(f"neurocoder.triton_layer.set_enabled: expected True or False, got {value!r}")
     _state["enabled"] = value
+
+
+def set_fold_output_products(value: bool) -> None:
+    """Compute the products with V (``y = mixed V`` forward, ``grad_y V^T`` backward) inside the read
+    kernels (True, the default: two launches fewer) or as two GEMMs (False), for timing both."""
+    if not isinstance(value, bool):
+        raise TypeError(f"neurocoder.triton_layer.set_fold_output_products: expected True or False, got {value!r}")
+    _state["fold_output_products"] = value
 
 
 def applies(x: torch.Tensor, slot_bias, *others) -> bool:
@@ -187,10 +201,11 @@ if triton is not None:
         return tl.where((offs_p[:, None] < P) & (offs_k[None, :] < K), acc + bias[None, :], 0.0)
 
     @triton.jit
-    def _read_forward_kernel(head_ptr, keys_ptr, s_ptr, mixed_ptr, sigma_ptr, usage_ptr, B, P, K, C,
-                             fixed_sharpness, RANK: tl.constexpr, LEARNED: tl.constexpr, WANT_USAGE: tl.constexpr,
-                             BLOCK_B: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_K: tl.constexpr,
-                             BLOCK_R: tl.constexpr):
+    def _read_forward_kernel(head_ptr, keys_ptr, s_ptr, mixed_ptr, sigma_ptr, usage_ptr, v_ptr, y_ptr, B, P, K, C,
+                             D_OUT, fixed_sharpness, RANK: tl.constexpr, LEARNED: tl.constexpr,
+                             WANT_USAGE: tl.constexpr, WITH_OUTPUT: tl.constexpr, BLOCK_B: tl.constexpr,
+                             BLOCK_P: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
+                             BLOCK_O: tl.constexpr):
         """Grid (cdiv(B, BLOCK_B),). Writes mixed (B, P) = sum_n sigma_n (u_n . x) read_v[n], sigma
         (B, R) and, when asked, each block's usage (3, P): the largest weight a slot received in a
         composition, summed over the block's samples and divided by B."""
@@ -224,6 +239,16 @@ if triton is not None:
             top_v = tl.maximum(top_v, w_v)
         mask_bp = mask_b[:, None] & mask_p[None, :]
         tl.store(mixed_ptr + offs_b[:, None] * P + offs_p[None, :], mixed, mask=mask_bp)
+        if WITH_OUTPUT:
+            # y = mixed V here, block by block of outputs: one GEMM launch fewer.
+            mixed_in = tl.where(mask_bp, mixed, 0.0)
+            for o0 in range(0, D_OUT, BLOCK_O):
+                offs_o = o0 + tl.arange(0, BLOCK_O)
+                mask_o = offs_o < D_OUT
+                v = tl.load(v_ptr + offs_p[:, None] * D_OUT + offs_o[None, :], mask=mask_p[:, None] & mask_o[None, :],
+                            other=0.0)                                                  # (BP, BO)
+                y = tl.dot(mixed_in, v, input_precision="ieee")
+                tl.store(y_ptr + offs_b[:, None] * D_OUT + offs_o[None, :], y, mask=mask_b[:, None] & mask_o[None, :])
         tl.store(sigma_ptr + offs_b[:, None] * RANK + offs_r[None, :], sigma,
                  mask=mask_b[:, None] & (offs_r[None, :] < RANK))
         if WANT_USAGE:
@@ -234,9 +259,10 @@ if triton is not None:
 
     @triton.jit
     def _read_backward_kernel(head_ptr, keys_ptr, s_ptr, grad_mixed_ptr, grad_sigma_ptr, grad_head_ptr, partial_ptr,
-                              B, P, K, C, fixed_sharpness, RANK: tl.constexpr, LEARNED: tl.constexpr,
-                              HAS_GRAD_SIGMA: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_P: tl.constexpr,
-                              BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr):
+                              v_ptr, grad_y_ptr, B, P, K, C, D_OUT, fixed_sharpness, RANK: tl.constexpr,
+                              LEARNED: tl.constexpr, HAS_GRAD_SIGMA: tl.constexpr, FROM_GRAD_Y: tl.constexpr,
+                              BLOCK_B: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_K: tl.constexpr,
+                              BLOCK_R: tl.constexpr, BLOCK_O: tl.constexpr):
         """Grid (cdiv(B, BLOCK_B),). From grad_mixed (B, P) = dL/dy V^T (and dL/dsigma (B, R)):
         writes every row of the head's gradient (C + P, B), and one row of partial sums per block:
         the unit keys' gradient (3, P, K), the S programs' (P) and the head bias's (C)."""
@@ -254,7 +280,19 @@ if triton is not None:
         partial = partial_ptr + pid * row_length
         memory = tl.load(head_ptr + (C + offs_p)[None, :] * B + offs_b[:, None], mask=mask_bp, other=0.0)
         s_values = tl.load(s_ptr + offs_p, mask=mask_p, other=0.0)
-        grad_mixed = tl.load(grad_mixed_ptr + offs_b[:, None] * P + offs_p[None, :], mask=mask_bp, other=0.0)
+        if FROM_GRAD_Y:
+            # grad_mixed = grad_y V^T here, block by block of outputs: one GEMM launch fewer.
+            grad_mixed = tl.zeros((BLOCK_B, BLOCK_P), dtype=s_values.dtype)
+            for o0 in range(0, D_OUT, BLOCK_O):
+                offs_o = o0 + tl.arange(0, BLOCK_O)
+                mask_o = offs_o < D_OUT
+                grad_y = tl.load(grad_y_ptr + offs_b[:, None] * D_OUT + offs_o[None, :],
+                                 mask=mask_b[:, None] & mask_o[None, :], other=0.0)          # (BB, BO)
+                v_t = tl.load(v_ptr + offs_p[None, :] * D_OUT + offs_o[:, None],
+                              mask=mask_p[None, :] & mask_o[:, None], other=0.0)             # (BO, BP)
+                grad_mixed += tl.dot(grad_y, v_t, input_precision="ieee")
+        else:
+            grad_mixed = tl.load(grad_mixed_ptr + offs_b[:, None] * P + offs_p[None, :], mask=mask_bp, other=0.0)
         raw_sigma, projected, _top_u, _top_s = _raw_sigma_and_projected(
             head_ptr, keys_ptr, s_values, memory, B, P, K, offs_b, mask_b, offs_p, mask_p, offs_k, mask_k, offs_r,
             fixed_sharpness, RANK, LEARNED, BLOCK_B, BLOCK_R)
@@ -452,14 +490,18 @@ class TritonFusedLayer(torch.autograd.Function):
         mixed, sigma = x.new_empty(B, P), x.new_empty(B, rank)
         usage_parts = x.new_empty(n_blocks, 3, P) if want_usage else mixed
         fixed = 0.0 if learned else float(sharpness)
-        _read_forward_kernel[(n_blocks,)](head_t, unit_keys, s_values.contiguous(), mixed, sigma, usage_parts, B, P, K,
-                                          C, fixed, RANK=rank, LEARNED=learned, WANT_USAGE=want_usage,
-                                          BLOCK_B=_BLOCK_B, num_warps=_READ_WARPS, **blocks)
-        y = torch.mm(mixed, v_values)
+        fold = _state["fold_output_products"]
+        y = x.new_empty(B, d_out) if fold else None
+        _read_forward_kernel[(n_blocks,)](head_t, unit_keys, s_values.contiguous(), mixed, sigma, usage_parts,
+                                          v_values, y if fold else mixed, B, P, K, C, d_out, fixed, RANK=rank,
+                                          LEARNED=learned, WANT_USAGE=want_usage, WITH_OUTPUT=fold,
+                                          BLOCK_B=_BLOCK_B, BLOCK_O=_BLOCK_O, num_warps=_READ_WARPS, **blocks)
+        if not fold:
+            y = torch.mm(mixed, v_values)
         usage = usage_parts.sum(0) if want_usage else x.new_zeros(3, P)
         ctx.save_for_backward(x, head_weight, u_values, v_values, s_values, a, b, c, d, head_t, unit_keys, key_norm,
                               mixed)
-        ctx.layout = (rank, K, fixed, learned, content)
+        ctx.layout = (rank, K, fixed, learned, content, fold)
         ctx.set_materialize_grads(False)
         ctx.mark_non_differentiable(usage)
         return y, sigma, usage
@@ -468,7 +510,7 @@ class TritonFusedLayer(torch.autograd.Function):
     def backward(ctx, grad_y, grad_sigma, _grad_usage):
         x, head_weight, u_values, v_values, s_values, a, b, c, d, head_t, unit_keys, key_norm, mixed = \
             ctx.saved_tensors
-        rank, K, fixed, learned, content = ctx.layout
+        rank, K, fixed, learned, content, fold = ctx.layout
         need = ctx.needs_input_grad
         B, d_in = x.shape
         C, P, d_out = head_weight.shape[0], u_values.shape[0], v_values.shape[1]
@@ -476,18 +518,19 @@ class TritonFusedLayer(torch.autograd.Function):
         if grad_y is None:
             grad_y = x.new_zeros(B, d_out)
         grad_y = grad_y.contiguous()
-        grad_mixed = torch.mm(grad_y, v_values.T)                          # (B, P)
+        # (B, P); folded into the read backward when its products are
+        grad_mixed = None if fold else torch.mm(grad_y, v_values.T)
         grad_v_values = torch.mm(mixed.T, grad_y)                          # (P, d_out)
         grad_head = x.new_empty(C + P, B)
         n_blocks = triton.cdiv(B, _BLOCK_B)
         row_length = 3 * P * K + P + C
         partial = x.new_empty(n_blocks, row_length)
         has_grad_sigma = grad_sigma is not None
-        _read_backward_kernel[(n_blocks,)](head_t, unit_keys, s_values, grad_mixed,
-                                           grad_sigma.contiguous() if has_grad_sigma else grad_mixed, grad_head,
-                                           partial, B, P, K, C, fixed, RANK=rank, LEARNED=learned,
-                                           HAS_GRAD_SIGMA=has_grad_sigma, BLOCK_B=_BLOCK_B, num_warps=_READ_WARPS,
-                                           **blocks)
+        _read_backward_kernel[(n_blocks,)](head_t, unit_keys, s_values, grad_y if fold else grad_mixed,
+                                           grad_sigma.contiguous() if has_grad_sigma else grad_y, grad_head,
+                                           partial, v_values, grad_y, B, P, K, C, d_out, fixed, RANK=rank,
+                                           LEARNED=learned, HAS_GRAD_SIGMA=has_grad_sigma, FROM_GRAD_Y=fold,
+                                           BLOCK_B=_BLOCK_B, BLOCK_O=_BLOCK_O, num_warps=_READ_WARPS, **blocks)
         grad_x = None
         if need[0]:
             grad_x = torch.mm(grad_head[:C].T, head_weight).addmm_(grad_head[C:].T, u_values)
