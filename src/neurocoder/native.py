@@ -6,11 +6,13 @@ much as the arithmetic. The kernels do the same maths as a few loops between the
 whole training step of a feed-forward layer reading its own input (``fused_layer_forward`` /
 ``_backward``), its no-grad eval-mode call (``fused_layer_inference``), and the read alone for
 the other composers (``fused_read_forward`` / ``_backward``: the recurrent composer's steps, a
-separate context, frozen slots, the working program's gate). They are compiled on first use with
+separate context, frozen slots, the working program's gate), and least-used reading's sequential
+mixing (``least_used_read_forward`` / ``_backward``, :func:`neurocoder.reading.read_with_least_used`).
+They are compiled on first use with
 PyTorch's ``torch.utils.cpp_extension`` (needs a C++ compiler, and ninja, a dependency; about
 30 s on two cores, cached under ``TORCH_EXTENSIONS_DIR``, by default
 ``~/.cache/torch_extensions``) and used for CPU tensors in float32 and float64. Everything else
-(CUDA, torch.compile, autocast, least-used reading, traces) keeps the Python path, and so does
+(CUDA, torch.compile, autocast, the attention of a least-used read, traces) keeps the Python path, and so does
 every call when the build is unavailable: the maths is the same, only slower. ``make setup`` builds them ahead of time, as does
 ``python -c "import neurocoder.native as n; n.main()"``, which also says whether they are in use.
 
