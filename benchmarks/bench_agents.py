@@ -84,6 +84,9 @@ def head_costs(plain: torch.nn.Module, neurocoder_head: torch.nn.Module, cfg: PP
         layer.train()
 
     def train(layer):
+        # Gradients set to None first, as the trainer's zero_grad does: accumulating into kept
+        # ones would add one add_ per parameter, more for the Neurocoder layer's many tensors.
+        layer.zero_grad(set_to_none=True)
         layer(x_train).square().sum().backward()
 
     extra = 0.0
