@@ -439,3 +439,55 @@ def test_least_used_kernel_in_float32_through_the_layer():
         results.append([y.detach(), trace.usage["u"]] + [p.grad.clone() for p in layer.parameters() if p.grad is not None])
     for got, want in zip(*results):
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
+
+
+def _graph_names(y):
+    seen, stack = set(), [y.grad_fn]
+    while stack:
+        node = stack.pop()
+        if node is not None and node not in seen:
+            seen.add(node)
+            stack += [n for n, _ in node.next_functions]
+    return {type(n).__name__ for n in seen}
+
+
+LEAST_USED_LAYERS = [dict(), dict(sharpness=2.0), dict(composer="recurrent", steps=2), dict(context_features=6),
+                     dict(key_mode="learned", bias=False), dict(residual=True)]
+
+
+@pytest.mark.parametrize("options", LEAST_USED_LAYERS, ids=lambda o: "-".join(f"{k}={v}" for k, v in o.items()) or "default")
+@pytest.mark.parametrize("m", [1, 3, 9])
+def test_least_used_layers_read_through_the_fused_kernels(options, m):
+    """A least-used layer's training step runs the fused read with the mixing inside
+    (fused_read_forward with gates): outputs and every gradient (parameters, and a separate
+    context) as the composable path's, in float64, for every composer, fixed and learned
+    sharpness, content and learned keys, the working program, m = 1, some and all slots."""
+    torch.manual_seed(1)
+    layer = NeurocoderLinear(12, 7, num_programs=9, rank=3, key_dim=5, least_used=m, dtype=torch.float64, **options)
+    x = torch.randn(5, 12, dtype=torch.float64)
+    context = torch.randn(5, 6, dtype=torch.float64, requires_grad=True) if "context_features" in options else None
+    results = []
+    for enabled in (True, False):
+        native.set_enabled(enabled)
+        layer.zero_grad(set_to_none=True)
+        layer.memory.usage_average.zero_()      # each run folds this batch's usage into the same start
+        y = layer(x, context=context)
+        assert ("_NativeFusedReadApplyBackward" in _graph_names(y)) == enabled
+        (y * torch.linspace(-1, 1, 7, dtype=torch.float64)).square().sum().backward()
+        grads = [p.grad.clone() for p in layer.parameters() if p.grad is not None]
+        if context is not None:
+            grads.append(context.grad.clone())
+            context.grad = None
+        results.append([y.detach(), layer.memory.usage_average.clone()] + grads)
+    assert len(results[0]) == len(results[1])
+    for got, want in zip(*results):
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-13)
+
+
+def test_least_used_in_the_fused_read_needs_the_kernels():
+    from neurocoder.fused import fused_read_apply
+    native.set_enabled(False)
+    head_out = torch.randn(2, 1, 3 * 2 * 3)
+    with pytest.raises(ValueError, match="least-used reading .* runs on the C\\+\\+ kernels only"):
+        fused_read_apply(head_out, torch.randn(2, 4), 2, 3, torch.randn(3, 4, 3), 1.0, None, torch.randn(4),
+                         torch.randn(4, 5), gates=torch.rand(6, 2), least_used=2)

@@ -103,6 +103,13 @@ class _Head(nn.Module):
         return ComposerOutput(queries, sharpness, gates, residual)
 
 
+    def component_major_gates(self, raw_gates: torch.Tensor) -> torch.Tensor:
+        """(B, T, 3 x rank) raw least-used gates -> (3 x R, B), contiguous: the C++ fused read's
+        layout (row j x R + n). The same values as :meth:`assemble`'s gates, laid out component-major."""
+        B, T = raw_gates.shape[:2]
+        raw = raw_gates.reshape(B, T, NUM_BANKS, self.rank).permute(2, 1, 3, 0).contiguous()
+        return torch.sigmoid(raw).view(NUM_BANKS * T * self.rank, B)
+
     def component_major_sharpness(self, raw_sharpness: torch.Tensor) -> torch.Tensor:
         """(B, T, 3 x rank) raw sharpness -> (3, 1, R, B), contiguous: the fused read's layout
         (:mod:`neurocoder.fused`). The same values as :meth:`assemble`'s, laid out component-major;

@@ -211,7 +211,7 @@ class _NativeFusedReadApply(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, head_out, through_memory, rank, key_dim, keys, sharpness, slot_bias, s_values, v_values,
-                want_usage):
+                want_usage, gates=None, least_used=0):
         B, T, C = head_out.shape
         J, P, k = keys.shape
         R, Q = T * rank, J * rank * key_dim
@@ -222,8 +222,10 @@ class _NativeFusedReadApply(torch.autograd.Function):
         scale = sharpness.reshape(J * R, B) if learned else None
         fixed = None if learned else float(sharpness)
         y, sigma, usage, *saved = _native.ops().fused_read_forward(
-            queries, scale, fixed, memory_by_slot, keys, slot_bias, s_values, v_values, R, want_usage)
+            queries, scale, fixed, memory_by_slot, keys, slot_bias, s_values, v_values, R, want_usage, gates,
+            least_used if gates is not None else 0)
         ctx.save_for_backward(*saved, scale, memory_by_slot, s_values, v_values)
+        ctx.least_used = least_used if gates is not None else 0
         ctx.fixed, ctx.has_slot_bias, ctx.layout = fixed, slot_bias is not None, (B, T, C, rank, k, P, packed)
         ctx.sharpness_shape = sharpness.shape if learned else None
         ctx.set_materialize_grads(False)
@@ -237,9 +239,9 @@ class _NativeFusedReadApply(torch.autograd.Function):
         *saved, scale, memory_by_slot, s_values, v_values = ctx.saved_tensors
         B, T, C, rank, k, P, packed = ctx.layout
         J, Q = 3, 3 * rank * k
-        (grad_queries, grad_scale, grad_by_slot, grad_keys, grad_slot_bias, grad_s_values,
-         grad_v_values) = _native.ops().fused_read_backward(grad_y, grad_sigma, saved, scale, ctx.fixed,
-                                                            memory_by_slot, s_values, v_values, ctx.has_slot_bias)
+        (grad_queries, grad_scale, grad_by_slot, grad_keys, grad_slot_bias, grad_s_values, grad_v_values,
+         grad_gates) = _native.ops().fused_read_backward(grad_y, grad_sigma, saved, scale, ctx.fixed, memory_by_slot,
+                                                         s_values, v_values, ctx.has_slot_bias, ctx.least_used)
         filled = Q + (P if packed else 0) == C
         grad_head_out = (torch.empty if filled else torch.zeros)((B, T, C), dtype=grad_queries.dtype,
                                                                  device=grad_queries.device)
@@ -248,7 +250,8 @@ class _NativeFusedReadApply(torch.autograd.Function):
             grad_head_out[:, 0, C - P:] = grad_by_slot.T
         return (grad_head_out, None if packed else grad_by_slot.T, None, None, grad_keys,
                 None if ctx.sharpness_shape is None else grad_scale.view(ctx.sharpness_shape),
-                grad_slot_bias if ctx.has_slot_bias else None, grad_s_values, grad_v_values, None)
+                grad_slot_bias if ctx.has_slot_bias else None, grad_s_values, grad_v_values, None,
+                grad_gates if ctx.least_used else None, None)
 
 
 class _FusedLayer(torch.autograd.Function):
@@ -473,7 +476,8 @@ def _scale(tensor: torch.Tensor, sharpness: torch.Tensor | float, J: int, N: int
 
 def fused_read_apply(head_out: torch.Tensor, through_memory: torch.Tensor | None, rank: int, key_dim: int,
                      keys: torch.Tensor, sharpness: torch.Tensor | float, slot_bias: torch.Tensor | None,
-                     s_values: torch.Tensor, v_values: torch.Tensor, want_usage: bool = True):
+                     s_values: torch.Tensor, v_values: torch.Tensor, want_usage: bool = True,
+                     gates: torch.Tensor | None = None, least_used: int = 0):
     """Read the memory by content attention and apply the composed low-rank weight.
 
     Args:
@@ -489,14 +493,26 @@ def fused_read_apply(head_out: torch.Tensor, through_memory: torch.Tensor | None
         s_values: (P,) singular-value programs.
         v_values: (P, d_out) V programs.
         want_usage: compute the usage (else zeros): it costs a reduction over every read weight.
+        gates, least_used: least-used reading (:func:`neurocoder.reading.read_with_least_used`):
+            the interpolating gates laid out (J x R, B), component-major, and m. Only on the C++
+            kernels (CPU, float32 / float64): elsewhere a ValueError (the layer then takes its
+            composable path).
 
     Returns:
         y: (B, d_out) ``sum_n sigma_n (u_n . x) v_n``;
         sigma: (B, R) singular values, descending;
         usage: (J, P) each slot's largest weight per composition, averaged over the batch (no grad).
     """
-    tensors = (keys, slot_bias, s_values, v_values, through_memory) + \
+    tensors = (keys, slot_bias, s_values, v_values, through_memory, gates) + \
         ((sharpness,) if isinstance(sharpness, torch.Tensor) else ())
-    function = _NativeFusedReadApply if _native_applies(head_out, *tensors) else _FusedReadApply
+    native = _native_applies(head_out, *tensors)
+    if gates is not None:
+        if not native:
+            raise ValueError("fused_read_apply: least-used reading (gates) runs on the C++ kernels only: CPU tensors "
+                             "of one dtype, float32 or float64, outside torch.compile, kernels built; use the "
+                             "layer's composable path (neurocoder.reading.read_with_least_used) otherwise")
+        return _NativeFusedReadApply.apply(head_out, through_memory, rank, key_dim, keys, sharpness, slot_bias,
+                                           s_values, v_values, want_usage, gates, least_used)
+    function = _NativeFusedReadApply if native else _FusedReadApply
     return function.apply(head_out, through_memory, rank, key_dim, keys, sharpness, slot_bias, s_values, v_values,
                           want_usage)

@@ -347,10 +347,12 @@ class NeurocoderLinear(NeurocoderLayer):
 
     def _can_fuse(self, flat: torch.Tensor, return_trace: bool) -> bool:
         """Whether the fused read-and-apply (:mod:`neurocoder.fused`) covers this call."""
-        return (self.fused and self.least_used == 0 and not return_trace and self._trace_sink is None
+        return (self.fused and not return_trace and self._trace_sink is None
                 and flat.shape[0] > 0 and flat.dtype in (torch.float32, torch.float64)
                 and not _autocast_enabled(flat.device.type)
-                and not _under_functorch(flat))
+                and not _under_functorch(flat)
+                # Least-used reading is in the fused read on the C++ kernels only (CPU).
+                and (self.least_used == 0 or _native_applies(flat, self.memory.u_values)))
 
     def _kept(self, name, build):
         """``build()``, or inside ``neurocoder.reuse_programs`` (no-grad calls only) what an earlier
@@ -393,7 +395,8 @@ class NeurocoderLinear(NeurocoderLayer):
         (nothing to save for a backward), eval mode (no usage to count), the feed-forward
         composer, no working program."""
         return (not torch.is_grad_enabled() and not self.training and self.residual_weight is None
-                and isinstance(self.composer, FeedForwardComposer) and not torch.compiler.is_compiling())
+                and self.least_used == 0 and isinstance(self.composer, FeedForwardComposer)
+                and not torch.compiler.is_compiling())
 
     def _inference_constants(self, joined: bool) -> dict:
         """What :meth:`_inference_forward` needs from the parameters: the composer's rows (joined
@@ -488,9 +491,10 @@ class NeurocoderLinear(NeurocoderLayer):
             sharpness = head.component_major_sharpness(parts[2])                    # (3, 1, R, B)
         else:
             sharpness = float(self.sharpness)
+        gates = head.component_major_gates(parts[1]) if self.least_used else None   # (3 R, B)
         y, sigma, usage = fused_read_apply(head_out, through_memory, self.rank, self.key_dim, keys,
                                            sharpness, memory.slot_bias, memory.s, memory.v,
-                                           want_usage=self.training)
+                                           want_usage=self.training, gates=gates, least_used=self.least_used)
         if self.training and flat.shape[0] and not _recomputing():
             memory.update_usage(usage)
         if self.residual_weight is not None:

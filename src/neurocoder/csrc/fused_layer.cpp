@@ -298,7 +298,7 @@ void attend_backward_units(const T* weights, const T* unit_queries, const T* que
                            const T* grad_projected, const T* grad_mixed, const T* per_component, const T* s_values,
                            const T* grad_raw, int64_t J, int64_t P, int64_t R, int64_t key_dim, int64_t B,
                            T* grad_head, T* grad_sharpness, bool through_softplus, T* key_partials,
-                           T* bias_partials, T* s_partials, int64_t begin, int64_t end) {
+                           T* bias_partials, T* s_partials, const T* grad_read, int64_t begin, int64_t end) {
   const int64_t k = KeySize > 0 ? KeySize : key_dim;
   (void)J;
   std::vector<T> dot_buffer(B), grad_logit_buffer(B), grad_scaled_buffer(k * B), scale_buffer(B);
@@ -315,7 +315,12 @@ void attend_backward_units(const T* weights, const T* unit_queries, const T* que
     std::fill(dot, dot + B, T(0));
     for (int64_t p = 0; p < P; ++p) {
       const T* __restrict__ w = weights + ((j * P + p) * R + r) * B;
-      if (j == 2) {
+      if (grad_read) {
+        // Least-used reading: d loss / d attention, already through the mixing.
+        const T* __restrict__ g = grad_read + ((j * P + p) * R + r) * B;
+#pragma omp simd
+        for (int64_t b = 0; b < B; ++b) dot[b] += w[b] * g[b];
+      } else if (j == 2) {
         const T s = s_values[p];
 #pragma omp simd
         for (int64_t b = 0; b < B; ++b) dot[b] += w[b] * s * second[b];
@@ -330,7 +335,11 @@ void attend_backward_units(const T* weights, const T* unit_queries, const T* que
     std::fill(grad_scaled, grad_scaled + k * B, T(0));
     for (int64_t p = 0; p < P; ++p) {
       const T* __restrict__ w = weights + ((j * P + p) * R + r) * B;
-      if (j == 2) {
+      if (grad_read) {
+        const T* __restrict__ g = grad_read + ((j * P + p) * R + r) * B;
+#pragma omp simd
+        for (int64_t b = 0; b < B; ++b) grad_logit[b] = w[b] * (g[b] - dot[b]);
+      } else if (j == 2) {
         const T s = s_values[p];
         T s_sum = 0;
 #pragma omp simd reduction(+ : s_sum)
@@ -382,18 +391,210 @@ void attend_backward_units(const T* weights, const T* unit_queries, const T* que
   }
 }
 
+// The m slots of smallest usage (ties to the lower index) into chosen[0..m).
+template <typename T>
+void least_used_slots(const T* usage, int64_t P, int64_t m, std::vector<int64_t>& order) {
+  order.resize(P);
+  for (int64_t p = 0; p < P; ++p) order[p] = p;
+  auto before = [usage](int64_t a, int64_t b) { return usage[a] < usage[b] || (usage[a] == usage[b] && a < b); };
+  if (m < P) std::nth_element(order.begin(), order.begin() + m, order.end(), before);
+}
+
 template <typename T>
 void attend_backward(const T* weights, const T* unit_queries, const T* query_norm, const T* unit_keys,
                      const T* learned_sharpness, T fixed_sharpness, const T* memory_by_slot, const T* grad_projected,
                      const T* grad_mixed, const T* per_component, const T* s_values, const T* grad_raw, int64_t J,
                      int64_t P, int64_t R, int64_t k, int64_t B, T* grad_head, T* grad_sharpness,
-                     bool through_softplus, T* key_partials, T* bias_partials, T* s_partials) {
+                     bool through_softplus, T* key_partials, T* bias_partials, T* s_partials,
+                     const T* grad_read = nullptr) {
   const auto units =
       with_key_size(k, [](auto size) { return attend_backward_units<T, decltype(size)::value>; });
   at::parallel_for(0, J * R, 1, [=](int64_t begin, int64_t end) {
     units(weights, unit_queries, query_norm, unit_keys, learned_sharpness, fixed_sharpness, memory_by_slot,
           grad_projected, grad_mixed, per_component, s_values, grad_raw, J, P, R, k, B, grad_head, grad_sharpness,
-          through_softplus, key_partials, bias_partials, s_partials, begin, end);
+          through_softplus, key_partials, bias_partials, s_partials, grad_read, begin, end);
+  });
+}
+
+// Least-used mixing on the read's layout, weights (J, P, R, B): for each (bank, sample) the
+// components in order, as least_used_read_forward below does on (J, B, R, P) (see there). gates
+// (J R, B). Writes the final weights, and the usage before each component and each least-used
+// weight (J, P, R, B) for the backward. Samples go in chunks of kMixChunk, so that every pass over
+// the (J, P, R, B) tensors reads contiguous runs of samples; only the choice of slots is per sample.
+constexpr int64_t kMixChunk = 128;
+// Up to this m the slots are chosen for every sample of a chunk at once (see least_used_mix).
+constexpr int64_t kSmallM = 16;
+
+// The m smallest of usage[p * stride] over p (ties to the lower index) into order[0..m): an
+// insertion into a sorted list of m for small m (P m comparisons at worst), nth_element otherwise.
+template <typename T>
+void least_used_slots_strided(const T* usage, int64_t stride, int64_t P, int64_t m, std::vector<int64_t>& order,
+                              std::vector<T>& values) {
+  if (m > 16) {
+    values.resize(P);
+    for (int64_t p = 0; p < P; ++p) values[p] = usage[p * stride];
+    least_used_slots(values.data(), P, m, order);
+    return;
+  }
+  order.resize(m);
+  values.resize(m);
+  int64_t filled = 0;
+  for (int64_t p = 0; p < P; ++p) {
+    const T u = usage[p * stride];
+    // Strictly smaller than the largest kept (a tie keeps the lower index, already in).
+    if (filled == m && !(u < values[m - 1])) continue;
+    int64_t i = filled < m ? filled++ : m - 1;
+    while (i > 0 && u < values[i - 1]) {
+      values[i] = values[i - 1];
+      order[i] = order[i - 1];
+      --i;
+    }
+    values[i] = u;
+    order[i] = p;
+  }
+}
+
+template <typename T>
+void least_used_mix(const T* attention, const T* gates, int64_t J, int64_t P, int64_t R, int64_t B, int64_t m,
+                    T* final_weights, T* usage_before, T* least) {
+  const int64_t chunks = (B + kMixChunk - 1) / kMixChunk;
+  at::parallel_for(0, J * chunks, 1, [=](int64_t begin, int64_t end) {
+    std::vector<T> u(P * kMixChunk), l(P * kMixChunk), values;
+    std::vector<T> kept_value(kSmallM * kMixChunk), kept_slot(kSmallM * kMixChunk), carry_value(kMixChunk),
+        carry_slot(kMixChunk);
+    std::vector<int64_t> order;
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t j = task / chunks, b0 = (task % chunks) * kMixChunk, n = std::min(kMixChunk, B - b0);
+      std::fill(u.begin(), u.end(), T(0));
+      for (int64_t r = 0; r < R; ++r) {
+        std::fill(l.begin(), l.end(), T(0));
+        if (m <= kSmallM) {
+          // The m smallest usages of every sample at once: a branchless insertion, p by p, into
+          // m sorted (value, slot) pairs per sample, vectorised over the samples. A strict < keeps
+          // an equal usage behind the lower slot already in, as the stable sort orders them.
+          std::fill(kept_value.begin(), kept_value.end(), std::numeric_limits<T>::infinity());
+          std::fill(kept_slot.begin(), kept_slot.end(), T(0));
+          T* __restrict__ cv = carry_value.data();
+          T* __restrict__ cs = carry_slot.data();
+          for (int64_t p = 0; p < P; ++p) {
+            const T* __restrict__ up = u.data() + p * kMixChunk;
+            for (int64_t bb = 0; bb < kMixChunk; ++bb) { cv[bb] = up[bb]; cs[bb] = T(p); }
+            for (int64_t i = 0; i < m; ++i) {
+              T* __restrict__ kv = kept_value.data() + i * kMixChunk;
+              T* __restrict__ ks = kept_slot.data() + i * kMixChunk;
+              // Over the whole chunk (a fixed trip count the compiler vectorises); lanes past n
+              // are never read.
+              // Written as min / max and exact blends (slots are small integers in T), not as
+              // conditional assignments: GCC turns those into masked stores, microcoded and ~10x
+              // slower on AMD EPYC (measured here).
+              for (int64_t bb = 0; bb < kMixChunk; ++bb) {
+                const T v = kv[bb], sl = ks[bb], c = cv[bb], cslot = cs[bb];
+                const T smaller = c < v ? T(1) : T(0);
+                kv[bb] = std::min(v, c);
+                cv[bb] = std::max(v, c);
+                ks[bb] = sl + (cslot - sl) * smaller;
+                cs[bb] = cslot + (sl - cslot) * smaller;
+              }
+            }
+          }
+          for (int64_t bb = 0; bb < n; ++bb) {
+            T total = 0;
+            for (int64_t i = 0; i < m; ++i) {
+              const int64_t p = static_cast<int64_t>(kept_slot[i * kMixChunk + bb]);
+              const T raw = std::max(T(1) - u[p * kMixChunk + bb], T(kEps));
+              l[p * kMixChunk + bb] = raw;
+              total += raw;
+            }
+            for (int64_t i = 0; i < m; ++i) l[static_cast<int64_t>(kept_slot[i * kMixChunk + bb]) * kMixChunk + bb] /= total;
+          }
+        } else {
+          for (int64_t bb = 0; bb < n; ++bb) {
+            least_used_slots_strided(u.data() + bb, kMixChunk, P, m, order, values);
+            T total = 0;
+            for (int64_t i = 0; i < m; ++i) {
+              const int64_t p = order[i];
+              const T raw = std::max(T(1) - u[p * kMixChunk + bb], T(kEps));
+              l[p * kMixChunk + bb] = raw;
+              total += raw;
+            }
+            for (int64_t i = 0; i < m; ++i) l[order[i] * kMixChunk + bb] /= total;
+          }
+        }
+        const T* __restrict__ g = gates + (j * R + r) * B + b0;
+        for (int64_t p = 0; p < P; ++p) {
+          const int64_t at = ((j * P + p) * R + r) * B + b0;
+          T* __restrict__ up = u.data() + p * kMixChunk;
+          const T* __restrict__ lp = l.data() + p * kMixChunk;
+          const T* __restrict__ a = attention + at;
+          T* __restrict__ before = usage_before + at;
+          T* __restrict__ lw = least + at;
+          T* __restrict__ fw = final_weights + at;
+          for (int64_t bb = 0; bb < n; ++bb) {
+            before[bb] = up[bb];
+            lw[bb] = lp[bb];
+            const T value = (T(1) - g[bb]) * a[bb] + g[bb] * lp[bb];
+            fw[bb] = value;
+            up[bb] = std::max(up[bb], value);
+          }
+        }
+      }
+    }
+  });
+}
+
+// The backward of least_used_mix: from d loss / d final weights (J, P, R, B) to d loss / d
+// attention (same layout, written over grad_final) and d loss / d gates (J R, B), with autograd's
+// rules for the Python loop as least_used_read_backward.
+template <typename T>
+void least_used_mix_backward(const T* attention, const T* gates, const T* final_weights, const T* usage_before,
+                             const T* least, int64_t J, int64_t P, int64_t R, int64_t B, T* grad_final,
+                             T* grad_gates) {
+  const int64_t chunks = (B + kMixChunk - 1) / kMixChunk;
+  at::parallel_for(0, J * chunks, 1, [=](int64_t begin, int64_t end) {
+    std::vector<T> grad_u(P * kMixChunk), grad_prev(P * kMixChunk), grad_w(P * kMixChunk);
+    T grad_gate[kMixChunk], weighted[kMixChunk], total[kMixChunk];
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t j = task / chunks, b0 = (task % chunks) * kMixChunk, n = std::min(kMixChunk, B - b0);
+      std::fill(grad_u.begin(), grad_u.end(), T(0));
+      for (int64_t r = R - 1; r >= 0; --r) {
+        const T* g = gates + (j * R + r) * B + b0;
+        std::fill(grad_gate, grad_gate + kMixChunk, T(0));
+        std::fill(weighted, weighted + kMixChunk, T(0));
+        std::fill(total, total + kMixChunk, T(0));
+        for (int64_t p = 0; p < P; ++p) {
+          const int64_t at = ((j * P + p) * R + r) * B + b0;
+          T* gu = grad_u.data() + p * kMixChunk;
+          T* gp = grad_prev.data() + p * kMixChunk;
+          T* gw = grad_w.data() + p * kMixChunk;
+          for (int64_t bb = 0; bb < n; ++bb) {
+            // usage after = maximum(usage before, w): a tie splits the gradient in half.
+            const T carried = gu[bb], before = usage_before[at + bb], w = final_weights[at + bb];
+            if (before > w) { gp[bb] = carried; gw[bb] = 0; }
+            else if (before < w) { gp[bb] = 0; gw[bb] = carried; }
+            else { gp[bb] = carried / 2; gw[bb] = carried / 2; }
+            gw[bb] += grad_final[at + bb];
+            const T l = least[at + bb];
+            grad_gate[bb] += gw[bb] * (l - attention[at + bb]);
+            grad_final[at + bb] = (T(1) - g[bb]) * gw[bb];
+            if (l != 0) {
+              total[bb] += std::max(T(1) - before, T(kEps));
+              weighted[bb] += g[bb] * gw[bb] * l;
+            }
+          }
+        }
+        for (int64_t bb = 0; bb < n; ++bb) grad_gates[(j * R + r) * B + b0 + bb] = grad_gate[bb];
+        // l = raw / sum(raw), raw = max(1 - usage before, eps) on the chosen slots.
+        for (int64_t p = 0; p < P; ++p) {
+          const int64_t at = ((j * P + p) * R + r) * B + b0;
+          T* gp = grad_prev.data() + p * kMixChunk;
+          const T* gw = grad_w.data() + p * kMixChunk;
+          for (int64_t bb = 0; bb < n; ++bb)
+            if (least[at + bb] != 0 && T(1) - usage_before[at + bb] >= T(kEps))
+              gp[bb] -= (g[bb] * gw[bb] - weighted[bb]) / total[bb];
+        }
+        std::swap(grad_u, grad_prev);
+      }
+    }
   });
 }
 
@@ -403,7 +604,8 @@ void attend_backward(const T* weights, const T* unit_queries, const T* query_nor
 // them costs page faults and zeroing; at the released shape, batch 128, that made the weight
 // gradient's product (200 x 1,024) take ~1.5 ms against ~0.6 ms into memory already mapped.
 // Per thread, a few sizes per buffer, each at most kReuseBytes (larger ones are allocated afresh).
-enum Buffer { kHead, kWeights, kUnitQueries, kOutput, kGradHead, kGradJoined, kGradInput, kBufferCount };
+enum Buffer { kHead, kWeights, kUnitQueries, kOutput, kGradHead, kGradJoined, kGradInput, kMixFinal, kMixBefore,
+              kMixLeast, kGradRead, kBufferCount };
 constexpr int kReusePerBuffer = 4;
 constexpr int64_t kReuseBytes = 16 << 20;
 
@@ -423,15 +625,19 @@ Tensor reusable(Buffer buffer, at::IntArrayRef sizes, const at::TensorOptions& o
 }
 
 
-// attend and compose, and the usage when `usage` is defined, shared by the three forwards: from
-// the queries' rows (J R k rows of B, where the caller has them: the head's output or a laid-out
-// copy) and x M_U^T by slot (P rows of B) to mixed (P, B), writing what a backward needs.
-// sharpness: (J R, B) positive values when learned, else undefined and fixed_sharpness is used.
+// Least-used reading inside the read: the gates (J R, B), m, and the buffers the mixing writes,
+// (J, P, R, B) each: the final weights, the usage before each component, each least-used weight.
+struct LeastUsed {
+  Tensor gates, final_weights, usage_before, least;
+  int64_t m;
+};
+
 void read_forward(const void* query_rows, const Tensor& unit_keys, const Tensor& sharpness,
                   std::optional<double> fixed_sharpness, const Tensor& slot_bias, const void* memory_by_slot,
                   const Tensor& s_values, int64_t R, int64_t B, const Tensor& unit_queries, const Tensor& query_norm,
                   const Tensor& weights, const Tensor& raw_sigma, const Tensor& sigma, const Tensor& projected,
-                  const Tensor& per_component, const Tensor& mixed, const Tensor& usage) {
+                  const Tensor& per_component, const Tensor& mixed, const Tensor& usage,
+                  const LeastUsed* least_used = nullptr) {
   const int64_t J = unit_keys.size(0), P = unit_keys.size(1), k = unit_keys.size(2);
   Tensor s_contiguous = s_values.contiguous();
   AT_DISPATCH_FLOATING_TYPES(unit_keys.scalar_type(), "read_forward", [&] {
@@ -440,11 +646,18 @@ void read_forward(const void* query_rows, const Tensor& unit_keys, const Tensor&
                      static_cast<scalar_t>(sharpness.defined() ? 0.0 : *fixed_sharpness),
                      slot_bias.defined() ? slot_bias.data_ptr<scalar_t>() : nullptr, J, P, R, k, B,
                      unit_queries.data_ptr<scalar_t>(), query_norm.data_ptr<scalar_t>(), weights.data_ptr<scalar_t>());
-    compose<scalar_t>(weights.data_ptr<scalar_t>(), static_cast<const scalar_t*>(memory_by_slot),
+    const scalar_t* composed = weights.data_ptr<scalar_t>();
+    if (least_used) {
+      least_used_mix<scalar_t>(weights.data_ptr<scalar_t>(), least_used->gates.data_ptr<scalar_t>(), J, P, R, B,
+                               least_used->m, least_used->final_weights.data_ptr<scalar_t>(),
+                               least_used->usage_before.data_ptr<scalar_t>(), least_used->least.data_ptr<scalar_t>());
+      composed = least_used->final_weights.data_ptr<scalar_t>();
+    }
+    compose<scalar_t>(composed, static_cast<const scalar_t*>(memory_by_slot),
                       s_contiguous.data_ptr<scalar_t>(), P, R, B, raw_sigma.data_ptr<scalar_t>(),
                       sigma.data_ptr<scalar_t>(), projected.data_ptr<scalar_t>(), per_component.data_ptr<scalar_t>(),
                       mixed.data_ptr<scalar_t>());
-    if (usage.defined()) usage_of<scalar_t>(weights.data_ptr<scalar_t>(), J, P, R, B, usage.data_ptr<scalar_t>());
+    if (usage.defined()) usage_of<scalar_t>(composed, J, P, R, B, usage.data_ptr<scalar_t>());
   });
 }
 
@@ -459,7 +672,8 @@ std::tuple<Tensor, Tensor, Tensor> read_backward(
     const Tensor& key_norm, const Tensor& sharpness, std::optional<double> fixed_sharpness,
     const Tensor& memory_by_slot, const Tensor& raw_sigma, const Tensor& sigma, const Tensor& projected,
     const Tensor& per_component, const Tensor& s_values, const Tensor& grad_mixed, const Tensor& grad_sigma_rb,
-    bool has_slot_bias, void* grad_by_slot, void* grad_queries, void* grad_sharpness, bool through_softplus) {
+    bool has_slot_bias, void* grad_by_slot, void* grad_queries, void* grad_sharpness, bool through_softplus,
+    const LeastUsed* least_used = nullptr, const Tensor& grad_gates = Tensor()) {
   const int64_t J = unit_queries.size(0), k = unit_queries.size(1), P = unit_keys.size(1);
   const int64_t R = sigma.size(0), B = sigma.size(1);
   const auto options = unit_queries.options();
@@ -468,15 +682,56 @@ std::tuple<Tensor, Tensor, Tensor> read_backward(
   Tensor bias_partials = has_slot_bias ? at::empty({J * R, P}, options) : Tensor();
   Tensor s_partials = at::empty({R, P}, options);
   Tensor s_contiguous = s_values.contiguous();
+  // With least-used reading the compose step read the final weights; the attention's softmax
+  // takes the gradient that reaches the attention through the mixing.
+  const Tensor& composed = least_used ? least_used->final_weights : weights;
+  Tensor grad_read = least_used ? reusable(kGradRead, {J, P, R * B}, options) : Tensor();
   AT_DISPATCH_FLOATING_TYPES(unit_queries.scalar_type(), "read_backward", [&] {
     auto* by_slot_out = static_cast<scalar_t*>(grad_by_slot);
     at::parallel_for(0, B, 32, [&](int64_t b0, int64_t b1) {
       compose_backward_columns<scalar_t>(
-          weights.data_ptr<scalar_t>(), sigma.data_ptr<scalar_t>(), projected.data_ptr<scalar_t>(),
+          composed.data_ptr<scalar_t>(), sigma.data_ptr<scalar_t>(), projected.data_ptr<scalar_t>(),
           raw_sigma.data_ptr<scalar_t>(), grad_mixed.data_ptr<scalar_t>(),
           grad_sigma_rb.defined() ? grad_sigma_rb.data_ptr<scalar_t>() : nullptr, P, R, B,
           grad_projected.data_ptr<scalar_t>(), grad_raw.data_ptr<scalar_t>(), by_slot_out, b0, b1);
     });
+    scalar_t* grad_read_ptr = nullptr;
+    if (least_used) {
+      // d loss / d final weight (p, b) = first[p, b] * second[b], as attend_backward_units has it;
+      // the S programs' gradient from the final S weights.
+      grad_read_ptr = grad_read.data_ptr<scalar_t>();
+      const scalar_t* final_w = composed.data_ptr<scalar_t>();
+      const scalar_t* by_slot = memory_by_slot.data_ptr<scalar_t>();
+      const scalar_t* gm = grad_mixed.data_ptr<scalar_t>();
+      const scalar_t* gp = grad_projected.data_ptr<scalar_t>();
+      const scalar_t* pc = per_component.data_ptr<scalar_t>();
+      const scalar_t* gr = grad_raw.data_ptr<scalar_t>();
+      const scalar_t* sv = s_contiguous.data_ptr<scalar_t>();
+      scalar_t* sp = s_partials.data_ptr<scalar_t>();
+      at::parallel_for(0, J * P, 1, [=](int64_t begin, int64_t end) {
+        for (int64_t jp = begin; jp < end; ++jp) {
+          const int64_t j = jp / P, p = jp % P;
+          for (int64_t r = 0; r < R; ++r) {
+            scalar_t* g = grad_read_ptr + (jp * R + r) * B;
+            if (j == 0) for (int64_t b = 0; b < B; ++b) g[b] = by_slot[p * B + b] * gp[r * B + b];
+            else if (j == 1) for (int64_t b = 0; b < B; ++b) g[b] = gm[p * B + b] * pc[r * B + b];
+            else {
+              scalar_t total = 0;
+              const scalar_t* w = final_w + (jp * R + r) * B;
+              for (int64_t b = 0; b < B; ++b) {
+                g[b] = sv[p] * gr[r * B + b];
+                total += w[b] * gr[r * B + b];
+              }
+              sp[r * P + p] = total;
+            }
+          }
+        }
+      });
+      least_used_mix_backward<scalar_t>(weights.data_ptr<scalar_t>(), least_used->gates.data_ptr<scalar_t>(),
+                                        composed.data_ptr<scalar_t>(), least_used->usage_before.data_ptr<scalar_t>(),
+                                        least_used->least.data_ptr<scalar_t>(), J, P, R, B, grad_read_ptr,
+                                        grad_gates.data_ptr<scalar_t>());
+    }
     attend_backward<scalar_t>(
         weights.data_ptr<scalar_t>(), unit_queries.data_ptr<scalar_t>(), query_norm.data_ptr<scalar_t>(),
         unit_keys.data_ptr<scalar_t>(), sharpness.defined() ? sharpness.data_ptr<scalar_t>() : nullptr,
@@ -485,7 +740,7 @@ std::tuple<Tensor, Tensor, Tensor> read_backward(
         s_contiguous.data_ptr<scalar_t>(), grad_raw.data_ptr<scalar_t>(), J, P, R, k, B,
         static_cast<scalar_t*>(grad_queries), static_cast<scalar_t*>(grad_sharpness), through_softplus,
         key_partials.data_ptr<scalar_t>(), has_slot_bias ? bias_partials.data_ptr<scalar_t>() : nullptr,
-        s_partials.data_ptr<scalar_t>());
+        least_used ? nullptr : s_partials.data_ptr<scalar_t>(), grad_read_ptr);
   });
   Tensor grad_unit_keys = key_partials.view({J, R, P, k}).sum(1);                        // (J, P, k)
   Tensor grad_keys = (grad_unit_keys - unit_keys * (grad_unit_keys * unit_keys).sum(2, true)) / key_norm;
@@ -653,8 +908,12 @@ std::vector<Tensor> fused_read_forward(const Tensor& queries, const std::optiona
                                        std::optional<double> fixed_sharpness, const Tensor& memory_by_slot,
                                        const Tensor& keys, const std::optional<Tensor>& slot_bias,
                                        const Tensor& s_values, const Tensor& v_values, int64_t components,
-                                       bool want_usage) {
+                                       bool want_usage, const std::optional<Tensor>& gates, int64_t least_used) {
   const int64_t J = 3, P = keys.size(1), k = keys.size(2), R = components, B = queries.size(1), N = R * B;
+  TORCH_CHECK(!gates.has_value() || (gates->size(0) == J * R && gates->size(1) == B && least_used >= 1 &&
+                                     least_used <= P),
+              "fused_read_forward: least-used gates of shape ", gates.has_value() ? gates->sizes() : at::IntArrayRef{},
+              " (expected (", J * R, ", ", B, ")) with least_used ", least_used, " (expected 1 to ", P, ")");
   TORCH_CHECK(queries.dim() == 2 && queries.size(0) == J * R * k, "fused_read_forward: queries of shape ",
               queries.sizes(), ", expected (", J * R * k, ", B)");
   TORCH_CHECK(sharpness.has_value() != fixed_sharpness.has_value(),
@@ -675,12 +934,23 @@ std::vector<Tensor> fused_read_forward(const Tensor& queries, const std::optiona
   Tensor projected = at::empty({R, B}, options), per_component = at::empty({R, B}, options);
   Tensor mixed = at::empty({P, B}, options), usage = at::zeros({J, P}, options);
   Tensor bias = slot_bias.has_value() ? slot_bias->contiguous() : Tensor();
+  std::optional<LeastUsed> mixing;
+  if (gates.has_value())
+    mixing = LeastUsed{gates->contiguous(), reusable(kMixFinal, {J, P, N}, options),
+                       reusable(kMixBefore, {J, P, N}, options), reusable(kMixLeast, {J, P, N}, options), least_used};
   read_forward(q.data_ptr(), unit_keys, scale, fixed_sharpness, bias, by_slot.data_ptr(), s_values, R, B,
                unit_queries, query_norm, weights, raw_sigma, sigma, projected, per_component, mixed,
-               want_usage ? usage : Tensor());
+               want_usage ? usage : Tensor(), mixing ? &*mixing : nullptr);
   Tensor y = at::mm(mixed.t(), v_values);                                              // (B, d_out)
-  return {y, sigma.t().contiguous(), usage, unit_queries, query_norm, unit_keys, key_norm, weights, raw_sigma, sigma,
-          projected, per_component, mixed};
+  std::vector<Tensor> out = {y, sigma.t().contiguous(), usage, unit_queries, query_norm, unit_keys, key_norm, weights,
+                             raw_sigma, sigma, projected, per_component, mixed};
+  if (mixing) {   // the least-used mixing's state, for the backward
+    out.push_back(mixing->gates);
+    out.push_back(mixing->final_weights);
+    out.push_back(mixing->usage_before);
+    out.push_back(mixing->least);
+  }
+  return out;
 }
 
 // fused_read_forward's backward. Returns the gradients of queries (J R k, B), the sharpness
@@ -689,10 +959,16 @@ std::vector<Tensor> fused_read_forward(const Tensor& queries, const std::optiona
 std::vector<Tensor> fused_read_backward(const std::optional<Tensor>& grad_y_in, const std::optional<Tensor>& grad_sigma,
                                         at::TensorList saved, const std::optional<Tensor>& sharpness,
                                         std::optional<double> fixed_sharpness, const Tensor& memory_by_slot,
-                                        const Tensor& s_values, const Tensor& v_values, bool has_slot_bias) {
+                                        const Tensor& s_values, const Tensor& v_values, bool has_slot_bias,
+                                        int64_t least_used) {
   const Tensor &unit_queries = saved[0], &query_norm = saved[1], &unit_keys = saved[2], &key_norm = saved[3],
                &weights = saved[4], &raw_sigma = saved[5], &sigma = saved[6], &projected = saved[7],
                &per_component = saved[8], &mixed = saved[9];
+  std::optional<LeastUsed> mixing;
+  if (least_used > 0) {
+    TORCH_CHECK(saved.size() == 14, "fused_read_backward: least-used reading needs the mixing's saved state");
+    mixing = LeastUsed{saved[10], saved[11], saved[12], saved[13], least_used};
+  }
   const int64_t J = unit_queries.size(0), k = unit_queries.size(1), P = unit_keys.size(1);
   const int64_t R = sigma.size(0), B = sigma.size(1);
   const auto options = unit_queries.options();
@@ -704,11 +980,14 @@ std::vector<Tensor> fused_read_backward(const std::optional<Tensor>& grad_y_in, 
   Tensor grad_queries = at::empty({J * R * k, B}, options);
   Tensor grad_sharpness = scale.defined() ? at::empty({J * R, B}, options) : at::empty({0}, options);
   Tensor grad_by_slot = at::empty({P, B}, options);
+  Tensor grad_gates = mixing ? at::empty({J * R, B}, options) : at::empty({0}, options);
   auto [grad_keys, grad_slot_bias, grad_s_values] = read_backward(
       weights, unit_queries, query_norm, unit_keys, key_norm, scale, fixed_sharpness, by_slot, raw_sigma, sigma,
       projected, per_component, s_values, grad_mixed, grad_sigma_rb, has_slot_bias, grad_by_slot.data_ptr(),
-      grad_queries.data_ptr(), scale.defined() ? grad_sharpness.data_ptr() : nullptr, /*through_softplus=*/false);
-  return {grad_queries, grad_sharpness, grad_by_slot, grad_keys, grad_slot_bias, grad_s_values, grad_v_values};
+      grad_queries.data_ptr(), scale.defined() ? grad_sharpness.data_ptr() : nullptr, /*through_softplus=*/false,
+      mixing ? &*mixing : nullptr, grad_gates);
+  return {grad_queries, grad_sharpness, grad_by_slot, grad_keys, grad_slot_bias, grad_s_values, grad_v_values,
+          grad_gates};
 }
 
 
@@ -720,15 +999,6 @@ std::vector<Tensor> fused_read_backward(const std::optional<Tensor>& grad_y_in, 
 // weight proportional to max(1 - usage, eps)), then usage = max(usage, w_n). The Python loop
 // issues ~10 operations per component forward and ~20 backward; here each row is one pass.
 // Saved for the backward: the usage before each component and each l_n, (J, B, R, P) each.
-
-// The m slots of smallest usage (ties to the lower index) into chosen[0..m).
-template <typename T>
-void least_used_slots(const T* usage, int64_t P, int64_t m, std::vector<int64_t>& order) {
-  order.resize(P);
-  for (int64_t p = 0; p < P; ++p) order[p] = p;
-  auto before = [usage](int64_t a, int64_t b) { return usage[a] < usage[b] || (usage[a] == usage[b] && a < b); };
-  if (m < P) std::nth_element(order.begin(), order.begin() + m, order.end(), before);
-}
 
 std::vector<Tensor> least_used_read_forward(const Tensor& attention_in, const Tensor& gates_in, int64_t m) {
   const Tensor attention = attention_in.contiguous(), gates = gates_in.contiguous();
@@ -863,11 +1133,11 @@ TORCH_LIBRARY(neurocoder_cpu, m) {
         "Tensor s_values, Tensor v_values, Tensor? output_bias, Tensor? slot_bias, int rank, int key_dim, "
         "float? fixed_sharpness) -> Tensor");
   m.def("fused_read_forward(Tensor queries, Tensor? sharpness, float? fixed_sharpness, Tensor memory_by_slot, "
-        "Tensor keys, Tensor? slot_bias, Tensor s_values, Tensor v_values, int components, bool want_usage) "
-        "-> Tensor[]");
+        "Tensor keys, Tensor? slot_bias, Tensor s_values, Tensor v_values, int components, bool want_usage, "
+        "Tensor? gates, int least_used) -> Tensor[]");
   m.def("fused_read_backward(Tensor? grad_y, Tensor? grad_sigma, Tensor[] saved, Tensor? sharpness, "
-        "float? fixed_sharpness, Tensor memory_by_slot, Tensor s_values, Tensor v_values, bool has_slot_bias) "
-        "-> Tensor[]");
+        "float? fixed_sharpness, Tensor memory_by_slot, Tensor s_values, Tensor v_values, bool has_slot_bias, "
+        "int least_used) -> Tensor[]");
   m.def("least_used_read_forward(Tensor attention, Tensor gates, int least_used) -> Tensor[]");
   m.def("least_used_read_backward(Tensor? grad_weights, Tensor? grad_usage, Tensor attention, Tensor gates, "
         "Tensor weights, Tensor usage_before, Tensor least) -> Tensor[]");
