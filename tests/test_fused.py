@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import neurocoder.layers as layers_module
-from neurocoder import NeurocoderLinear, presets, record
+from neurocoder import NeurocoderLinear, native, presets, record
 from neurocoder.fused import fused_layer_apply, fused_read_apply
 
 from conftest import OPTION_GRID, option_id
@@ -103,7 +103,6 @@ def test_fused_path_is_taken_exactly_where_it_applies(monkeypatch):
     layer(x, return_trace=True)                   # traces need the composable path's tensors
     with record(layer):                           # nor does recording
         layer(x)
-    NeurocoderLinear(12, 5, num_programs=6, rank=2, key_dim=3, least_used=2)(x)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         layer(x)
     off = copy.deepcopy(layer)
@@ -111,6 +110,16 @@ def test_fused_path_is_taken_exactly_where_it_applies(monkeypatch):
     off(x)
     NeurocoderLinear(12, 5, num_programs=6, rank=2, key_dim=3, fused=False)(x)
     assert len(calls) == 1
+    # Least-used reading: fused on the C++ kernels only (its mixing runs inside them).
+    least_used = NeurocoderLinear(12, 5, num_programs=6, rank=2, key_dim=3, least_used=2)
+    native.set_enabled(False)
+    try:
+        least_used(x)
+        assert len(calls) == 1
+    finally:
+        native.set_enabled(True)
+    least_used(x)
+    assert len(calls) == (2 if native.available() else 1)
 
 
 def test_whole_layer_function_is_taken_exactly_where_it_applies(monkeypatch):

@@ -8,8 +8,9 @@ on a slot-first, component-major layout ``(bank, slot, component x batch)`` so t
 softmax and every reduction run over contiguous rows of the batch instead of short rows of P
 or R.
 
-It covers the common case: no least-used reading (whose sequential usage bookkeeping stays in
-:mod:`neurocoder.reading`), no trace requested, outside torch.func transforms and autocast.
+It covers the common case: no trace requested, outside torch.func transforms and autocast, and
+least-used reading only through the C++ kernels (CPU; its sequential mixing runs between their
+attention and compose loops; elsewhere it stays in :mod:`neurocoder.reading`).
 :class:`~neurocoder.layers.NeurocoderLinear` falls back to the composable path otherwise, and
 tests check both paths agree in value and gradient.
 
