@@ -33,6 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import neurocoder  # noqa: E402
 from bench_layers import block_ratios, time_in_blocks, time_side_by_side, train_step  # noqa: E402
 from neurocoder import NeurocoderLinear, presets, triton_layer  # noqa: E402
+from neurocoder.fused import functions_behind  # noqa: E402
 from neurocoder.runs import code_version  # noqa: E402
 
 
@@ -69,24 +70,13 @@ def kernels_per_step(fn, x) -> int:
     return sum(1 for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA)
 
 
-def functions_in_graph(y: torch.Tensor) -> set[str]:
-    """Names of the autograd nodes behind ``y`` (the layer's Function sits below a reshape)."""
-    seen, stack = set(), [y.grad_fn]
-    while stack:
-        node = stack.pop()
-        if node is not None and node not in seen:
-            seen.add(node)
-            stack += [n for n, _ in node.next_functions]
-    return {type(n).__name__ for n in seen}
-
-
 def check_against_fast_path(layer: NeurocoderLinear, x: torch.Tensor, fold: bool) -> float:
     """Largest relative difference of the output and every gradient, Triton step against fast path."""
     results = []
     for fn in (with_triton(layer, fold), layer):
         layer.zero_grad(set_to_none=True)
         y = fn(x)
-        took = "TritonFusedLayerBackward" in functions_in_graph(y)
+        took = "TritonFusedLayerBackward" in functions_behind(y)
         assert took == (fn is not layer), f"the Triton kernels {'were' if took else 'were not'} taken"
         y.square().mean().backward()
         results.append([y.detach()] + [p.grad.clone() for p in layer.parameters() if p.grad is not None])

@@ -11,7 +11,7 @@ import torch
 
 import neurocoder.fused as fused_module
 from neurocoder import NeurocoderLinear, native, presets, reading
-from neurocoder.fused import fused_layer_apply
+from neurocoder.fused import functions_behind, fused_layer_apply
 
 pytestmark = pytest.mark.skipif(shutil.which("c++") is None and shutil.which("g++") is None,
                                 reason="no C++ compiler to build the kernels")
@@ -360,13 +360,7 @@ def test_layers_route_their_reads_to_the_kernels():
         for enabled, name in ((True, "_NativeFusedReadApplyBackward"), (False, "_FusedReadApplyBackward")):
             native.set_enabled(enabled)
             y = layer(torch.randn(3, 12), context=context)
-            seen, stack = set(), [y.grad_fn]
-            while stack:                                     # walk the graph: the read is below the bias add
-                node = stack.pop()
-                if node is not None and node not in seen:
-                    seen.add(node)
-                    stack += [n for n, _ in node.next_functions]
-            assert name in {type(n).__name__ for n in seen}
+            assert name in functions_behind(y)              # the read is below the bias add
             if context is not None:
                 y.sum().backward()
                 assert context.grad is not None and context.grad.abs().sum() > 0
@@ -441,16 +435,6 @@ def test_least_used_kernel_in_float32_through_the_layer():
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
 
 
-def _graph_names(y):
-    seen, stack = set(), [y.grad_fn]
-    while stack:
-        node = stack.pop()
-        if node is not None and node not in seen:
-            seen.add(node)
-            stack += [n for n, _ in node.next_functions]
-    return {type(n).__name__ for n in seen}
-
-
 LEAST_USED_LAYERS = [dict(), dict(sharpness=2.0), dict(composer="recurrent", steps=2), dict(context_features=6),
                      dict(key_mode="learned", bias=False), dict(residual=True)]
 
@@ -472,7 +456,7 @@ def test_least_used_layers_read_through_the_fused_kernels(options, m):
         layer.zero_grad(set_to_none=True)
         layer.memory.usage_average.zero_()      # each run folds this batch's usage into the same start
         y = layer(x, context=context)
-        assert ("_NativeFusedReadApplyBackward" in _graph_names(y)) == enabled
+        assert ("_NativeFusedReadApplyBackward" in functions_behind(y)) == enabled
         (y * torch.linspace(-1, 1, 7, dtype=torch.float64)).square().sum().backward()
         grads = [p.grad.clone() for p in layer.parameters() if p.grad is not None]
         if context is not None:

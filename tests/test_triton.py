@@ -13,7 +13,7 @@ import torch
 triton = pytest.importorskip("triton")
 
 from neurocoder import NeurocoderLinear, presets, triton_layer  # noqa: E402
-from neurocoder.fused import _FusedLayer, fused_layer_apply  # noqa: E402
+from neurocoder.fused import _FusedLayer, functions_behind, fused_layer_apply  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -170,16 +170,6 @@ def test_the_switch_and_where_the_kernels_apply():
         triton_layer.set_enabled(1)
 
 
-def _functions_in_graph(y):
-    seen, stack = set(), [y.grad_fn]
-    while stack:
-        node = stack.pop()
-        if node is not None and node not in seen:
-            seen.add(node)
-            stack += [n for n, _ in node.next_functions]
-    return {type(n).__name__ for n in seen}
-
-
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the layer routes to the kernels on CUDA only")
 def test_the_layer_routes_its_training_step_to_the_kernels_on_cuda():
     torch.manual_seed(0)
@@ -187,10 +177,10 @@ def test_the_layer_routes_its_training_step_to_the_kernels_on_cuda():
     x = torch.randn(8, 32, device="cuda")
     triton_layer.set_enabled(True)
     y = layer(x)
-    assert "TritonFusedLayerBackward" in _functions_in_graph(y)
+    assert "TritonFusedLayerBackward" in functions_behind(y)
     triton_layer.set_enabled(False)
     want = layer(x)
-    assert "TritonFusedLayerBackward" not in _functions_in_graph(want)
+    assert "TritonFusedLayerBackward" not in functions_behind(want)
     torch.testing.assert_close(y, want, rtol=2e-4, atol=2e-6)
 
 

@@ -26,7 +26,7 @@ from torch.autograd.function import once_differentiable
 
 from . import native as _native
 
-__all__ = ["fused_read_apply", "fused_layer_apply"]
+__all__ = ["fused_read_apply", "fused_layer_apply", "functions_behind"]
 
 _EPS = 1e-8
 # Largest fixed sharpness whose logits (bounded by it) take the max-free softmax: exp(30) x P
@@ -382,6 +382,19 @@ class _NativeFusedLayer(torch.autograd.Function):
             ctx.sharpness, ctx.has_slot_bias, mask)
         exists = (True,) * 9 + (ctx.content, ctx.content, ctx.has_slot_bias)
         return (*(g if need[i] and exists[i] else None for i, g in enumerate(grads)), None, None, None, None)
+
+
+def functions_behind(tensor: torch.Tensor) -> set[str]:
+    """Names of every autograd node behind ``tensor``: which path a layer took, for tests and
+    benchmarks (e.g. ``"_NativeFusedLayerBackward" in functions_behind(layer(x))``). The layers'
+    Functions sit below a reshape or a bias add, so the whole graph is walked."""
+    seen, stack = set(), [tensor.grad_fn]
+    while stack:
+        node = stack.pop()
+        if node is not None and node not in seen:
+            seen.add(node)
+            stack += [parent for parent, _ in node.next_functions]
+    return {type(node).__name__ for node in seen}
 
 
 def _native_applies(x: torch.Tensor, *others: torch.Tensor | None) -> bool:

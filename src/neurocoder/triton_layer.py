@@ -130,6 +130,16 @@ if triton is not None:
         return w, unit_q, norm, scale, raw, unit_keys
 
     @triton.jit
+    def _block_offsets(pid, B, P, K, BLOCK_B: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_K: tl.constexpr,
+                       BLOCK_R: tl.constexpr):
+        """The read kernels' indices for sample block ``pid``: samples, slots, key entries (each
+        with its mask) and components."""
+        offs_b = pid * BLOCK_B + tl.arange(0, BLOCK_B)
+        offs_p = tl.arange(0, BLOCK_P)
+        offs_k = tl.arange(0, BLOCK_K)
+        return offs_b, offs_b < B, offs_p, offs_p < P, offs_k, offs_k < K, tl.arange(0, BLOCK_R)
+
+    @triton.jit
     def _column(tile, offs_r, r):
         """Column r of a (BB, BR) tile."""
         return tl.sum(tl.where(offs_r[None, :] == r, tile, 0.0), axis=1)
@@ -210,13 +220,8 @@ if triton is not None:
         (B, R) and, when asked, each block's usage (3, P): the largest weight a slot received in a
         composition, summed over the block's samples and divided by B."""
         pid = tl.program_id(0)
-        offs_b = pid * BLOCK_B + tl.arange(0, BLOCK_B)
-        mask_b = offs_b < B
-        offs_p = tl.arange(0, BLOCK_P)
-        mask_p = offs_p < P
-        offs_k = tl.arange(0, BLOCK_K)
-        mask_k = offs_k < K
-        offs_r = tl.arange(0, BLOCK_R)
+        offs_b, mask_b, offs_p, mask_p, offs_k, mask_k, offs_r = _block_offsets(pid, B, P, K, BLOCK_B, BLOCK_P,
+                                                                                BLOCK_K, BLOCK_R)
         Q = 3 * RANK * K
         memory = tl.load(head_ptr + (C + offs_p)[None, :] * B + offs_b[:, None],
                          mask=mask_b[:, None] & mask_p[None, :], other=0.0)                 # (BB, BP)
@@ -267,13 +272,8 @@ if triton is not None:
         writes every row of the head's gradient (C + P, B), and one row of partial sums per block:
         the unit keys' gradient (3, P, K), the S programs' (P) and the head bias's (C)."""
         pid = tl.program_id(0)
-        offs_b = pid * BLOCK_B + tl.arange(0, BLOCK_B)
-        mask_b = offs_b < B
-        offs_p = tl.arange(0, BLOCK_P)
-        mask_p = offs_p < P
-        offs_k = tl.arange(0, BLOCK_K)
-        mask_k = offs_k < K
-        offs_r = tl.arange(0, BLOCK_R)
+        offs_b, mask_b, offs_p, mask_p, offs_k, mask_k, offs_r = _block_offsets(pid, B, P, K, BLOCK_B, BLOCK_P,
+                                                                                BLOCK_K, BLOCK_R)
         mask_bp = mask_b[:, None] & mask_p[None, :]
         Q = 3 * RANK * K
         row_length = 3 * P * K + P + C
