@@ -529,7 +529,6 @@ void least_used_mix(const T* attention, const T* gates, int64_t J, int64_t P, in
           T* __restrict__ before = usage_before + at;
           T* __restrict__ lw = least + at;
           T* __restrict__ fw = final_weights + at;
-#pragma omp simd
           for (int64_t bb = 0; bb < n; ++bb) {
             before[bb] = up[bb];
             lw[bb] = lp[bb];
