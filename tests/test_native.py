@@ -475,3 +475,22 @@ def test_least_used_in_the_fused_read_needs_the_kernels():
     with pytest.raises(ValueError, match="least-used reading .* runs on the C\\+\\+ kernels only"):
         fused_read_apply(head_out, torch.randn(2, 4), 2, 3, torch.randn(3, 4, 3), 1.0, None, torch.randn(4),
                          torch.randn(4, 5), gates=torch.rand(6, 2), least_used=2)
+
+
+def test_least_used_layer_breaks_usage_ties_by_slot_in_the_fused_read():
+    """Gates of 1 and uniform attention make exact usage ties at non-zero usage: a slot pushed
+    down by a smaller usage must still come before an equal usage of a higher slot (the stable
+    sort's order), in the fused read as in the Python loop."""
+    torch.manual_seed(0)
+    layer = NeurocoderLinear(6, 4, num_programs=7, rank=4, key_dim=3, least_used=3, key_mode="learned",
+                             sharpness=1e-6, dtype=torch.float64)
+    with torch.no_grad():
+        layer.composer.head.linear.bias[layer.composer.head.sizes[0]:sum(layer.composer.head.sizes[:2])] = 50.0
+    x = torch.randn(2, 6, dtype=torch.float64)
+    outputs = []
+    for enabled in (True, False):
+        native.set_enabled(enabled)
+        y = layer(x)
+        assert ("_NativeFusedReadApplyBackward" in functions_behind(y)) == enabled
+        outputs.append(y.detach())
+    torch.testing.assert_close(outputs[0], outputs[1], rtol=1e-10, atol=1e-12)

@@ -484,13 +484,15 @@ void least_used_mix(const T* attention, const T* gates, int64_t J, int64_t P, in
               T* __restrict__ ks = kept_slot.data() + i * kMixChunk;
               // Over the whole chunk (a fixed trip count the compiler vectorises); lanes past n
               // are never read.
-              // Written as min / max and exact blends (slots are small integers in T), not as
+              // Written as min / max and exact blends of slots (small integers in T), not as
               // conditional assignments: GCC turns those into masked stores, microcoded and ~10x
               // slower on AMD EPYC (measured here).
+              // Ordered by (usage, slot): a slot pushed down by a smaller usage must still pass an
+              // equal usage of a higher slot further down.
               for (int64_t bb = 0; bb < kMixChunk; ++bb) {
                 const T v = kv[bb], sl = ks[bb], c = cv[bb], cslot = cs[bb];
-                const T smaller = c < v ? T(1) : T(0);
-                kv[bb] = std::min(v, c);
+                const T smaller = (c < v || (c == v && cslot < sl)) ? T(1) : T(0);
+                kv[bb] = std::min(v, c);     // equal values: either order holds the same value
                 cv[bb] = std::max(v, c);
                 ks[bb] = sl + (cslot - sl) * smaller;
                 cs[bb] = cslot + (sl - cslot) * smaller;
