@@ -416,47 +416,44 @@ void attend_backward(const T* weights, const T* unit_queries, const T* query_nor
   });
 }
 
-// Least-used mixing on the read's layout, weights (J, P, R, B): for each (bank, sample) the
-// components in order, as least_used_read_forward below does on (J, B, R, P) (see there). gates
-// (J R, B). Writes the final weights, and the usage before each component and each least-used
-// weight (J, P, R, B) for the backward. Samples go in chunks of kMixChunk, so that every pass over
-// the (J, P, R, B) tensors reads contiguous runs of samples; only the choice of slots is per sample.
+// Least-used mixing (neurocoder.reading.read_with_least_used): for each (bank, sample) the R
+// components in order, w_n = (1 - g_n) a_n + g_n l_n, with l_n the least-used weight of the usage
+// before n (the m slots of smallest usage, ties to the lower index, as a stable sort takes them;
+// weight proportional to max(1 - usage, eps)), then usage = max(usage, w_n). One routine serves
+// both layouts, given as strides (MixLayout): the fused read's weights (J, P, R, B) with gates
+// (J R, B), and least_used_read_forward's (J, B, R, P) with gates (J, B, R). Writes the final
+// weights, and the usage before each component and each least-used weight (the weights' layout)
+// for the backward; optionally the usage after the last component, (J, B, P). Samples go in
+// chunks of kMixChunk: on the fused layout every pass reads contiguous runs of samples, and the
+// choice of slots runs for a whole chunk at once.
 constexpr int64_t kMixChunk = 128;
+
+// Element (j, b, r, p) of the weights sits at j bank + b sample + r component + p slot; gate
+// (j, b, r) at j gate_bank + b gate_sample + r gate_component.
+struct MixLayout {
+  int64_t bank, sample, component, slot, gate_bank, gate_sample, gate_component;
+};
+// The fused read's: weights (J, P, R, B), gates (J R, B).
+inline MixLayout read_layout(int64_t P, int64_t R, int64_t B) { return {P * R * B, 1, B, R * B, R * B, 1, B}; }
+// neurocoder.reading's: attention (J, B, R, P), gates (J, B, R).
+inline MixLayout reading_layout(int64_t P, int64_t R, int64_t B) { return {B * R * P, R * P, P, 1, B * R, R, 1}; }
 // Up to this m the slots are chosen for every sample of a chunk at once (see least_used_mix).
 constexpr int64_t kSmallM = 16;
 
-// The m smallest of usage[p * stride] over p (ties to the lower index) into order[0..m): an
-// insertion into a sorted list of m for small m (P m comparisons at worst), nth_element otherwise.
+// The m smallest of usage[p * stride] over p (ties to the lower index) into order[0..m), for m
+// above kSmallM (least_used_mix chooses smaller m for a whole chunk at once).
 template <typename T>
 void least_used_slots_strided(const T* usage, int64_t stride, int64_t P, int64_t m, std::vector<int64_t>& order,
                               std::vector<T>& values) {
-  if (m > 16) {
-    values.resize(P);
-    for (int64_t p = 0; p < P; ++p) values[p] = usage[p * stride];
-    least_used_slots(values.data(), P, m, order);
-    return;
-  }
-  order.resize(m);
-  values.resize(m);
-  int64_t filled = 0;
-  for (int64_t p = 0; p < P; ++p) {
-    const T u = usage[p * stride];
-    // Strictly smaller than the largest kept (a tie keeps the lower index, already in).
-    if (filled == m && !(u < values[m - 1])) continue;
-    int64_t i = filled < m ? filled++ : m - 1;
-    while (i > 0 && u < values[i - 1]) {
-      values[i] = values[i - 1];
-      order[i] = order[i - 1];
-      --i;
-    }
-    values[i] = u;
-    order[i] = p;
-  }
+  values.resize(P);
+  for (int64_t p = 0; p < P; ++p) values[p] = usage[p * stride];
+  least_used_slots(values.data(), P, m, order);
 }
 
 template <typename T>
 void least_used_mix(const T* attention, const T* gates, int64_t J, int64_t P, int64_t R, int64_t B, int64_t m,
-                    T* final_weights, T* usage_before, T* least) {
+                    MixLayout layout, T* final_weights, T* usage_before, T* least, T* usage_after = nullptr) {
+  const int64_t sb = layout.sample, gb = layout.gate_sample;
   const int64_t chunks = (B + kMixChunk - 1) / kMixChunk;
   at::parallel_for(0, J * chunks, 1, [=](int64_t begin, int64_t end) {
     std::vector<T> u(P * kMixChunk), l(P * kMixChunk), values;
@@ -522,9 +519,9 @@ void least_used_mix(const T* attention, const T* gates, int64_t J, int64_t P, in
             for (int64_t i = 0; i < m; ++i) l[order[i] * kMixChunk + bb] /= total;
           }
         }
-        const T* __restrict__ g = gates + (j * R + r) * B + b0;
+        const T* __restrict__ g = gates + j * layout.gate_bank + r * layout.gate_component + b0 * gb;
         for (int64_t p = 0; p < P; ++p) {
-          const int64_t at = ((j * P + p) * R + r) * B + b0;
+          const int64_t at = j * layout.bank + r * layout.component + p * layout.slot + b0 * sb;
           T* __restrict__ up = u.data() + p * kMixChunk;
           const T* __restrict__ lp = l.data() + p * kMixChunk;
           const T* __restrict__ a = attention + at;
@@ -532,67 +529,81 @@ void least_used_mix(const T* attention, const T* gates, int64_t J, int64_t P, in
           T* __restrict__ lw = least + at;
           T* __restrict__ fw = final_weights + at;
           for (int64_t bb = 0; bb < n; ++bb) {
-            before[bb] = up[bb];
-            lw[bb] = lp[bb];
-            const T value = (T(1) - g[bb]) * a[bb] + g[bb] * lp[bb];
-            fw[bb] = value;
+            before[bb * sb] = up[bb];
+            lw[bb * sb] = lp[bb];
+            const T value = (T(1) - g[bb * gb]) * a[bb * sb] + g[bb * gb] * lp[bb];
+            fw[bb * sb] = value;
             up[bb] = std::max(up[bb], value);
           }
         }
       }
+      if (usage_after)
+        for (int64_t bb = 0; bb < n; ++bb)
+          for (int64_t p = 0; p < P; ++p) usage_after[(j * B + b0 + bb) * P + p] = u[p * kMixChunk + bb];
     }
   });
 }
 
-// The backward of least_used_mix: from d loss / d final weights (J, P, R, B) to d loss / d
-// attention (same layout, written over grad_final) and d loss / d gates (J R, B), with autograd's
-// rules for the Python loop as least_used_read_backward.
+// The backward of least_used_mix: from d loss / d final weights (the weights' layout) and,
+// optionally, d loss / d usage after the last component ((J, B, P)) to d loss / d attention
+// (written over grad_final) and d loss / d gates (the gates' layout). Reverse order over the
+// components, carrying d loss / d usage, with autograd's rules for the Python loop:
+// torch.maximum splits a tie's gradient in half; clamp_min passes it where 1 - usage >= eps; the
+// chosen slots (a sort) pass none.
 template <typename T>
 void least_used_mix_backward(const T* attention, const T* gates, const T* final_weights, const T* usage_before,
-                             const T* least, int64_t J, int64_t P, int64_t R, int64_t B, T* grad_final,
-                             T* grad_gates) {
+                             const T* least, int64_t J, int64_t P, int64_t R, int64_t B, MixLayout layout,
+                             T* grad_final, T* grad_gates, const T* grad_usage_after = nullptr) {
   const int64_t chunks = (B + kMixChunk - 1) / kMixChunk;
+  const int64_t sb = layout.sample, gb = layout.gate_sample;
   at::parallel_for(0, J * chunks, 1, [=](int64_t begin, int64_t end) {
     std::vector<T> grad_u(P * kMixChunk), grad_prev(P * kMixChunk), grad_w(P * kMixChunk);
     T grad_gate[kMixChunk], weighted[kMixChunk], total[kMixChunk];
     for (int64_t task = begin; task < end; ++task) {
       const int64_t j = task / chunks, b0 = (task % chunks) * kMixChunk, n = std::min(kMixChunk, B - b0);
       std::fill(grad_u.begin(), grad_u.end(), T(0));
+      if (grad_usage_after)
+        for (int64_t bb = 0; bb < n; ++bb)
+          for (int64_t p = 0; p < P; ++p) grad_u[p * kMixChunk + bb] = grad_usage_after[(j * B + b0 + bb) * P + p];
       for (int64_t r = R - 1; r >= 0; --r) {
-        const T* g = gates + (j * R + r) * B + b0;
+        const int64_t gate_at = j * layout.gate_bank + r * layout.gate_component + b0 * gb;
+        const T* g = gates + gate_at;
         std::fill(grad_gate, grad_gate + kMixChunk, T(0));
         std::fill(weighted, weighted + kMixChunk, T(0));
         std::fill(total, total + kMixChunk, T(0));
         for (int64_t p = 0; p < P; ++p) {
-          const int64_t at = ((j * P + p) * R + r) * B + b0;
+          const int64_t at = j * layout.bank + r * layout.component + p * layout.slot + b0 * sb;
           T* gu = grad_u.data() + p * kMixChunk;
           T* gp = grad_prev.data() + p * kMixChunk;
           T* gw = grad_w.data() + p * kMixChunk;
           for (int64_t bb = 0; bb < n; ++bb) {
+            const int64_t e = at + bb * sb;
             // usage after = maximum(usage before, w): a tie splits the gradient in half.
-            const T carried = gu[bb], before = usage_before[at + bb], w = final_weights[at + bb];
+            const T carried = gu[bb], before = usage_before[e], w = final_weights[e];
             if (before > w) { gp[bb] = carried; gw[bb] = 0; }
             else if (before < w) { gp[bb] = 0; gw[bb] = carried; }
             else { gp[bb] = carried / 2; gw[bb] = carried / 2; }
-            gw[bb] += grad_final[at + bb];
-            const T l = least[at + bb];
-            grad_gate[bb] += gw[bb] * (l - attention[at + bb]);
-            grad_final[at + bb] = (T(1) - g[bb]) * gw[bb];
+            gw[bb] += grad_final[e];
+            const T l = least[e], gate = g[bb * gb];
+            grad_gate[bb] += gw[bb] * (l - attention[e]);
+            grad_final[e] = (T(1) - gate) * gw[bb];
             if (l != 0) {
               total[bb] += std::max(T(1) - before, T(kEps));
-              weighted[bb] += g[bb] * gw[bb] * l;
+              weighted[bb] += gate * gw[bb] * l;
             }
           }
         }
-        for (int64_t bb = 0; bb < n; ++bb) grad_gates[(j * R + r) * B + b0 + bb] = grad_gate[bb];
+        for (int64_t bb = 0; bb < n; ++bb) grad_gates[gate_at + bb * gb] = grad_gate[bb];
         // l = raw / sum(raw), raw = max(1 - usage before, eps) on the chosen slots.
         for (int64_t p = 0; p < P; ++p) {
-          const int64_t at = ((j * P + p) * R + r) * B + b0;
+          const int64_t at = j * layout.bank + r * layout.component + p * layout.slot + b0 * sb;
           T* gp = grad_prev.data() + p * kMixChunk;
           const T* gw = grad_w.data() + p * kMixChunk;
-          for (int64_t bb = 0; bb < n; ++bb)
-            if (least[at + bb] != 0 && T(1) - usage_before[at + bb] >= T(kEps))
-              gp[bb] -= (g[bb] * gw[bb] - weighted[bb]) / total[bb];
+          for (int64_t bb = 0; bb < n; ++bb) {
+            const int64_t e = at + bb * sb;
+            if (least[e] != 0 && T(1) - usage_before[e] >= T(kEps))
+              gp[bb] -= (g[bb * gb] * gw[bb] - weighted[bb]) / total[bb];
+          }
         }
         std::swap(grad_u, grad_prev);
       }
@@ -651,7 +662,7 @@ void read_forward(const void* query_rows, const Tensor& unit_keys, const Tensor&
     const scalar_t* composed = weights.data_ptr<scalar_t>();
     if (least_used) {
       least_used_mix<scalar_t>(weights.data_ptr<scalar_t>(), least_used->gates.data_ptr<scalar_t>(), J, P, R, B,
-                               least_used->m, least_used->final_weights.data_ptr<scalar_t>(),
+                               least_used->m, read_layout(P, R, B), least_used->final_weights.data_ptr<scalar_t>(),
                                least_used->usage_before.data_ptr<scalar_t>(), least_used->least.data_ptr<scalar_t>());
       composed = least_used->final_weights.data_ptr<scalar_t>();
     }
@@ -731,8 +742,8 @@ std::tuple<Tensor, Tensor, Tensor> read_backward(
       });
       least_used_mix_backward<scalar_t>(weights.data_ptr<scalar_t>(), least_used->gates.data_ptr<scalar_t>(),
                                         composed.data_ptr<scalar_t>(), least_used->usage_before.data_ptr<scalar_t>(),
-                                        least_used->least.data_ptr<scalar_t>(), J, P, R, B, grad_read_ptr,
-                                        grad_gates.data_ptr<scalar_t>());
+                                        least_used->least.data_ptr<scalar_t>(), J, P, R, B, read_layout(P, R, B),
+                                        grad_read_ptr, grad_gates.data_ptr<scalar_t>());
     }
     attend_backward<scalar_t>(
         weights.data_ptr<scalar_t>(), unit_queries.data_ptr<scalar_t>(), query_norm.data_ptr<scalar_t>(),
@@ -994,129 +1005,47 @@ std::vector<Tensor> fused_read_backward(const std::optional<Tensor>& grad_y_in, 
 
 
 // ------------------------------------------------------------------ least-used reading
-// neurocoder.reading.read_with_least_used for CPU tensors: attention (J, B, R, P) and gates
-// (J, B, R) -> weights (J, B, R, P) and usage (J, B, P). Each (bank, sample) row runs its R
-// components in order: w_n = (1 - g_n) a_n + g_n l_n, with l_n the least-used weight of the usage
-// before n (the m slots of smallest usage, ties to the lower index, as a stable sort takes them;
-// weight proportional to max(1 - usage, eps)), then usage = max(usage, w_n). The Python loop
-// issues ~10 operations per component forward and ~20 backward; here each row is one pass.
-// Saved for the backward: the usage before each component and each l_n, (J, B, R, P) each.
-
+// neurocoder.reading.read_with_least_used for CPU tensors (the composable path: traces,
+// fused=False): attention (J, B, R, P) and gates (J, B, R) -> weights (J, B, R, P) and usage
+// (J, B, P), through least_used_mix on reading_layout. The Python loop issues ~10 operations per
+// component forward and ~20 backward. Saved for the backward: the usage before each component and
+// each least-used weight, (J, B, R, P) each.
 std::vector<Tensor> least_used_read_forward(const Tensor& attention_in, const Tensor& gates_in, int64_t m) {
   const Tensor attention = attention_in.contiguous(), gates = gates_in.contiguous();
   TORCH_CHECK(attention.dim() == 4 && gates.dim() == 3 && gates.size(0) == attention.size(0) &&
               gates.size(1) == attention.size(1) && gates.size(2) == attention.size(2),
               "least_used_read_forward: attention (J, B, R, P) and gates (J, B, R) expected, got ",
               attention.sizes(), " and ", gates.sizes());
-  const int64_t rows = attention.size(0) * attention.size(1), R = attention.size(2), P = attention.size(3);
+  const int64_t J = attention.size(0), B = attention.size(1), R = attention.size(2), P = attention.size(3);
   TORCH_CHECK(m >= 1 && m <= P, "least_used_read_forward: least_used must be in [1, ", P, "], got ", m);
   Tensor weights = at::empty_like(attention), usage_before = at::empty_like(attention);
-  Tensor least = at::empty_like(attention);
-  Tensor usage = at::empty({attention.size(0), attention.size(1), P}, attention.options());
+  Tensor least = at::empty_like(attention), usage = at::empty({J, B, P}, attention.options());
   AT_DISPATCH_FLOATING_TYPES(attention.scalar_type(), "least_used_read_forward", [&] {
-    const scalar_t* a = attention.data_ptr<scalar_t>();
-    const scalar_t* g = gates.data_ptr<scalar_t>();
-    scalar_t* w = weights.data_ptr<scalar_t>();
-    scalar_t* before = usage_before.data_ptr<scalar_t>();
-    scalar_t* l = least.data_ptr<scalar_t>();
-    scalar_t* u_out = usage.data_ptr<scalar_t>();
-    at::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) {
-      std::vector<scalar_t> u(P);
-      std::vector<int64_t> order;
-      for (int64_t row = begin; row < end; ++row) {
-        std::fill(u.begin(), u.end(), scalar_t(0));
-        for (int64_t n = 0; n < R; ++n) {
-          const int64_t at_n = (row * R + n) * P;
-          std::copy(u.begin(), u.end(), before + at_n);
-          least_used_slots(u.data(), P, m, order);
-          scalar_t* ln = l + at_n;
-          std::fill(ln, ln + P, scalar_t(0));
-          scalar_t total = 0;
-          for (int64_t i = 0; i < m; ++i) {
-            const int64_t p = order[i];
-            ln[p] = std::max(scalar_t(1) - u[p], scalar_t(kEps));
-            total += ln[p];
-          }
-          for (int64_t i = 0; i < m; ++i) ln[order[i]] /= total;
-          const scalar_t gate = g[row * R + n];
-          for (int64_t p = 0; p < P; ++p) {
-            const scalar_t value = (scalar_t(1) - gate) * a[at_n + p] + gate * ln[p];
-            w[at_n + p] = value;
-            u[p] = std::max(u[p], value);
-          }
-        }
-        std::copy(u.begin(), u.end(), u_out + row * P);
-      }
-    });
+    least_used_mix<scalar_t>(attention.data_ptr<scalar_t>(), gates.data_ptr<scalar_t>(), J, P, R, B, m,
+                             reading_layout(P, R, B), weights.data_ptr<scalar_t>(), usage_before.data_ptr<scalar_t>(),
+                             least.data_ptr<scalar_t>(), usage.data_ptr<scalar_t>());
   });
   return {weights, usage, usage_before, least};
 }
 
 // Gradients of attention and gates from those of weights and usage (either may be undefined).
-// Reverse order over the components, carrying d loss / d usage. Follows autograd's rules for the
-// Python loop: torch.maximum splits a tie's gradient in half; clamp_min passes it where
-// 1 - usage >= eps; the chosen slots (a sort) pass none.
 std::vector<Tensor> least_used_read_backward(const std::optional<Tensor>& grad_weights_in,
                                              const std::optional<Tensor>& grad_usage_in, const Tensor& attention_in,
                                              const Tensor& gates_in, const Tensor& weights, const Tensor& usage_before,
                                              const Tensor& least) {
   const Tensor attention = attention_in.contiguous(), gates = gates_in.contiguous();
-  const int64_t rows = attention.size(0) * attention.size(1), R = attention.size(2), P = attention.size(3);
-  Tensor grad_weights = grad_weights_in.has_value() ? grad_weights_in->contiguous() : Tensor();
+  const int64_t J = attention.size(0), B = attention.size(1), R = attention.size(2), P = attention.size(3);
+  // The attention's gradient is written over a copy of the weights' (zeros without one).
+  Tensor grad_attention = grad_weights_in.has_value() ? grad_weights_in->contiguous().clone()
+                                                      : at::zeros_like(attention);
   Tensor grad_usage = grad_usage_in.has_value() ? grad_usage_in->contiguous() : Tensor();
-  Tensor grad_attention = at::empty_like(attention), grad_gates = at::empty_like(gates);
+  Tensor grad_gates = at::empty_like(gates);
   AT_DISPATCH_FLOATING_TYPES(attention.scalar_type(), "least_used_read_backward", [&] {
-    const scalar_t* a = attention.data_ptr<scalar_t>();
-    const scalar_t* g = gates.data_ptr<scalar_t>();
-    const scalar_t* w = weights.data_ptr<scalar_t>();
-    const scalar_t* before = usage_before.data_ptr<scalar_t>();
-    const scalar_t* l = least.data_ptr<scalar_t>();
-    const scalar_t* gw_in = grad_weights.defined() ? grad_weights.data_ptr<scalar_t>() : nullptr;
-    const scalar_t* gu_in = grad_usage.defined() ? grad_usage.data_ptr<scalar_t>() : nullptr;
-    scalar_t* ga = grad_attention.data_ptr<scalar_t>();
-    scalar_t* gg = grad_gates.data_ptr<scalar_t>();
-    at::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) {
-      std::vector<scalar_t> grad_u(P), grad_prev(P), grad_w(P);
-      for (int64_t row = begin; row < end; ++row) {
-        if (gu_in) std::copy(gu_in + row * P, gu_in + (row + 1) * P, grad_u.begin());
-        else std::fill(grad_u.begin(), grad_u.end(), scalar_t(0));
-        for (int64_t n = R - 1; n >= 0; --n) {
-          const int64_t at_n = (row * R + n) * P;
-          const scalar_t* u_prev = before + at_n;
-          const scalar_t* wn = w + at_n;
-          const scalar_t* ln = l + at_n;
-          // usage_n = maximum(usage_{n-1}, w_n)
-          for (int64_t p = 0; p < P; ++p) {
-            const scalar_t carried = grad_u[p];
-            if (u_prev[p] > wn[p]) { grad_prev[p] = carried; grad_w[p] = 0; }
-            else if (u_prev[p] < wn[p]) { grad_prev[p] = 0; grad_w[p] = carried; }
-            else { grad_prev[p] = carried / 2; grad_w[p] = carried / 2; }
-            if (gw_in) grad_w[p] += gw_in[at_n + p];
-          }
-          // w_n = (1 - g) a_n + g l_n
-          const scalar_t gate = g[row * R + n];
-          scalar_t grad_gate = 0, weighted = 0, total = 0;
-          for (int64_t p = 0; p < P; ++p) {
-            ga[at_n + p] = (scalar_t(1) - gate) * grad_w[p];
-            grad_gate += grad_w[p] * (ln[p] - a[at_n + p]);
-          }
-          gg[row * R + n] = grad_gate;
-          // l_n = raw / sum(raw), raw = chosen x max(1 - usage_{n-1}, eps): d raw_p = gl_p / S - sum(gl raw) / S^2
-          for (int64_t p = 0; p < P; ++p) {
-            if (ln[p] != 0) {
-              const scalar_t raw = std::max(scalar_t(1) - u_prev[p], scalar_t(kEps));
-              total += raw;
-              weighted += gate * grad_w[p] * ln[p];
-            }
-          }
-          for (int64_t p = 0; p < P; ++p) {
-            if (ln[p] != 0 && scalar_t(1) - u_prev[p] >= scalar_t(kEps))
-              grad_prev[p] -= (gate * grad_w[p] - weighted) / total;
-          }
-          std::swap(grad_u, grad_prev);
-        }
-      }
-    });
+    least_used_mix_backward<scalar_t>(attention.data_ptr<scalar_t>(), gates.data_ptr<scalar_t>(),
+                                      weights.data_ptr<scalar_t>(), usage_before.data_ptr<scalar_t>(),
+                                      least.data_ptr<scalar_t>(), J, P, R, B, reading_layout(P, R, B),
+                                      grad_attention.data_ptr<scalar_t>(), grad_gates.data_ptr<scalar_t>(),
+                                      grad_usage.defined() ? grad_usage.data_ptr<scalar_t>() : nullptr);
   });
   return {grad_attention, grad_gates};
 }
