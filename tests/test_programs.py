@@ -554,6 +554,54 @@ def test_shift_runs_with_the_transition_context(monkeypatch):
     assert set(contexts) == {torch.Size([16, 16])}
 
 
+def test_shift_inputs_give_the_layer_its_input_and_the_composer_its_context():
+    """shift_input / shift_input_constant / shift_context='cue' | 'states+cue': exact contents."""
+    history = torch.randn(5, 3 * 4)
+    cfg = ProgramConfig(task="shift")
+    layer_input, context = program_trainer.shift_inputs(history, 2, 4, 3, cfg)
+    torch.testing.assert_close(layer_input, history[:, -4:])
+    torch.testing.assert_close(context, history)
+    cfg = ProgramConfig(task="shift", shift_input="history", shift_input_constant=True, shift_context="cue")
+    layer_input, context = program_trainer.shift_inputs(history, 2, 4, 3, cfg)
+    torch.testing.assert_close(layer_input, torch.cat([history, torch.ones(5, 1)], 1))
+    torch.testing.assert_close(context, torch.tensor([[0.0, 0.0, 1.0]]).expand(5, 3))
+    cfg = ProgramConfig(task="shift", shift_input_constant=True, shift_context="states+cue")
+    layer_input, context = program_trainer.shift_inputs(history, 0, 4, 3, cfg)
+    torch.testing.assert_close(layer_input, torch.cat([history[:, -4:], torch.ones(5, 1)], 1))
+    torch.testing.assert_close(context, torch.cat([history, torch.tensor([[1.0, 0.0, 0.0]]).expand(5, 3)], 1))
+    with pytest.raises(ValueError, match="shift_input='all'"):
+        ProgramConfig(task="shift", shift_input="all").check()
+    with pytest.raises(ValueError, match="shift_input_constant=True set for task='reuse'"):
+        ProgramConfig(task="reuse", shift_input_constant=True).check()
+
+
+def test_shift_cue_names_the_program_that_makes_each_target(monkeypatch):
+    """The cue at step t is the program of the target the model predicts at t (so it changes
+    at the switch itself), and both models are built for the input and context they get."""
+    original = program_trainer.shift_stream
+    monkeypatch.setattr(program_trainer, "shift_stream", lambda seed, **options: original(seed, segment=30, cycles=2, **options))
+    built, cues = [], []
+    build = program_trainer.build_program_model
+
+    def spy_build(kind, in_features, out_features, context_features, nc_options):
+        built.append((in_features, context_features))
+        model = build(kind, in_features, out_features, context_features, nc_options)
+        forward = model.forward
+        model.forward = lambda x, context=None: cues.append(context[0].argmax().item()) or forward(x, context)
+        return model
+
+    monkeypatch.setattr(program_trainer, "build_program_model", spy_build)
+    for model in ("nc-ff", "mlp"):
+        cues.clear()
+        cfg = ProgramConfig(task="shift", model=model, seeds=1, shift_context="cue", shift_input="history",
+                            shift_input_constant=True)
+        result = program_trainer._shift(cfg, 100, torch.Generator().manual_seed(0))
+        assert torch.isfinite(torch.tensor(result["errors"])).all()
+        stream = original(100, segment=30, cycles=2)
+        assert cues == stream.program.tolist()
+    assert built == [(13, 3), (13, 3)]
+
+
 def test_shift_error_curve_averages_the_steps_after_each_switch(tmp_path, capsys):
     """scripts/shift_error_curve.py (programs notes): the mean error at each offset after the
     switches to a recurring program (or, --first, to a new one), over switches and seeds."""

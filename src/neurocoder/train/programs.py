@@ -11,7 +11,7 @@ Tasks (``PROGRAM_TASKS``; generators in :mod:`neurocoder.data.programs`):
   versus pairs that share none.
 * ``shift``: an online stream (one update per step, on a batch of 16 parallel sequences) whose
   program switches every 300 steps, cycling through 3 programs three times. Input: the current
-  state; context: the last 3 states. Measures: the error just after each switch, the recovery
+  state (``shift_input``); context: the last 3 states (``shift_context``). Measures: the error just after each switch, the recovery
   time (steps until the 10-step moving average of the relative error falls below 0.1), for first
   appearances and for recurrences of a program.
 * ``remember``: learn program A, then B (inputs from separate clusters); the error on A before
@@ -43,7 +43,8 @@ from neurocoder.experiments.program_models import (PROGRAM_MODELS, build_program
                                                    regularization, routing_maps, routing_parameters)
 from neurocoder.runs import RunFolder, atomic_write_text, changed_settings, finished_seeds
 
-__all__ = ["ProgramConfig", "run_programs", "PROGRAM_TASKS", "normalised_mutual_information", "task_seed", "shift_context"]
+__all__ = ["ProgramConfig", "run_programs", "PROGRAM_TASKS", "normalised_mutual_information", "task_seed", "shift_context",
+           "shift_inputs"]
 
 PROGRAM_TASKS = {
     "modular": "K hidden regimes, each with its own low-rank program; regime inferable from the input",
@@ -54,7 +55,8 @@ PROGRAM_TASKS = {
 ONLINE_OPTIMIZERS = {"adam": torch.optim.Adam, "sgd": torch.optim.SGD}
 RECOVERY_THRESHOLD = 0.1     # relative error a model must get back under after a switch
 RECOVERY_SMOOTHING = 10      # steps in the moving average
-SHIFT_CONTEXTS = ("states", "transitions")
+SHIFT_CONTEXTS = ("states", "transitions", "cue", "states+cue")
+SHIFT_INPUTS = ("state", "history")
 
 
 @dataclass
@@ -79,7 +81,16 @@ class ProgramConfig:
     # last states; or 'transitions', the sum over successive pairs of x_{t+1} x_t^T (d x d), whose
     # expectation over states on the sphere is the running program up to a scale: a context that
     # names the program on the default stream, where the states alone do not (see shift_context).
+    # 'cue': a one-hot of the program that made the target (the stream names its program, as the
+    # reuse task's cue names its pieces); 'states+cue': the last states and the cue. A probe that
+    # separates telling programs apart from keeping them (see docs/notes/programs.md, session 31).
     shift_context: str = "states"
+    # shift: the layer's input: 'state', the current state (d); 'history', the last states
+    # (history x d, the same states the default context holds). shift_input_constant appends a
+    # constant 1 to it, so that a composed weight can carry a program's own offset (with centres,
+    # x_{t+1} = A_k x_t + (I - A_k) c_k is affine; a layer's bias is shared by every program).
+    shift_input: str = "state"
+    shift_input_constant: bool = False
     # The learning rate of the parameters that choose what is read (composer and keys; NSM's query
     # and keys; MoE's gate; the MLP's hidden layer as a control), relative to the rest.
     routing_lr_scale: float = 1.0
@@ -110,11 +121,13 @@ class ProgramConfig:
             problems.append(f"shift_centre_spread={self.shift_centre_spread} (must be >= 0)")
         if self.shift_context not in SHIFT_CONTEXTS:
             problems.append(f"shift_context={self.shift_context!r} (choose {sorted(SHIFT_CONTEXTS)})")
+        if self.shift_input not in SHIFT_INPUTS:
+            problems.append(f"shift_input={self.shift_input!r} (choose {sorted(SHIFT_INPUTS)})")
         # Settings the chosen task never reads: refused, so a run folder never records one as if
         # it had applied.
         if self.task != "shift":
             ignored = changed_settings(self, ("online_lr", "online_optimizer", "shift_centre_spread", "shift_context",
-                                              "routing_optimizer"))
+                                              "shift_input", "shift_input_constant", "routing_optimizer"))
             if ignored:
                 problems.append(f"{ignored} set for task={self.task!r}: these settings apply to the online "
                                 f"stream of task 'shift' only (drop them, or use program-shift)")
@@ -232,6 +245,23 @@ def shift_context(history: torch.Tensor, dim: int) -> torch.Tensor:
     return torch.einsum("bti,btj->bij", states[:, 1:], states[:, :-1]).flatten(1)
 
 
+def shift_inputs(history: torch.Tensor, program: int, dim: int, num_programs: int, cfg: "ProgramConfig"
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The layer's input and context at one step of the shift stream.
+
+    history: (B, H x d) the last H states, oldest first; program: the index of the program that
+    makes the target. Returns (input (B, d or H x d, + 1 with shift_input_constant), context
+    (B, H x d states, d x d transitions, K cue, or H x d + K states+cue))."""
+    batch = history.shape[0]
+    layer_input = history if cfg.shift_input == "history" else history[:, -dim:]
+    if cfg.shift_input_constant:
+        layer_input = torch.cat([layer_input, history.new_ones(batch, 1)], dim=1)
+    cue = F.one_hot(torch.tensor(program), num_programs).to(history.dtype).expand(batch, num_programs)
+    context = {"states": lambda: history, "transitions": lambda: shift_context(history, dim), "cue": lambda: cue,
+               "states+cue": lambda: torch.cat([history, cue], dim=1)}[cfg.shift_context]()
+    return layer_input, context
+
+
 def _recovery(errors: list[float], start: int, segment: int) -> int:
     """Steps after ``start`` until the moving average of ``errors`` is below the threshold
     (``segment`` if it never gets there within the segment)."""
@@ -282,18 +312,17 @@ def _online_optimizer(model, cfg):
 def _shift(cfg, seed, generator) -> dict:
     stream = shift_stream(seed, centre_spread=cfg.shift_centre_spread)
     dim = stream.states.shape[-1]
-    transitions = cfg.shift_context == "transitions"
-    model = build_program_model(cfg.model, dim, dim, dim * dim if transitions else dim * stream.history,
-                                cfg.nc_options)
+    num_programs = len(stream.programs)
+    window, _ = stream.window(0)
+    layer_input, context = shift_inputs(window, int(stream.program[0]), dim, num_programs, cfg)
+    model = build_program_model(cfg.model, layer_input.shape[1], dim, context.shape[1], cfg.nc_options)
     optimizer = _online_optimizer(model, cfg)
     errors = []
     model.train()
     for t in range(len(stream.program)):
-        context, target = stream.window(t)
-        current = context[:, -dim:]
-        if transitions:
-            context = shift_context(context, dim)
-        prediction = model(current, context)
+        history, target = stream.window(t)
+        layer_input, context = shift_inputs(history, int(stream.program[t]), dim, num_programs, cfg)
+        prediction = model(layer_input, context)
         loss = F.mse_loss(prediction, target)
         errors.append((loss.detach() / target.pow(2).mean()).item())   # measured before the update
         loss = loss + _penalties(model, cfg)
