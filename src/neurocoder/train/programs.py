@@ -11,9 +11,9 @@ Tasks (``PROGRAM_TASKS``; generators in :mod:`neurocoder.data.programs`):
   versus pairs that share none.
 * ``shift``: an online stream (one update per step, on a batch of 16 parallel sequences) whose
   program switches every 300 steps, cycling through 3 programs three times. Input: the current
-  state (``shift_input``); context: the last 3 states (``shift_context``). Measures: the error just after each switch, the recovery
-  time (steps until the 10-step moving average of the relative error falls below 0.1), for first
-  appearances and for recurrences of a program.
+  state (``shift_input``); context: the last 3 states (``shift_context``). Measures: the error
+  just after each switch, the recovery time (steps until the 10-step moving average of the
+  relative error falls below 0.1), for first appearances and for recurrences of a program.
 * ``remember``: learn program A, then B (inputs from separate clusters); the error on A before
   and after learning B.
 
