@@ -626,3 +626,38 @@ def test_shift_error_curve_averages_the_steps_after_each_switch(tmp_path, capsys
     assert "2.00 2.00  (sum 4.00; 4 switches)" in capsys.readouterr().out
     with pytest.raises(SystemExit, match="no seeds/seed"):
         script.curve(tmp_path, steps=2)
+
+
+@pytest.mark.parametrize("context", ["cue", "states"])
+def test_shift_reads_probe_runs_the_trainers_loop(monkeypatch, context):
+    """scripts/probe_shift_reads.py (programs notes, session 32): its loop is the trainer's, so
+    every step's error equals run_programs' for the same seed and stream; with the cue every
+    sample of a batch has the same context and so reads exactly the batch mean; the cosines are
+    taken once per recurring switch at each offset inside a segment."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(
+        "probe_shift_reads", Path(__file__).resolve().parents[1] / "scripts" / "probe_shift_reads.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    short = lambda seed, **options: shift_stream(seed, segment=30, cycles=2, **options)  # noqa: E731
+    monkeypatch.setattr(script, "shift_stream", short)
+    monkeypatch.setattr(program_trainer, "shift_stream", short)
+    cfg = ProgramConfig(task="shift", model="nc-ff", seeds=1, seed=3, shift_centre_spread=2.0,
+                        shift_input_constant=True, orthogonality_weight=0.0, shift_context=context,
+                        online_optimizer="adam", online_lr=0.007, routing_lr_scale=0.1,
+                        nc_options=dict(num_programs=8, sharpness=10, key_mode="learned", bias=False))
+    cosines, errors_at, within, errors = script.probe_stream(cfg, seed=3, index=0)
+    torch.manual_seed(3000)
+    trainer = program_trainer._shift(cfg, program_trainer.task_seed(3, 0), torch.Generator().manual_seed(0))
+    assert errors == trainer["errors"]
+    stream = short(program_trainer.task_seed(3, 0), centre_spread=2.0)
+    recurring = len(stream.switches) + 1 - len(stream.programs)
+    assert sorted(cosines) == [0, 1, 2, 3, 4, 8, 16]
+    assert all(len(values) == recurring for values in cosines.values())
+    assert errors_at[8] == [errors[start + 8] for start in stream.switches[len(stream.programs) - 1:]]
+    assert all(-1 - 1e-6 <= c <= 1 + 1e-6 for values in cosines.values() for c in values)
+    if context == "cue":
+        assert min(within) > 1 - 1e-5
+    else:
+        assert min(within) < 1 - 1e-4
