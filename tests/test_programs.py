@@ -254,6 +254,33 @@ def test_report_names_the_settings_that_set_a_row_apart_from_the_defaults(tmp_pa
     assert "| Neurocoder, feed-forward (nc_options.rank=6, routing_lr_scale=0.3) | 7 |" in table
 
 
+def test_figure_legend_names_only_the_settings_the_plotted_runs_differ_in(tmp_path):
+    """The shift figure's legend: each model and the settings in which the plotted runs differ,
+    not the settings they share (those stay in the table's labels); runs that would read alike
+    keep their full labels."""
+    from neurocoder.report_programs import _figure_labels, _model_label, _program_runs, program_tables
+
+    shared = {"shift_centre_spread": 2.0, "shift_input_constant": True, "nc_options": {"num_programs": 64}}
+    runs = []
+    for name, model, extra in (("nc", "nc-ff", {"online_lr": 0.007, "shift_context": "cue"}),
+                               ("mlp-cue", "mlp", {"online_lr": 0.01, "shift_context": "cue"}),
+                               ("mlp-states", "mlp", {"online_lr": 0.01, "shift_context": "states"})):
+        (tmp_path / name).mkdir()
+        runs.append({"path": str(tmp_path / name),
+                     "config": {"kind": "programs", "task": "shift", "model": model, **shared, **extra},
+                     "parameters": 7, "seeds": 1, "summary": {"recovery_recurring": {"mean": 5.0, "std": 0.0}}})
+    members = _program_runs(runs)["shift"]
+    legend = sorted(_figure_labels(members).values())
+    assert legend == ['MLP (same size) (online_lr=0.01, shift_context="cue")',
+                      'MLP (same size) (online_lr=0.01, shift_context="states")',
+                      'Neurocoder, feed-forward (online_lr=0.007, shift_context="cue")']
+    assert "shift_input_constant=true" in program_tables(runs)         # the table still names them
+    twins = {label: members[label] for label in list(members)[1:]}
+    for run in twins.values():
+        run["config"]["shift_context"] = "cue"
+    assert sorted(_figure_labels(twins).values()) == sorted(_model_label(label) for label in twins)
+
+
 def test_report_names_what_a_run_started_from_python_changed_over_the_defaults(tmp_path):
     """A run folder made through the Python API names no preset: its row is labelled by the
     settings in which it differs from ProgramConfig's defaults (bookkeeping such as threads and

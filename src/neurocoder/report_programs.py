@@ -6,7 +6,7 @@ import json
 from dataclasses import asdict
 from pathlib import Path
 
-from .report_common import group_runs, member_order
+from .report_common import _BOOKKEEPING, differing_settings, first_distinct, group_runs, member_order
 
 __all__ = ["program_tables", "program_figures"]
 
@@ -66,6 +66,20 @@ def program_tables(runs: list[dict]) -> str:
     return "\n".join(parts)
 
 
+def _figure_labels(members: dict[str, dict]) -> dict[str, str]:
+    """Legend labels for a figure over several runs: each model's name and only the settings in
+    which the plotted runs differ. The tables keep the full labels (every setting ``--set``
+    changed); in a legend, settings every run shares made labels of 200 characters that squeezed
+    the plot to a strip. Where two short labels would read alike, the full ones."""
+    from .train.programs import ProgramConfig
+    labels = list(members)
+    skip = set(_BOOKKEEPING) | {"model", "seed", "seeds"}
+    differing = differing_settings([members[label]["config"] for label in labels], skip, asdict(ProgramConfig()))
+    short = [_model_label(label.partition(" (")[0]) + (f" ({shown})" if shown else "")
+             for label, shown in zip(labels, differing)]
+    return dict(zip(labels, first_distinct([short, [_model_label(label) for label in labels]])))
+
+
 def _seeds(run: dict) -> list[dict]:
     return [json.loads(p.read_text()) for p in sorted((Path(run["path"]) / "seeds").glob("seed-*.json"))]
 
@@ -87,9 +101,10 @@ def program_figures(runs: list[dict], out: Path) -> list[Path]:
     shift = {m: _seeds(r) for m, r in groups.get("shift", {}).items()}
     shift = {m: seeds for m, seeds in shift.items() if seeds}
     if shift:
+        legend = _figure_labels({m: groups["shift"][m] for m in shift})
         # Several settings, or labels that name their settings: the legend goes under the plot
         # (inside it, long labels ran off the figure's edge).
-        long_labels = max(len(_model_label(m)) for m in shift) > 40
+        long_labels = max(len(label) for label in legend.values()) > 40
         many = len(shift) > 5 or long_labels
         fig, ax = plt.subplots(figsize=(10, 3.8))
         switches = []
@@ -98,7 +113,7 @@ def program_figures(runs: list[dict], out: Path) -> list[Path]:
             errors = np.array([s["errors"] for s in seeds])                 # (seeds, steps)
             smooth = np.apply_along_axis(lambda e: np.convolve(e, np.ones(10) / 10, mode="same"), 1, errors)
             mean = smooth.mean(0)
-            line, = ax.plot(mean, label=_model_label(model), lw=1)
+            line, = ax.plot(mean, label=legend[model], lw=1)
             ax.fill_between(range(len(mean)), smooth.min(0), smooth.max(0), alpha=0.12, color=line.get_color())
             switches = seeds[0]["switches"]
         for s in switches:
