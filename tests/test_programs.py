@@ -281,6 +281,25 @@ def test_figure_legend_names_only_the_settings_the_plotted_runs_differ_in(tmp_pa
     assert sorted(_figure_labels(twins).values()) == sorted(_model_label(label) for label in twins)
 
 
+def test_labels_do_not_name_an_option_group_left_unset(tmp_path):
+    """A run that left ``nc_options`` unset (None: the model's own options) beside runs that set
+    some: labels name the options that differ (``nc_options.rank=6``), never ``nc_options=null``."""
+    from neurocoder.report_programs import _figure_labels, _program_runs, program_tables
+
+    runs = []
+    for name, model, extra in (("mlp", "mlp", {"nc_options": None}), ("nc", "nc-ff", {"nc_options": None}),
+                               ("nc-rank", "nc-ff", {"nc_options": {"rank": 6}})):
+        (tmp_path / name).mkdir()
+        runs.append({"path": str(tmp_path / name),
+                     "config": {"kind": "programs", "task": "shift", "model": model, "online_lr": 0.01, **extra},
+                     "parameters": 7, "seeds": 1, "summary": {"recovery_recurring": {"mean": 5.0, "std": 0.0}}})
+    members = _program_runs(runs)["shift"]
+    legend = sorted(_figure_labels(members).values())
+    assert legend == ["MLP (same size)", "Neurocoder, feed-forward",
+                      "Neurocoder, feed-forward (nc_options.rank=6)"]
+    assert "null" not in program_tables(runs) + " ".join(members)
+
+
 def test_report_names_what_a_run_started_from_python_changed_over_the_defaults(tmp_path):
     """A run folder made through the Python API names no preset: its row is labelled by the
     settings in which it differs from ProgramConfig's defaults (bookkeeping such as threads and

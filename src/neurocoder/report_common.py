@@ -33,10 +33,20 @@ def flat_settings(config: dict, skip: set[str] | frozenset = frozenset()) -> dic
     return flat
 
 
+def _open_empty_groups(configs: list[dict]) -> list[dict]:
+    """``configs`` with an option group left as None (``nc_options=None``: no options given, the
+    model's own) written as {}, where another config holds that group as a dict, so that a label
+    names the options that differ rather than ``nc_options=null``."""
+    groups = {key for config in configs for key, value in config.items() if isinstance(value, dict)}
+    return [{key: ({} if value is None and key in groups else value) for key, value in config.items()}
+            for config in configs]
+
+
 def _differing_parts(configs: list[dict], skip: set[str] | frozenset = frozenset(),
                      defaults: dict | None = None) -> list[list[str]]:
     """:func:`differing_settings` as lists of ``key=value`` strings."""
-    flat = [flat_settings({**(defaults or {}), **c}, skip) for c in configs]
+    flat = [flat_settings(config, skip)
+            for config in _open_empty_groups([{**(defaults or {}), **c} for c in configs])]
     keys = sorted({k for settings in flat for k in settings})
     differing = [k for k in keys if len({json.dumps(f.get(k, _UNSET), sort_keys=True) for f in flat}) > 1]
     return [[f"{k}={json.dumps(f[k], sort_keys=True)}" for k in differing if k in f] for f in flat]
