@@ -33,7 +33,7 @@ def probe_stream(cfg: ProgramConfig, seed: int, index: int) -> tuple[dict, dict,
     this stream's recurring switches; each segment's within-batch read similarity; every step's
     relative error (the trainer's ``errors``)."""
     torch.manual_seed(seed * 1000 + index)           # the trainer's model seed for this index
-    stream = shift_stream(task_seed(seed, index), centre_spread=cfg.shift_centre_spread)
+    stream = shift_stream(task_seed(seed, index), centre_spread=cfg.shift_centre_spread, history=cfg.shift_history)
     dim, num_programs = stream.states.shape[-1], len(stream.programs)
     window, _ = stream.window(0)
     layer_input, context = shift_inputs(window, int(stream.program[0]), dim, num_programs, cfg)

@@ -576,6 +576,34 @@ def test_transition_context_reads_the_program_off_successive_states():
         ProgramConfig(task="modular", shift_context="transitions").check()
 
 
+def test_fit_context_is_the_running_program_once_the_window_is_inside_a_segment():
+    """shift_context='fit': the least-squares map from each state to the next over the window.
+    On the default stream (states alone do not name the program) and a window of 6 states it is
+    the running rotation to within 10% for the median sequence (a few windows whose states lie
+    near a plane are further off), while the window of 3 the table uses is not enough (2 pairs
+    cannot fix a 4 x 4 map). Exact on noise-free pairs without the ridge."""
+    rotation, _ = torch.linalg.qr(torch.randn(4, 4, generator=torch.Generator().manual_seed(1), dtype=torch.float64))
+    states = [torch.randn(2, 4, dtype=torch.float64)]
+    for _ in range(5):
+        states.append(states[-1] @ rotation.T)
+    history = torch.stack(states, dim=1).flatten(1)                           # (2, 6 x 4)
+    fitted = program_trainer.shift_fit(history, 4, ridge=0.0).view(2, 4, 4)
+    torch.testing.assert_close(fitted, rotation.expand(2, 4, 4))
+    for history_length, within in ((6, True), (3, False)):
+        stream = shift_stream(3, segment=50, cycles=2, history=history_length)
+        for t in (20, 70, 120):
+            window, _ = stream.window(t)
+            fitted = program_trainer.shift_fit(window, 4).view(-1, 4, 4)
+            program = stream.programs[int(stream.program[t])]
+            relative = (fitted - program).norm(dim=(1, 2)) / program.norm()
+            assert (relative.median().item() < 0.1) is within
+            assert within or relative.median().item() > 0.3
+    with pytest.raises(ValueError, match="shift_history=1"):
+        ProgramConfig(task="shift", shift_history=1).check()
+    with pytest.raises(ValueError, match="shift_history"):
+        ProgramConfig(task="modular", shift_history=6).check()
+
+
 def test_shift_runs_with_the_transition_context(monkeypatch):
     original = program_trainer.shift_stream
     monkeypatch.setattr(program_trainer, "shift_stream", lambda seed, **options: original(seed, segment=30, cycles=2, **options))
@@ -591,12 +619,13 @@ def test_shift_runs_with_the_transition_context(monkeypatch):
 
     monkeypatch.setattr(program_trainer, "build_program_model", spy_build)
     for model in ("nc-ff", "mlp"):
-        cfg = ProgramConfig(task="shift", model=model, seeds=1, shift_context="transitions")
-        result = program_trainer._shift(cfg, 100, torch.Generator().manual_seed(0))
-        assert len(result["errors"]) == 6 * 30
-        assert torch.isfinite(torch.tensor(result["errors"])).all()
-    # Both models were built for, and given, the 4 x 4 transition context (not the 3 x 4 states).
-    assert built == [16, 16]
+        for context, history in (("transitions", 3), ("fit", 6)):
+            cfg = ProgramConfig(task="shift", model=model, seeds=1, shift_context=context, shift_history=history)
+            result = program_trainer._shift(cfg, 100, torch.Generator().manual_seed(0))
+            assert len(result["errors"]) == 6 * 30
+            assert torch.isfinite(torch.tensor(result["errors"])).all()
+    # Both models were built for, and given, the 4 x 4 map (not the 3 x 4 or 6 x 4 states).
+    assert built == [16, 16, 16, 16]
     assert set(contexts) == {torch.Size([16, 16])}
 
 
