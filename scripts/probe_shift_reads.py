@@ -11,6 +11,10 @@ mean, last 20 steps of every segment). Printed, not saved: a diagnostic, not a r
 
     python scripts/probe_shift_reads.py --context states --streams 5 --seed 33
     python scripts/probe_shift_reads.py --context cue --streams 5 --seed 33
+    python scripts/probe_shift_reads.py --context fit --history 5 --spread 0 --lr 0.003 --seed 36
+
+``--spread 0`` is the table's stream (the states do not name the program; no constant input,
+whose job is a program's offset around its centre).
 """
 
 from __future__ import annotations
@@ -72,13 +76,16 @@ def probe_stream(cfg: ProgramConfig, seed: int, index: int) -> tuple[dict, dict,
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--context", choices=["states", "cue"], default="states")
+    parser.add_argument("--context", choices=["states", "cue", "fit", "transitions"], default="states")
+    parser.add_argument("--spread", type=float, default=2.0, help="shift_centre_spread (0: the table's stream)")
+    parser.add_argument("--history", type=int, default=3, help="shift_history, the window's length")
     parser.add_argument("--streams", type=int, default=5)
     parser.add_argument("--seed", type=int, default=33, help="as the trainer's --set seed (streams 100 + 1000 seed + i)")
     parser.add_argument("--lr", type=float, default=0.007)
     args = parser.parse_args()
     torch.set_num_threads(1)
-    cfg = ProgramConfig(task="shift", model="nc-ff", shift_centre_spread=2.0, shift_input_constant=True,
+    cfg = ProgramConfig(task="shift", model="nc-ff", shift_centre_spread=args.spread,
+                        shift_input_constant=args.spread > 0, shift_history=args.history,
                         orthogonality_weight=0.0, shift_context=args.context, online_optimizer="adam",
                         online_lr=args.lr, routing_lr_scale=0.1,
                         nc_options=dict(num_programs=64, sharpness=10, key_mode="learned", bias=False))
@@ -95,7 +102,7 @@ def main() -> None:
     def mean(values):
         return sum(values) / len(values)
 
-    print(f"context {args.context}, streams {task_seed(args.seed, 0)}-{task_seed(args.seed, args.streams - 1)}, "
+    print(f"context {args.context}, spread {args.spread}, history {args.history}, lr {args.lr}, streams {task_seed(args.seed, 0)}-{task_seed(args.seed, args.streams - 1)}, "
           f"{len(cosines[0])} recurring switches; steps after the switch: {list(OFFSETS)}")
     print("  cosine of the reads to the program's reads at the end of its last segment:",
           [round(mean(cosines[o]), 2) for o in OFFSETS])

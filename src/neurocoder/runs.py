@@ -20,7 +20,7 @@ import torch
 
 from ._version import __version__
 
-__all__ = ["RunFolder", "changed_settings", "code_version", "atomic_write_text", "atomic_torch_save",
+__all__ = ["RunFolder", "start_seeded_run", "changed_settings", "code_version", "atomic_write_text", "atomic_torch_save",
            "remove_if_unstarted", "read_json", "finished_seeds"]
 
 
@@ -145,6 +145,26 @@ class RunFolder:
 
     def config(self) -> dict:
         return json.loads((self.path / "config.json").read_text())
+
+
+def start_seeded_run(cfg: Any, kind: str, out: str | os.PathLike, resume: bool, preset: str | None,
+                     quiet: bool) -> tuple[RunFolder, Path, dict, Any]:
+    """The start every single-process trainer that writes one file per seed to ``out/seeds/``
+    shares: check ``cfg`` (a dataclass with ``check()``, ``seed`` and ``threads``), set the thread
+    count, and open the run folder with its config recorded as ``{"kind", "preset", **cfg}``
+    (defaults from ``type(cfg)()``, so a resumed older run compares a newer setting as its default).
+    Returns (run folder, its path, the config recorded, ``say``: print, or a no-op when ``quiet``)."""
+    from dataclasses import asdict
+
+    cfg.check()
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    out = Path(out)
+    config = {"kind": kind, "preset": preset, **asdict(cfg)}
+    run = RunFolder.start(out, config, cfg.seed, resume, defaults=asdict(type(cfg)()))
+    (out / "seeds").mkdir(exist_ok=True)
+    say = (lambda *a: None) if quiet else print
+    return run, out, config, say
 
 
 def remove_if_unstarted(path: str | os.PathLike) -> bool:

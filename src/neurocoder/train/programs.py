@@ -32,7 +32,7 @@ from __future__ import annotations
 import json
 import os
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -41,7 +41,7 @@ import torch.nn.functional as F
 from neurocoder.data.programs import modular_task, remember_task, reuse_task, shift_stream
 from neurocoder.experiments.program_models import (PROGRAM_MODELS, build_program_model, parameter_groups,
                                                    regularization, routing_maps, routing_parameters)
-from neurocoder.runs import RunFolder, atomic_write_text, changed_settings, finished_seeds
+from neurocoder.runs import atomic_write_text, changed_settings, finished_seeds, start_seeded_run
 
 __all__ = ["ProgramConfig", "run_programs", "PROGRAM_TASKS", "normalised_mutual_information", "task_seed", "shift_context",
            "shift_inputs"]
@@ -419,14 +419,7 @@ def _refuse_legacy_tasks(out: Path, seed: int) -> None:
 def run_programs(cfg: ProgramConfig, out: str | os.PathLike, resume: bool = False, preset: str | None = None,
                  quiet: bool = False) -> dict:
     """Run ``cfg.seeds`` seeds of one (task, model); returns ``results.json``'s dict."""
-    cfg.check()
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    out = Path(out)
-    say = (lambda *a: None) if quiet else print
-    config = {"kind": "programs", "preset": preset, **asdict(cfg)}
-    run = RunFolder.start(out, config, cfg.seed, resume, defaults=asdict(ProgramConfig()))
-    (out / "seeds").mkdir(exist_ok=True)
+    run, out, config, say = start_seeded_run(cfg, "programs", out, resume, preset, quiet)
     if resume:
         _refuse_legacy_tasks(out, cfg.seed)
     say(f"{cfg.task} / {cfg.model}: {PROGRAM_TASKS[cfg.task]}; {cfg.seeds} seeds")

@@ -39,7 +39,7 @@ import json
 import os
 import random
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -49,7 +49,7 @@ import torch.nn as nn
 import neurocoder
 from neurocoder import presets
 from neurocoder.progress import Progress
-from neurocoder.runs import RunFolder, atomic_torch_save, atomic_write_text, changed_settings, finished_seeds
+from neurocoder.runs import atomic_torch_save, atomic_write_text, changed_settings, finished_seeds, start_seeded_run
 from neurocoder.train.rl.envs import make_vector_env
 
 __all__ = ["PPOConfig", "ActorCritic", "run_ppo", "AGENT_VARIANTS", "NEUROCODER_SETTINGS", "build_agent",
@@ -522,14 +522,7 @@ def explained_variance(returns: torch.Tensor, values: torch.Tensor) -> float | N
 def run_ppo(cfg: PPOConfig, out: str | os.PathLike, resume: bool = False, preset: str | None = None,
             quiet: bool = False) -> dict:
     """Train ``cfg.seeds`` agents on ``cfg.env``; returns ``results.json``'s dict."""
-    cfg.check()
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    out = Path(out)
-    say = (lambda *a: None) if quiet else print
-    config = {"kind": "rl", "preset": preset, **asdict(cfg)}
-    run = RunFolder.start(out, config, cfg.seed, resume, defaults=asdict(PPOConfig()))
-    (out / "seeds").mkdir(exist_ok=True)
+    run, out, config, say = start_seeded_run(cfg, "rl", out, resume, preset, quiet)
     checkpoint = out / "checkpoint.pt"
     for seed_index in range(cfg.seeds):
         seed_file = out / "seeds" / f"seed-{seed_index:02d}.json"
