@@ -44,7 +44,7 @@ from neurocoder.experiments.program_models import (PROGRAM_MODELS, build_program
 from neurocoder.runs import atomic_write_text, changed_settings, finished_seeds, start_seeded_run
 
 __all__ = ["ProgramConfig", "run_programs", "PROGRAM_TASKS", "normalised_mutual_information", "task_seed", "shift_context",
-           "shift_inputs"]
+           "shift_fit", "shift_inputs"]
 
 PROGRAM_TASKS = {
     "modular": "K hidden regimes, each with its own low-rank program; regime inferable from the input",
@@ -261,7 +261,7 @@ def shift_fit(history: torch.Tensor, dim: int, ridge: float = 1e-3) -> torch.Ten
     (the ridge keeps it defined while H - 1 < d). Unlike the sum of products of
     ``shift_context``, this undoes the states' own correlation: on a window of H > d + 1 states
     inside one segment of the default stream (x_{t+1} = A_k x_t + noise) it is A_k to within a
-    few per cent (5-7% at H = 6, noise 0.05), whatever the states happen to be. With centres the
+    few per cent (median over the sequences of a window: about 9% at H = 5, 7% at H = 6; noise 0.05), whatever the states happen to be. With centres the
     map is affine and an affine fit is ill-posed on these orbits, so this is for the default stream."""
     states = history.unflatten(1, (-1, dim))                                 # (B, H, d)
     inputs, targets = states[:, :-1], states[:, 1:]                          # (B, H-1, d) each
