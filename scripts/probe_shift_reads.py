@@ -102,7 +102,8 @@ def main() -> None:
     def mean(values):
         return sum(values) / len(values)
 
-    print(f"context {args.context}, spread {args.spread}, history {args.history}, lr {args.lr}, streams {task_seed(args.seed, 0)}-{task_seed(args.seed, args.streams - 1)}, "
+    print(f"context {args.context}, spread {args.spread}, history {args.history}, lr {args.lr}, "
+          f"streams {task_seed(args.seed, 0)}-{task_seed(args.seed, args.streams - 1)}, "
           f"{len(cosines[0])} recurring switches; steps after the switch: {list(OFFSETS)}")
     print("  cosine of the reads to the program's reads at the end of its last segment:",
           [round(mean(cosines[o]), 2) for o in OFFSETS])

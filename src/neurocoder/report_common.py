@@ -8,13 +8,14 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Callable
 
-__all__ = ["group_runs", "member_order", "flat_settings", "differing_settings", "explicit_options", "first_distinct"]
+__all__ = ["BOOKKEEPING_SETTINGS", "group_runs", "member_order", "flat_settings", "differing_settings",
+           "explicit_options", "first_distinct"]
 
 
 # What an option a config did not set compares as: unequal to any value a config did set.
 _UNSET = "\0unset"
 # Settings that never change a run's figures (where it ran, how often it saved): never in a label.
-_BOOKKEEPING = {"kind", "preset", "threads", "data_dir", "checkpoint_every"}
+BOOKKEEPING_SETTINGS = {"kind", "preset", "threads", "data_dir", "checkpoint_every"}
 
 
 def flat_settings(config: dict, skip: set[str] | frozenset = frozenset()) -> dict:
@@ -66,7 +67,7 @@ def _explicit_parts(config: dict, defaults: dict | None = None) -> list[str]:
     defaults = defaults or {}
     named = []
     for key, value in sorted(config.items()):
-        if not isinstance(value, dict) or key in _BOOKKEEPING:
+        if not isinstance(value, dict) or key in BOOKKEEPING_SETTINGS:
             continue
         default = defaults.get(key) if isinstance(defaults.get(key), dict) else {}
         named += [f"{key}.{sub}={json.dumps(inner, sort_keys=True)}" for sub, inner in sorted(value.items())
@@ -136,7 +137,7 @@ def group_runs(runs: list[dict], kind: str, group_field: str,
     so that no run hides another. ``defaults``: the config class's defaults (see
     :func:`differing_settings`)."""
     member = member_field if callable(member_field) else (lambda config: config[member_field])
-    skip = set(_BOOKKEEPING) | {group_field} | set(member_keys) | (set() if callable(member_field) else {member_field})
+    skip = set(BOOKKEEPING_SETTINGS) | {group_field} | set(member_keys) | (set() if callable(member_field) else {member_field})
     mine = [run for run in runs if run.get("config", {}).get("kind") == kind]
     by_group: dict[str, list[dict]] = defaultdict(list)
     for run in mine:

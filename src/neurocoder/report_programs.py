@@ -6,7 +6,7 @@ import json
 from dataclasses import asdict
 from pathlib import Path
 
-from .report_common import _BOOKKEEPING, differing_settings, first_distinct, group_runs, member_order
+from .report_common import BOOKKEEPING_SETTINGS, differing_settings, first_distinct, group_runs, member_order
 
 __all__ = ["program_tables", "program_figures"]
 
@@ -73,7 +73,7 @@ def _figure_labels(members: dict[str, dict]) -> dict[str, str]:
     the plot to a strip. Where two short labels would read alike, the full ones."""
     from .train.programs import ProgramConfig
     labels = list(members)
-    skip = set(_BOOKKEEPING) | {"model", "seed", "seeds"}
+    skip = set(BOOKKEEPING_SETTINGS) | {"model", "seed", "seeds"}
     differing = differing_settings([members[label]["config"] for label in labels], skip, asdict(ProgramConfig()))
     short = [_model_label(label.partition(" (")[0]) + (f" ({shown})" if shown else "")
              for label, shown in zip(labels, differing)]

@@ -20,8 +20,8 @@ import torch
 
 from ._version import __version__
 
-__all__ = ["RunFolder", "start_seeded_run", "changed_settings", "code_version", "atomic_write_text", "atomic_torch_save",
-           "remove_if_unstarted", "read_json", "finished_seeds"]
+__all__ = ["RunFolder", "start_seeded_run", "changed_settings", "code_version", "atomic_write_text",
+           "atomic_torch_save", "remove_if_unstarted", "read_json", "finished_seeds"]
 
 
 def code_version() -> dict:
