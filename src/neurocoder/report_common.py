@@ -15,7 +15,7 @@ __all__ = ["BOOKKEEPING_SETTINGS", "group_runs", "member_order", "flat_settings"
 # What an option a config did not set compares as: unequal to any value a config did set.
 _UNSET = "\0unset"
 # Settings that never change a run's figures (where it ran, how often it saved): never in a label.
-BOOKKEEPING_SETTINGS = {"kind", "preset", "threads", "data_dir", "checkpoint_every"}
+BOOKKEEPING_SETTINGS = frozenset({"kind", "preset", "threads", "data_dir", "checkpoint_every"})
 
 
 def flat_settings(config: dict, skip: set[str] | frozenset = frozenset()) -> dict:
@@ -137,7 +137,8 @@ def group_runs(runs: list[dict], kind: str, group_field: str,
     so that no run hides another. ``defaults``: the config class's defaults (see
     :func:`differing_settings`)."""
     member = member_field if callable(member_field) else (lambda config: config[member_field])
-    skip = set(BOOKKEEPING_SETTINGS) | {group_field} | set(member_keys) | (set() if callable(member_field) else {member_field})
+    skip = (set(BOOKKEEPING_SETTINGS) | {group_field} | set(member_keys)
+            | (set() if callable(member_field) else {member_field}))
     mine = [run for run in runs if run.get("config", {}).get("kind") == kind]
     by_group: dict[str, list[dict]] = defaultdict(list)
     for run in mine:
