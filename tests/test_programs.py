@@ -604,6 +604,29 @@ def test_fit_context_is_the_running_program_once_the_window_is_inside_a_segment(
         ProgramConfig(task="modular", shift_history=6).check()
 
 
+def test_pooled_fit_names_the_new_program_one_step_after_a_switch():
+    """shift_context='fit-pooled': one map fitted to the pairs of every sequence of the batch (the
+    parallel sequences share their program). With a window of 2 states a sequence's own fit has
+    one pair and cannot fix the 4 x 4 map; the batch's 16 pairs do, from the first step whose pair
+    the new program made (t = switch + 1; at t = switch the pair is still the old program's)."""
+    stream = shift_stream(3, segment=50, cycles=2, history=2)
+    for t in (20, 50, 51, 120):
+        window, _ = stream.window(t)
+        pooled = program_trainer.shift_fit(window, 4, pooled=True).view(-1, 4, 4)
+        own = program_trainer.shift_fit(window, 4).view(-1, 4, 4)
+        assert pooled.shape == own.shape == (16, 4, 4)
+        assert torch.equal(pooled, pooled[:1].expand_as(pooled))           # one map for the batch
+        made_by = stream.programs[int(stream.program[t - 1])]               # the window's pair
+        assert ((pooled[0] - made_by).norm() / made_by.norm()).item() < 0.05
+        assert ((own - made_by).norm(dim=(1, 2)) / made_by.norm()).median().item() > 0.3
+    # At the switch the window's pair is the old program's, so the pooled fit is too.
+    window, _ = stream.window(50)
+    assert int(stream.program[50]) != int(stream.program[49])
+    cfg = ProgramConfig(task="shift", shift_context="fit-pooled", shift_history=2)
+    _, context = program_trainer.shift_inputs(window, int(stream.program[50]), 4, 3, cfg)
+    torch.testing.assert_close(context, program_trainer.shift_fit(window, 4, pooled=True))
+
+
 def test_shift_runs_with_the_transition_context(monkeypatch):
     original = program_trainer.shift_stream
     monkeypatch.setattr(program_trainer, "shift_stream", lambda seed, **options: original(seed, segment=30, cycles=2, **options))
@@ -619,13 +642,13 @@ def test_shift_runs_with_the_transition_context(monkeypatch):
 
     monkeypatch.setattr(program_trainer, "build_program_model", spy_build)
     for model in ("nc-ff", "mlp"):
-        for context, history in (("transitions", 3), ("fit", 6)):
+        for context, history in (("transitions", 3), ("fit", 6), ("fit-pooled", 2)):
             cfg = ProgramConfig(task="shift", model=model, seeds=1, shift_context=context, shift_history=history)
             result = program_trainer._shift(cfg, 100, torch.Generator().manual_seed(0))
             assert len(result["errors"]) == 6 * 30
             assert torch.isfinite(torch.tensor(result["errors"])).all()
     # Both models were built for, and given, the 4 x 4 map (not the 3 x 4 or 6 x 4 states).
-    assert built == [16, 16, 16, 16]
+    assert built == [16] * 6
     assert set(contexts) == {torch.Size([16, 16])}
 
 

@@ -55,7 +55,7 @@ PROGRAM_TASKS = {
 ONLINE_OPTIMIZERS = {"adam": torch.optim.Adam, "sgd": torch.optim.SGD}
 RECOVERY_THRESHOLD = 0.1     # relative error a model must get back under after a switch
 RECOVERY_SMOOTHING = 10      # steps in the moving average
-SHIFT_CONTEXTS = ("states", "transitions", "fit", "cue", "states+cue")
+SHIFT_CONTEXTS = ("states", "transitions", "fit", "fit-pooled", "cue", "states+cue")
 SHIFT_INPUTS = ("state", "history")
 
 
@@ -87,6 +87,9 @@ class ProgramConfig:
     # 'fit': the linear map x_{t+1} = M x_t fitted by ridge least squares to the window's
     # successive pairs (d x d), read off the observed states only, unlike the cue: on the default
     # stream with shift_history > d + 1 it is the running program to a few per cent (shift_fit).
+    # 'fit-pooled': one such map fitted to the pairs of every sequence of the batch together (the
+    # 16 parallel sequences of a step share their program), the same for each sequence: with 16
+    # pairs even a window of 2 states fixes the 4 x 4 map, one step after a switch.
     shift_context: str = "states"
     # shift: how many of the latest states the window holds (the 'states' context and the
     # 'history' input; the pairs 'transitions' and 'fit' read).
@@ -255,19 +258,25 @@ def shift_context(history: torch.Tensor, dim: int) -> torch.Tensor:
     return torch.einsum("bti,btj->bij", states[:, 1:], states[:, :-1]).flatten(1)
 
 
-def shift_fit(history: torch.Tensor, dim: int, ridge: float = 1e-3) -> torch.Tensor:
+def shift_fit(history: torch.Tensor, dim: int, ridge: float = 1e-3, pooled: bool = False) -> torch.Tensor:
     """(B, H x d) flattened states, oldest first -> (B, d x d): the linear map M that best
     predicts each state from the one before over the window's H - 1 pairs, by ridge least squares
     (the ridge keeps it defined while H - 1 < d). Unlike the sum of products of
     ``shift_context``, this undoes the states' own correlation: on a window of H > d + 1 states
     inside one segment of the default stream (x_{t+1} = A_k x_t + noise) it is A_k to within a
     few per cent (median over the sequences of a window: about 9% at H = 5, 7% at H = 6; noise 0.05), whatever the states happen to be. With centres the
-    map is affine and an affine fit is ill-posed on these orbits, so this is for the default stream."""
+    map is affine and an affine fit is ill-posed on these orbits, so this is for the default stream.
+
+    ``pooled``: one map fitted to the B x (H - 1) pairs of the whole batch, returned for every
+    sequence. It assumes the sequences of a batch share their program, as the shift stream's
+    parallel sequences do; then B >= d pairs fix the map even with H = 2."""
     states = history.unflatten(1, (-1, dim))                                 # (B, H, d)
     inputs, targets = states[:, :-1], states[:, 1:]                          # (B, H-1, d) each
+    if pooled:
+        inputs, targets = inputs.reshape(1, -1, dim), targets.reshape(1, -1, dim)   # (1, B(H-1), d)
     gram = inputs.transpose(1, 2) @ inputs + ridge * torch.eye(dim, dtype=states.dtype, device=states.device)
-    fitted = torch.linalg.solve(gram, inputs.transpose(1, 2) @ targets)      # (B, d, d): M^T
-    return fitted.transpose(1, 2).flatten(1)
+    fitted = torch.linalg.solve(gram, inputs.transpose(1, 2) @ targets)      # (B or 1, d, d): M^T
+    return fitted.transpose(1, 2).flatten(1).expand(states.shape[0], dim * dim)
 
 
 def shift_inputs(history: torch.Tensor, program: int, dim: int, num_programs: int, cfg: "ProgramConfig"
@@ -276,14 +285,15 @@ def shift_inputs(history: torch.Tensor, program: int, dim: int, num_programs: in
 
     history: (B, H x d) the last H states, oldest first; program: the index of the program that
     makes the target. Returns (input (B, d or H x d, + 1 with shift_input_constant), context
-    (B, H x d states, d x d transitions, d x d fit, K cue, or H x d + K states+cue))."""
+    (B, H x d states, d x d transitions, d x d fit or fit-pooled, K cue, or H x d + K states+cue))."""
     batch = history.shape[0]
     layer_input = history if cfg.shift_input == "history" else history[:, -dim:]
     if cfg.shift_input_constant:
         layer_input = torch.cat([layer_input, history.new_ones(batch, 1)], dim=1)
     cue = F.one_hot(torch.tensor(program), num_programs).to(history.dtype).expand(batch, num_programs)
     context = {"states": lambda: history, "transitions": lambda: shift_context(history, dim),
-               "fit": lambda: shift_fit(history, dim), "cue": lambda: cue,
+               "fit": lambda: shift_fit(history, dim), "fit-pooled": lambda: shift_fit(history, dim, pooled=True),
+               "cue": lambda: cue,
                "states+cue": lambda: torch.cat([history, cue], dim=1)}[cfg.shift_context]()
     return layer_input, context
 
