@@ -627,6 +627,26 @@ def test_pooled_fit_names_the_new_program_one_step_after_a_switch():
     torch.testing.assert_close(context, program_trainer.shift_fit(window, 4, pooled=True))
 
 
+def test_fit_reference_applies_the_pooled_fit_and_scores_it_like_a_run():
+    """scripts/shift_fit_reference.py (README, pattern shift (a'')): the pooled fit applied
+    directly names the new program one step after a switch, so it is back under the threshold in
+    about two steps; one sequence's own fit from a window of 2 states (one pair, a 4 x 4 map)
+    never is. Its scoring is the run's: the same recovery rule on the same per-step errors."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(
+        "shift_fit_reference", Path(__file__).resolve().parents[1] / "scripts" / "shift_fit_reference.py")
+    reference = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(reference)
+    assert reference.parse_streams(["39100-39102", "5"]) == [39100, 39101, 39102, 5]
+    with pytest.raises(SystemExit, match="not a seed or a range"):
+        reference.parse_streams(["39100-x"])
+    pooled = reference.reference(39100, history=2, pooled=True)
+    assert 1 <= pooled["recovery_recurring"] <= 3 and pooled["final_error"] < 0.01
+    own = reference.reference(39100, history=2, pooled=False)
+    assert own["recovery_recurring"] == own["recovery_first"] == 300 and own["final_error"] > 0.3
+
+
 def test_shift_runs_with_the_transition_context(monkeypatch):
     original = program_trainer.shift_stream
     monkeypatch.setattr(program_trainer, "shift_stream", lambda seed, **options: original(seed, segment=30, cycles=2, **options))
