@@ -76,7 +76,7 @@ def probe_stream(cfg: ProgramConfig, seed: int, index: int) -> tuple[dict, dict,
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--context", choices=["states", "cue", "fit", "fit-pooled", "transitions"], default="states")
+    parser.add_argument("--context", choices=["states", "cue", "fit", "fit-pooled", "fit-pooled-affine", "transitions"], default="states")
     parser.add_argument("--spread", type=float, default=2.0, help="shift_centre_spread (0: the table's stream)")
     parser.add_argument("--history", type=int, default=3, help="shift_history, the window's length")
     parser.add_argument("--streams", type=int, default=5)

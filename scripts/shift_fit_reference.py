@@ -1,10 +1,12 @@
 """The pattern-shift stream's reference predictor: no learning, the fitted map applied directly.
 
     python scripts/shift_fit_reference.py --streams 39100-39119 40100-40119 [--history 2] [--pooled]
+    python scripts/shift_fit_reference.py --streams 41100-41104 --pooled --affine --spread 2.0
 
 At every step it predicts the next state as M x_t, where M is :func:`shift_fit` of the window
 (pooled over the batch's parallel sequences with ``--pooled``, as ``shift_context=fit-pooled``
-gives it to a model), and scores it exactly as ``neurocoder run program-shift`` scores a model:
+gives it to a model; with ``--affine`` the map has an offset, M x_t + b, as
+``fit-pooled-affine`` gives it, for the streams with centres, ``--spread``), and scores it exactly as ``neurocoder run program-shift`` scores a model:
 the relative error measured per step, the same recovery rule (steps until the 10-step moving
 average is under 0.1) and the same first-meeting / recurring split. It is the floor a model given
 that context can reach by applying it, so a model's recovery is read against it: near it, the model
@@ -35,15 +37,18 @@ def parse_streams(texts: list[str]) -> list[int]:
     return seeds
 
 
-def reference(seed: int, history: int, pooled: bool, centre_spread: float = 0.0) -> dict:
+def reference(seed: int, history: int, pooled: bool, centre_spread: float = 0.0, affine: bool = False) -> dict:
     """Recovery and error figures of the fitted map applied directly, on one stream."""
     stream = shift_stream(seed, centre_spread=centre_spread, history=history)
     dim = stream.states.shape[-1]
     errors = []
     for t in range(len(stream.program)):
         window, target = stream.window(t)                                  # (B, H d), (B, d)
-        fitted = shift_fit(window, dim, pooled=pooled).unflatten(1, (dim, dim))  # (B, d, d): M
-        prediction = torch.einsum("bij,bj->bi", fitted, window[:, -dim:])
+        state = window[:, -dim:]                                           # (B, d)
+        if affine:
+            state = torch.cat([state, state.new_ones(state.shape[0], 1)], dim=1)   # (B, d + 1)
+        fitted = shift_fit(window, dim, pooled=pooled, affine=affine).unflatten(1, (dim, state.shape[1]))
+        prediction = torch.einsum("bij,bj->bi", fitted, state)            # (B, d): M x_t (+ b)
         errors.append((((prediction - target) ** 2).mean() / target.pow(2).mean()).item())
     seen: set[int] = set()
     first, recurring = [], []
@@ -60,12 +65,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--streams", nargs="+", required=True, help="task seeds: 39100-39119 or single seeds")
     parser.add_argument("--history", type=int, default=2, help="states in the window (the run's shift_history)")
     parser.add_argument("--pooled", action="store_true", help="one fit over the batch (shift_context=fit-pooled)")
+    parser.add_argument("--affine", action="store_true", help="fit an offset too (shift_context=fit-pooled-affine)")
+    parser.add_argument("--spread", type=float, default=0.0, help="shift_centre_spread (0: the table's stream)")
     args = parser.parse_args(argv)
     if args.history < 2:
         raise SystemExit("shift_fit_reference: --history must be at least 2 (a fit needs one pair of states)")
-    rows = [reference(seed, args.history, args.pooled) for seed in parse_streams(args.streams)]
-    label = "fit-pooled" if args.pooled else "fit"
-    print(f"{label}, H = {args.history}, {len(rows)} streams (mean +- std over streams):")
+    rows = [reference(seed, args.history, args.pooled, args.spread, args.affine) for seed in parse_streams(args.streams)]
+    label = ("fit-pooled" if args.pooled else "fit") + ("-affine" if args.affine else "")
+    print(f"{label}, H = {args.history}, spread {args.spread}, {len(rows)} streams (mean +- std over streams):")
     for key in ("recovery_first", "recovery_recurring", "final_error"):
         values = [row[key] for row in rows]
         spread = statistics.stdev(values) if len(values) > 1 else 0.0

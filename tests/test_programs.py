@@ -627,6 +627,30 @@ def test_pooled_fit_names_the_new_program_one_step_after_a_switch():
     torch.testing.assert_close(context, program_trainer.shift_fit(window, 4, pooled=True))
 
 
+def test_affine_pooled_fit_recovers_a_centred_programs_map_and_offset():
+    """shift_context='fit-pooled-affine': with centres each program is affine,
+    x_{t+1} = A_k x_t + (I - A_k) c_k (the deviation's rescaling is 1 on its sphere); the pooled
+    affine fit returns [A_k b_k] row by row, and the linear fit of 'fit-pooled' cannot carry b_k."""
+    stream = shift_stream(41100, segment=100, cycles=1, history=3, centre_spread=2.0)
+    t = 60                                                                  # well inside program 0
+    window, target = stream.window(t)
+    program = int(stream.program[t - 1])
+    fitted = program_trainer.shift_fit(window, 4, pooled=True, affine=True).view(-1, 4, 5)
+    assert fitted.shape == (16, 4, 5) and torch.equal(fitted, fitted[:1].expand_as(fitted))
+    affine_map, offset = fitted[0, :, :4], fitted[0, :, 4]
+    true_map = stream.programs[program]
+    true_offset = stream.centres[program] - true_map @ stream.centres[program]
+    state = window[:, -4:]
+    prediction = state @ affine_map.T + offset
+    assert ((prediction - target).pow(2).mean() / target.pow(2).mean()).item() < 0.02
+    assert ((state @ true_map.T + true_offset - target).pow(2).mean() / target.pow(2).mean()).item() < 0.02
+    linear = program_trainer.shift_fit(window, 4, pooled=True).view(-1, 4, 4)[0]
+    assert ((state @ linear.T - target).pow(2).mean() / target.pow(2).mean()).item() > 0.1
+    cfg = ProgramConfig(task="shift", shift_context="fit-pooled-affine", shift_history=3)
+    _, context = program_trainer.shift_inputs(window, program, 4, 3, cfg)
+    assert context.shape == (16, 20)
+
+
 def test_fit_reference_applies_the_pooled_fit_and_scores_it_like_a_run():
     """scripts/shift_fit_reference.py (README, pattern shift (a'')): the pooled fit applied
     directly names the new program one step after a switch, so it is back under the threshold in
@@ -662,14 +686,15 @@ def test_shift_runs_with_the_transition_context(monkeypatch):
 
     monkeypatch.setattr(program_trainer, "build_program_model", spy_build)
     for model in ("nc-ff", "mlp"):
-        for context, history in (("transitions", 3), ("fit", 6), ("fit-pooled", 2)):
+        for context, history in (("transitions", 3), ("fit", 6), ("fit-pooled", 2), ("fit-pooled-affine", 3)):
             cfg = ProgramConfig(task="shift", model=model, seeds=1, shift_context=context, shift_history=history)
             result = program_trainer._shift(cfg, 100, torch.Generator().manual_seed(0))
             assert len(result["errors"]) == 6 * 30
             assert torch.isfinite(torch.tensor(result["errors"])).all()
-    # Both models were built for, and given, the 4 x 4 map (not the 3 x 4 or 6 x 4 states).
-    assert built == [16] * 6
-    assert set(contexts) == {torch.Size([16, 16])}
+    # Both models were built for, and given, the 4 x 4 map (not the 3 x 4 or 6 x 4 states), or
+    # with the affine fit the 4 x 5 map and offset.
+    assert built == [16, 16, 16, 20] * 2
+    assert set(contexts) == {torch.Size([16, 16]), torch.Size([16, 20])}
 
 
 def test_shift_inputs_give_the_layer_its_input_and_the_composer_its_context():

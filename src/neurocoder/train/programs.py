@@ -55,7 +55,7 @@ PROGRAM_TASKS = {
 ONLINE_OPTIMIZERS = {"adam": torch.optim.Adam, "sgd": torch.optim.SGD}
 RECOVERY_THRESHOLD = 0.1     # relative error a model must get back under after a switch
 RECOVERY_SMOOTHING = 10      # steps in the moving average
-SHIFT_CONTEXTS = ("states", "transitions", "fit", "fit-pooled", "cue", "states+cue")
+SHIFT_CONTEXTS = ("states", "transitions", "fit", "fit-pooled", "fit-pooled-affine", "cue", "states+cue")
 SHIFT_INPUTS = ("state", "history")
 
 
@@ -90,6 +90,8 @@ class ProgramConfig:
     # 'fit-pooled': one such map fitted to the pairs of every sequence of the batch together (the
     # 16 parallel sequences of a step share their program), the same for each sequence: with 16
     # pairs even a window of 2 states fixes the 4 x 4 map, one step after a switch.
+    # 'fit-pooled-affine': the same with an offset, x_{t+1} = M x_t + b (d x d + d), for the
+    # streams with centres, where each program is affine (b = (I - A_k) c_k).
     shift_context: str = "states"
     # shift: how many of the latest states the window holds (the 'states' context and the
     # 'history' input; the pairs 'transitions' and 'fit' read).
@@ -258,7 +260,8 @@ def shift_context(history: torch.Tensor, dim: int) -> torch.Tensor:
     return torch.einsum("bti,btj->bij", states[:, 1:], states[:, :-1]).flatten(1)
 
 
-def shift_fit(history: torch.Tensor, dim: int, ridge: float = 1e-3, pooled: bool = False) -> torch.Tensor:
+def shift_fit(history: torch.Tensor, dim: int, ridge: float = 1e-3, pooled: bool = False,
+              affine: bool = False) -> torch.Tensor:
     """(B, H x d) flattened states, oldest first -> (B, d x d): the linear map M that best
     predicts each state from the one before over the window's H - 1 pairs, by ridge least squares
     (the ridge keeps it defined while H - 1 < d). Unlike the sum of products of
@@ -269,14 +272,21 @@ def shift_fit(history: torch.Tensor, dim: int, ridge: float = 1e-3, pooled: bool
 
     ``pooled``: one map fitted to the B x (H - 1) pairs of the whole batch, returned for every
     sequence. It assumes the sequences of a batch share their program, as the shift stream's
-    parallel sequences do; then B >= d pairs fix the map even with H = 2."""
+    parallel sequences do; then B >= d pairs fix the map even with H = 2.
+
+    ``affine``: fit x_{t+1} = M x_t + b instead and return (B, d x (d + 1)), each row of M
+    followed by its entry of b: the map of a stream with centres (b = (I - A_k) c_k). Meant with
+    ``pooled``: one sequence's pairs lie on an orbit around the centre and do not fix the offset."""
     states = history.unflatten(1, (-1, dim))                                 # (B, H, d)
     inputs, targets = states[:, :-1], states[:, 1:]                          # (B, H-1, d) each
+    if affine:
+        inputs = torch.cat([inputs, inputs.new_ones(*inputs.shape[:2], 1)], dim=2)  # (B, H-1, d+1)
+    width = inputs.shape[2]
     if pooled:
-        inputs, targets = inputs.reshape(1, -1, dim), targets.reshape(1, -1, dim)   # (1, B(H-1), d)
-    gram = inputs.transpose(1, 2) @ inputs + ridge * torch.eye(dim, dtype=states.dtype, device=states.device)
-    fitted = torch.linalg.solve(gram, inputs.transpose(1, 2) @ targets)      # (B or 1, d, d): M^T
-    return fitted.transpose(1, 2).flatten(1).expand(states.shape[0], dim * dim)
+        inputs, targets = inputs.reshape(1, -1, width), targets.reshape(1, -1, dim)  # (1, B(H-1), .)
+    gram = inputs.transpose(1, 2) @ inputs + ridge * torch.eye(width, dtype=states.dtype, device=states.device)
+    fitted = torch.linalg.solve(gram, inputs.transpose(1, 2) @ targets)      # (B or 1, d(+1), d): [M b]^T
+    return fitted.transpose(1, 2).flatten(1).expand(states.shape[0], dim * width)
 
 
 def shift_inputs(history: torch.Tensor, program: int, dim: int, num_programs: int, cfg: "ProgramConfig"
@@ -285,7 +295,7 @@ def shift_inputs(history: torch.Tensor, program: int, dim: int, num_programs: in
 
     history: (B, H x d) the last H states, oldest first; program: the index of the program that
     makes the target. Returns (input (B, d or H x d, + 1 with shift_input_constant), context
-    (B, H x d states, d x d transitions, d x d fit or fit-pooled, K cue, or H x d + K states+cue))."""
+    (B, H x d states, d x d transitions, d x d fit or fit-pooled, d x (d + 1) fit-pooled-affine, K cue, or H x d + K states+cue))."""
     batch = history.shape[0]
     layer_input = history if cfg.shift_input == "history" else history[:, -dim:]
     if cfg.shift_input_constant:
@@ -293,6 +303,7 @@ def shift_inputs(history: torch.Tensor, program: int, dim: int, num_programs: in
     cue = F.one_hot(torch.tensor(program), num_programs).to(history.dtype).expand(batch, num_programs)
     context = {"states": lambda: history, "transitions": lambda: shift_context(history, dim),
                "fit": lambda: shift_fit(history, dim), "fit-pooled": lambda: shift_fit(history, dim, pooled=True),
+               "fit-pooled-affine": lambda: shift_fit(history, dim, pooled=True, affine=True),
                "cue": lambda: cue,
                "states+cue": lambda: torch.cat([history, cue], dim=1)}[cfg.shift_context]()
     return layer_input, context
