@@ -6,8 +6,8 @@
 At every step it predicts the next state as M x_t, where M is :func:`shift_fit` of the window
 (pooled over the batch's parallel sequences with ``--pooled``, as ``shift_context=fit-pooled``
 gives it to a model; with ``--affine`` the map has an offset, M x_t + b, as
-``fit-pooled-affine`` gives it, for the streams with centres, ``--spread``), and scores it exactly as ``neurocoder run program-shift`` scores a model:
-the relative error measured per step, the same recovery rule (steps until the 10-step moving
+``fit-pooled-affine`` gives it, for the streams with centres, ``--spread``), and scores it
+exactly as ``neurocoder run program-shift`` scores a model: the relative error measured per step, the same recovery rule (steps until the 10-step moving
 average is under 0.1) and the same first-meeting / recurring split. It is the floor a model given
 that context can reach by applying it, so a model's recovery is read against it: near it, the model
 uses its context as well as it can be used; far above it, the context is there but not used.
