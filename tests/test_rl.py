@@ -79,6 +79,22 @@ def test_agent_variants_convert_the_named_layers():
     assert logits.shape == (5, 3) and value.shape == (5,)
     atari = build_agent("nc-heads", (4, 84, 84), 6)
     assert atari(torch.rand(2, 4, 84, 84))[0].shape == (2, 6)
+    # nc-conv: only the torso's convolution composes its filters; fc and heads stay plain.
+    conv = build_agent("nc-conv", (4, 10, 10), 3, layer_options={"num_programs": 16, "rank": 16})
+    assert isinstance(conv.features[0], neurocoder.NeurocoderConv2d)
+    assert type(conv.fc[0]) is torch.nn.Linear and type(conv.heads) is torch.nn.Linear
+    torch.testing.assert_close(conv.heads.weight[:3].norm(dim=1), plain.heads.weight[:3].norm(dim=1))
+    observations = torch.rand(5, 4, 10, 10).round()
+    logits, value = conv(observations)
+    assert logits.shape == (5, 3) and value.shape == (5,)
+    # Its filters follow the observation: the same board filtered with the filters another board
+    # composes (its pooled channels as the context) gives other features.
+    layer = conv.features[0]
+    own = layer(observations)
+    torch.testing.assert_close(own, layer(observations, context=observations.mean(dim=(2, 3))))
+    assert not torch.allclose(own, layer(observations, context=observations.flip(0).mean(dim=(2, 3))))
+    with pytest.raises(ValueError, match="torso_grad_scale applies to a Neurocoder output layer"):
+        _tiny(variant="nc-conv", torso_grad_scale=0.5).check()
 
 
 def test_nc_two_heads_composes_the_policy_and_the_value_apart():

@@ -12,14 +12,15 @@ from .report_common import group_runs, member_order
 
 __all__ = ["rl_tables", "rl_figures", "read_episodes", "PUBLISHED_MINATAR"]
 
-VARIANT_ORDER = ["plain", "nc-heads", "nc-heads svd-init", "nc-two-heads", "nc-policy", "nc-fc", "lowrank-heads", "nc-added-heads"]
+VARIANT_ORDER = ["plain", "nc-heads", "nc-heads svd-init", "nc-two-heads", "nc-policy", "nc-fc", "lowrank-heads", "nc-added-heads", "nc-conv"]
 VARIANT_NAMES = {"nc-heads": "Neurocoder heads",
                  "nc-heads svd-init": "Neurocoder heads seeded from the plain head (layer_init=svd)",
                  "nc-two-heads": "Neurocoder policy head and Neurocoder value head (two layers)",
                  "nc-policy": "Neurocoder policy head (plain value)",
                  "nc-fc": "Neurocoder in every fully connected layer",
                  "lowrank-heads": "Low-rank output layer without a memory (control)",
-                 "nc-added-heads": "Plain output layer plus a Neurocoder layer (scale from 0)"}
+                 "nc-added-heads": "Plain output layer plus a Neurocoder layer (scale from 0)",
+                 "nc-conv": "Neurocoder convolution in the torso (plain heads)"}
 # R4 of ../shared/REFERENCE_RESULTS.md: returns at 5M frames read off Young & Tian's curves.
 PUBLISHED_MINATAR = {"asterix": ("~17", "~19"), "breakout": ("~10", "~17.5"), "freeway": ("~50", "~47"),
                      "seaquest": ("~20", "~15.5"), "space_invaders": ("~43", "~185")}

@@ -63,6 +63,7 @@ AGENT_VARIANTS = {
     "nc-two-heads": "two Neurocoder output layers, one for the policy, one for the value, each composing its own program",
     "lowrank-heads": "control: the plain output layer as sum sigma_n u_n v_n^T of free factors (no memory, no reads)",
     "nc-added-heads": "the plain output layer plus a Neurocoder layer added through a scale that starts at 0",
+    "nc-conv": "Neurocoder in the torso's first convolution (filters composed per observation), plain heads",
 }
 
 
@@ -157,7 +158,7 @@ class PPOConfig:
         if not 0.0 <= self.torso_grad_scale <= 1.0:
             problems.append(f"torso_grad_scale={self.torso_grad_scale} (must be in [0, 1]: the share of the "
                             f"gradient through the Neurocoder layers that reaches the torso)")
-        if self.torso_grad_scale != 1.0 and self.variant in ("nc-fc", "lowrank-heads"):
+        if self.torso_grad_scale != 1.0 and self.variant in ("nc-fc", "lowrank-heads", "nc-conv"):
             problems.append(f"torso_grad_scale applies to a Neurocoder output layer, which variant={self.variant!r} "
                             f"does not have (choose nc-heads, nc-policy, nc-two-heads or nc-added-heads)")
         if self.detach_context and self.constant_context:
@@ -327,6 +328,8 @@ def build_agent(variant: str, observation_shape, num_actions: int, hidden: int =
     elif variant == "nc-added-heads":
         agent.heads = _AddedHeads(agent.heads)
         neurocoder.convert(agent, ["heads.program"], init=init, **options)
+    elif variant == "nc-conv":
+        neurocoder.convert(agent, ["features.0"], init=init, **options)
     elif variant != "plain":
         raise ValueError(f"unknown variant {variant!r}; choose one of {sorted(AGENT_VARIANTS)}")
     if torso_grad_scale != 1.0:
@@ -336,7 +339,7 @@ def build_agent(variant: str, observation_shape, num_actions: int, hidden: int =
 
 def _scale_torso_gradient(agent: ActorCritic, variant: str, scale: float) -> None:
     """Wrap the output layer's Neurocoder parts in :class:`_ScaledInputGradient`."""
-    if variant in ("plain", "lowrank-heads", "nc-fc"):
+    if variant in ("plain", "lowrank-heads", "nc-fc", "nc-conv"):
         raise ValueError(f"torso_grad_scale applies to a Neurocoder output layer; variant {variant!r} has none "
                          f"outside the torso")
     if variant == "nc-heads":
