@@ -267,8 +267,9 @@ def shift_fit(history: torch.Tensor, dim: int, ridge: float = 1e-3, pooled: bool
     (the ridge keeps it defined while H - 1 < d). Unlike the sum of products of
     ``shift_context``, this undoes the states' own correlation: on a window of H > d + 1 states
     inside one segment of the default stream (x_{t+1} = A_k x_t + noise) it is A_k to within a
-    few per cent (median over the sequences of a window: about 9% at H = 5, 7% at H = 6; noise 0.05), whatever the states happen to be. With centres the
-    map is affine and an affine fit is ill-posed on these orbits, so this is for the default stream.
+    few per cent (median over the sequences of a window: about 9% at H = 5, 7% at H = 6; noise
+    0.05), whatever the states happen to be. With centres the map is affine, and one sequence's
+    pairs do not fix an affine fit; see ``affine`` with ``pooled``.
 
     ``pooled``: one map fitted to the B x (H - 1) pairs of the whole batch, returned for every
     sequence. It assumes the sequences of a batch share their program, as the shift stream's
@@ -295,7 +296,8 @@ def shift_inputs(history: torch.Tensor, program: int, dim: int, num_programs: in
 
     history: (B, H x d) the last H states, oldest first; program: the index of the program that
     makes the target. Returns (input (B, d or H x d, + 1 with shift_input_constant), context
-    (B, H x d states, d x d transitions, d x d fit or fit-pooled, d x (d + 1) fit-pooled-affine, K cue, or H x d + K states+cue))."""
+    (B, H x d states, d x d transitions, d x d fit or fit-pooled, d x (d + 1) fit-pooled-affine,
+    K cue, or H x d + K states+cue))."""
     batch = history.shape[0]
     layer_input = history if cfg.shift_input == "history" else history[:, -dim:]
     if cfg.shift_input_constant:
