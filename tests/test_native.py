@@ -3,14 +3,16 @@ they replace (neurocoder.fused._FusedLayer and _FusedReadApply, and the no-grad 
 same values and gradients for every option, taken exactly where they apply, buffers reused only
 when nothing else holds them, and a failed build that falls back with a warning."""
 
+import copy
 import itertools
 import shutil
 
 import pytest
 import torch
 
+import neurocoder
 import neurocoder.fused as fused_module
-from neurocoder import NeurocoderLinear, native, presets, reading
+from neurocoder import NeurocoderConv2d, NeurocoderLinear, native, presets, reading
 from neurocoder.fused import functions_behind, fused_layer_apply
 
 pytestmark = pytest.mark.skipif(shutil.which("c++") is None and shutil.which("g++") is None,
@@ -494,3 +496,92 @@ def test_least_used_layer_breaks_usage_ties_by_slot_in_the_fused_read():
         assert ("_NativeFusedReadApplyBackward" in functions_behind(y)) == enabled
         outputs.append(y.detach())
     torch.testing.assert_close(outputs[0], outputs[1], rtol=1e-10, atol=1e-12)
+
+
+# ------------------------------------------------------------------ NeurocoderConv2d's read
+
+
+def _conv_pair(seed=0, grow=0, **options):
+    """A float64 NeurocoderConv2d on the kernels and a copy on its composable path (fused=False);
+    ``grow`` new slots give the memory per-slot attention offsets."""
+    torch.manual_seed(seed)
+    layer = NeurocoderConv2d(3, 5, 3, num_programs=6, rank=4, key_dim=3, dtype=torch.float64, **options)
+    if grow:
+        layer.memory.grow(grow, attention_offset=-0.5)
+    if layer.bias is not None:
+        torch.nn.init.normal_(layer.bias)
+    if layer.memory.slot_bias is not None:
+        torch.nn.init.normal_(layer.memory.slot_bias)
+    reference = copy.deepcopy(layer)
+    reference.fused = False
+    return layer, reference
+
+
+def _conv_step(layer, x):
+    """Output, the input's gradient and every parameter's gradient of one forward+backward."""
+    for p in layer.parameters():
+        p.grad = None
+    y = layer(x)
+    (y * torch.linspace(-1, 1, y.numel(), dtype=y.dtype).view_as(y)).square().sum().backward()
+    return y.detach(), None if x.grad is None else x.grad.clone(), [p.grad for p in layer.parameters()]
+
+
+@pytest.mark.parametrize("composer,steps", [("feedforward", 1), ("recurrent", 2)])
+@pytest.mark.parametrize("sharpness", ["learned", 3.0])
+@pytest.mark.parametrize("options", [dict(), dict(key_mode="learned", bias=False, slot_bias=True),
+                                     dict(stride=2, padding=1), dict(padding="same", dilation=2)])
+def test_conv_kernels_equal_the_composable_path(composer, steps, sharpness, options):
+    options = dict(options)
+    slot_bias = options.pop("slot_bias", False)
+    layer, reference = _conv_pair(composer=composer, steps=steps, sharpness=sharpness, grow=2 if slot_bias else 0,
+                                  **options)
+    x = torch.randn(4, 3, 7, 6, dtype=torch.float64, requires_grad=True)
+    x_ref = x.detach().clone().requires_grad_(True)
+    y, grad_x, grads = _conv_step(layer, x)
+    y_ref, grad_x_ref, grads_ref = _conv_step(reference, x_ref)
+    assert "_NativeConvReadBackward" in functions_behind(layer(x))
+    assert "_NativeConvReadBackward" not in functions_behind(reference(x_ref))
+    torch.testing.assert_close(y, y_ref)
+    torch.testing.assert_close(grad_x, grad_x_ref)
+    for name, g, g_ref in zip([n for n, _ in layer.named_parameters()], grads, grads_ref):
+        assert (g is None) == (g_ref is None), name
+        if g is not None:
+            torch.testing.assert_close(g, g_ref, msg=lambda m: f"{name}: {m}")
+    torch.testing.assert_close(layer.memory.usage_average, reference.memory.usage_average)
+    with torch.no_grad():                              # the no-grad call skips the Function
+        torch.testing.assert_close(layer.eval()(x), reference.eval()(x_ref))
+
+
+def test_conv_kernels_pass_gradcheck():
+    layer, _ = _conv_pair(seed=1)
+    x = torch.randn(3, 3, 6, 6, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda inputs: layer(inputs), (x,))
+
+
+@pytest.mark.parametrize("dedupe", [True, False])
+def test_conv_reads_identical_contexts_once_with_the_same_values_gradients_and_usage(dedupe):
+    layer, reference = _conv_pair(seed=2)
+    layer.dedupe_contexts = dedupe
+    distinct = torch.randn(3, 3, 7, 6, dtype=torch.float64)
+    batch = neurocoder.layers._DEDUPE_MIN_BATCH
+    x = distinct[torch.arange(batch) % 3]                 # data: no gradient, 3 contexts in the batch
+    y, _, grads = _conv_step(layer, x)
+    y_ref, _, grads_ref = _conv_step(reference, x)
+    torch.testing.assert_close(y, y_ref)
+    for g, g_ref in zip(grads, grads_ref):
+        torch.testing.assert_close(g, g_ref)
+    torch.testing.assert_close(layer.memory.usage_average, reference.memory.usage_average)
+    assert ("IndexSelectBackward0" in functions_behind(layer(x))) == dedupe
+
+
+def test_unique_rows_matches_torch_unique_and_never_merges_nan_rows():
+    generator = torch.Generator().manual_seed(3)
+    for B, C in [(1, 1), (7, 3), (64, 4), (300, 2)]:
+        rows = torch.randint(0, 3, (B, C), generator=generator).float()
+        unique, inverse, counts = neurocoder.layers._unique_rows(rows)
+        expected = torch.unique(rows, dim=0, return_inverse=True, return_counts=True)
+        for got, want in zip((unique, inverse, counts), expected):
+            assert torch.equal(got, want)
+    rows = torch.tensor([[0.0, float("nan")], [0.0, float("nan")], [1.0, 2.0], [1.0, 2.0]])
+    unique, inverse, counts = neurocoder.layers._unique_rows(rows)
+    assert counts.tolist() == [1, 1, 2] and inverse[0] != inverse[1] and inverse[2] == inverse[3]

@@ -26,7 +26,7 @@ from torch.autograd.function import once_differentiable
 
 from . import native as _native
 
-__all__ = ["fused_read_apply", "fused_layer_apply", "functions_behind"]
+__all__ = ["fused_read_apply", "fused_layer_apply", "conv_read_mixing", "functions_behind"]
 
 _EPS = 1e-8
 # Largest fixed sharpness whose logits (bounded by it) take the max-free softmax: exp(30) x P
@@ -253,6 +253,40 @@ class _NativeFusedReadApply(torch.autograd.Function):
                 None if ctx.sharpness_shape is None else grad_scale.view(ctx.sharpness_shape),
                 grad_slot_bias if ctx.has_slot_bias else None, grad_s_values, grad_v_values, None,
                 grad_gates if ctx.least_used else None, None)
+
+
+class _NativeConvRead(torch.autograd.Function):
+    """:class:`~neurocoder.layers.NeurocoderConv2d`'s read through the C++ kernels of
+    :mod:`neurocoder.native` (CPU): the fused read's attention and singular values, then each
+    composition's (C_out, P) mixing matrix, in one Function with a hand-written backward. See
+    :func:`conv_read_mixing`. Tests (tests/test_native.py) check the layer built on it against
+    its composable path."""
+
+    @staticmethod
+    def forward(ctx, queries, keys, sharpness, slot_bias, s_values, v_values, want_usage, usage_weights):
+        learned = isinstance(sharpness, torch.Tensor)
+        fixed = None if learned else float(sharpness)
+        mixing, _, usage, *saved = _native.ops().conv_read_forward(
+            queries, sharpness if learned else None, fixed, keys, slot_bias, s_values, v_values,
+            queries.shape[0] // (keys.shape[0] * keys.shape[2]), want_usage, usage_weights)
+        ctx.save_for_backward(*saved, sharpness if learned else None, s_values, v_values)
+        ctx.fixed, ctx.has_slot_bias = fixed, slot_bias is not None
+        ctx.set_materialize_grads(False)
+        ctx.mark_non_differentiable(usage)
+        return mixing, usage
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_mixing, _grad_usage):
+        # once_differentiable: as _FusedReadApply's.
+        *saved, sharpness, s_values, v_values = ctx.saved_tensors
+        if grad_mixing is None:
+            grad_mixing = saved[7].new_zeros(saved[7].shape[0], v_values.shape[1], s_values.shape[0])
+        grad_queries, grad_sharpness, grad_keys, grad_slot_bias, grad_s_values, grad_v_values = \
+            _native.ops().conv_read_backward(grad_mixing, saved, sharpness, ctx.fixed, s_values, v_values,
+                                             ctx.has_slot_bias)
+        return (grad_queries, grad_keys, grad_sharpness if sharpness is not None else None,
+                grad_slot_bias if ctx.has_slot_bias else None, grad_s_values, grad_v_values, None, None)
 
 
 class _FusedLayer(torch.autograd.Function):
@@ -530,3 +564,39 @@ def fused_read_apply(head_out: torch.Tensor, through_memory: torch.Tensor | None
     function = _NativeFusedReadApply if native else _FusedReadApply
     return function.apply(head_out, through_memory, rank, key_dim, keys, sharpness, slot_bias, s_values, v_values,
                           want_usage)
+
+
+def conv_read_mixing(queries: torch.Tensor, keys: torch.Tensor, sharpness: torch.Tensor | float,
+                     slot_bias: torch.Tensor | None, s_values: torch.Tensor, v_values: torch.Tensor,
+                     want_usage: bool = True, usage_weights: torch.Tensor | None = None):
+    """Read the memory by content attention and compose each read's mixing matrix, in C++.
+
+    :class:`~neurocoder.layers.NeurocoderConv2d` convolves its input with the P program filters
+    (responses (B, P, N)) and mixes them per sample: ``y[b] = mixing[b] @ responses[b]``, with
+    ``mixing[b] = sum_n sigma_n (read_v_n M_V)^T (read_u_n)`` (C_out, P). For CPU tensors of one
+    dtype, float32 or float64, with the kernels built (:func:`_native_applies`); the layer takes
+    its composable path otherwise.
+
+    Args:
+        queries: (J R k, B) raw queries, rows (bank, component, key entry); R = T x rank
+            components, n = t x rank + r (normalised here).
+        keys: (J, P, k) raw keys.
+        sharpness: a float, or a (J R, B) positive tensor, rows (bank, component).
+        slot_bias: optional (J, P) logit offsets.
+        s_values, v_values: (P,) and (P, C_out) programs.
+        want_usage: as :func:`fused_read_apply`.
+        usage_weights: optional (B,): each read's weight in the usage average (the number of
+            samples that share it, when identical contexts were read once).
+
+    Returns:
+        mixing: (B, C_out, P); usage: (J, P), as :func:`fused_read_apply`.
+    """
+    tensors = (queries, keys, sharpness, slot_bias, s_values, v_values)
+    if not torch.is_grad_enabled() or not any(isinstance(t, torch.Tensor) and t.requires_grad for t in tensors):
+        # No graph to record (an agent's rollout): the op alone, without the Function's bookkeeping.
+        learned = isinstance(sharpness, torch.Tensor)
+        mixing, _, usage, *_ = _native.ops().conv_read_forward(
+            queries, sharpness if learned else None, None if learned else float(sharpness), keys, slot_bias,
+            s_values, v_values, queries.shape[0] // (keys.shape[0] * keys.shape[2]), want_usage, usage_weights)
+        return mixing, usage
+    return _NativeConvRead.apply(*tensors, want_usage, usage_weights)

@@ -25,7 +25,7 @@ from torch.nn.modules.utils import _pair
 from ._checks import check_positive_int
 from .composer import COMPOSERS, ComposerOutput, FeedForwardComposer, RecurrentComposer
 from . import native as _native
-from .fused import _EPS, _native_applies, _reverse_cumsum, fused_layer_apply, fused_read_apply
+from .fused import _EPS, _native_applies, _reverse_cumsum, conv_read_mixing, fused_layer_apply, fused_read_apply
 from .memory import KEY_MODES, ProgramMemory
 from .reading import content_attention, read_with_least_used
 from .trace import BANK_NAMES, Trace
@@ -234,6 +234,26 @@ class NeurocoderLayer(nn.Module):
             residual_gate=plan.residual_gate,
         )
 
+    def _kept(self, name, build):
+        """``build()``, or inside ``neurocoder.reuse_programs`` (no-grad calls only) what an earlier
+        call built under ``name``, unless a parameter changed since. ``build`` must depend on
+        parameters and buffers only."""
+        reused = getattr(self, "_reused", None)          # absent on modules pickled by older versions
+        reuse = reused is not None and not torch.is_grad_enabled() and not torch.compiler.is_compiling()
+        if reuse:
+            # In-place updates (an optimiser step, load_state_dict, freeze) bump the tensors'
+            # version counters: then what was kept is stale and is computed again.
+            stamp = (self.memory.num_programs, tuple(t._version for t in reused["watch"]))
+            if reused.get("stamp") != stamp:
+                reused.clear()
+                reused.update(watch=_reused_watch(self), stamp=stamp)
+            elif name in reused:
+                return reused[name]
+        value = build()
+        if reuse:
+            reused[name] = value
+        return value
+
     def _finish(self, y: torch.Tensor, parts: tuple, return_trace: bool):
         sink = self._trace_sink
         if not return_trace and sink is None:
@@ -353,26 +373,6 @@ class NeurocoderLinear(NeurocoderLayer):
                 and not _under_functorch(flat)
                 # Least-used reading is in the fused read on the C++ kernels only (CPU).
                 and (self.least_used == 0 or _native_applies(flat, self.memory.u_values)))
-
-    def _kept(self, name, build):
-        """``build()``, or inside ``neurocoder.reuse_programs`` (no-grad calls only) what an earlier
-        call built under ``name``, unless a parameter changed since. ``build`` must depend on
-        parameters and buffers only."""
-        reused = getattr(self, "_reused", None)          # absent on modules pickled by older versions
-        reuse = reused is not None and not torch.is_grad_enabled() and not torch.compiler.is_compiling()
-        if reuse:
-            # In-place updates (an optimiser step, load_state_dict, freeze) bump the tensors'
-            # version counters: then what was kept is stale and is computed again.
-            stamp = (self.memory.num_programs, tuple(t._version for t in reused["watch"]))
-            if reused.get("stamp") != stamp:
-                reused.clear()
-                reused.update(watch=_reused_watch(self), stamp=stamp)
-            elif name in reused:
-                return reused[name]
-        value = build()
-        if reuse:
-            reused[name] = value
-        return value
 
     def _parameter_constants(self, joined: bool):
         """The keys (3, P, k) and, for the joined GEMM, its weight (C + P, d_in) and bias (C + P,).
@@ -560,8 +560,16 @@ class NeurocoderConv2d(NeurocoderLayer):
     The composer reads from the globally average-pooled input (B, in_channels) unless a
     context (B, context_features) is given. Other arguments as :class:`NeurocoderLinear`
     (default ``num_programs=32, rank=8``), plus ``kernel_size``, ``stride``, ``padding`` and
-    ``dilation`` as in ``nn.Conv2d`` (zero padding, groups=1). ``fused`` is accepted for options
-    shared with :class:`NeurocoderLinear` and changes nothing here.
+    ``dilation`` as in ``nn.Conv2d`` (zero padding, groups=1).
+
+    With ``fused`` (the default), CPU calls in float32 or float64 read through the C++ kernels of
+    :mod:`neurocoder.native` (:func:`neurocoder.fused.conv_read_mixing`) where the options allow
+    it (no least-used reading, no working program, no trace); everything else takes the
+    composable path, with the same maths. On that path a batch of at least 128 whose context
+    carries no gradient (the layer reads data) reads each distinct context once and shares the
+    read, when that at least halves the reads: the values, gradients and usage are those of
+    reading every sample. (A MinAtar board's pooled channels take few values: 3 to 103 distinct
+    contexts in 2,048 frames.) Set the attribute ``dedupe_contexts = False`` to read every sample.
 
     Shapes:
         x: (B, in_channels, H, W) -> y: (B, out_channels, H_out, W_out); an unbatched
@@ -578,9 +586,9 @@ class NeurocoderConv2d(NeurocoderLayer):
                  orthogonality_over_keys: bool = False, device=None, dtype=None) -> None:
         super().__init__()
         check_positive_int("NeurocoderConv2d", "in_channels", in_channels)
-        # The convolution has one path (already a single conv plus a 1x1 mix); ``fused`` is
-        # accepted so that one set of options can configure linear and convolutional layers.
         self.fused = fused
+        # Read identical contexts once on the C++ path (see _native_forward); False: every sample.
+        self.dedupe_contexts = True
         check_positive_int("NeurocoderConv2d", "out_channels", out_channels)
         self._label = f"NeurocoderConv2d(in_channels={in_channels}, out_channels={out_channels})"
         self.kernel_size, self.stride, self.dilation = _pair(kernel_size), _pair(stride), _pair(dilation)
@@ -633,12 +641,70 @@ class NeurocoderConv2d(NeurocoderLayer):
     def _program_filters(self) -> torch.Tensor:
         return self.memory.u.reshape(self.num_programs, self.in_channels, *self.kernel_size)
 
+    def _can_run_native(self, x: torch.Tensor, return_trace: bool) -> bool:
+        """Whether :func:`~neurocoder.fused.conv_read_apply` (C++, CPU) covers this call."""
+        memory = self.memory
+        return (self.fused and not return_trace and self._trace_sink is None and x.shape[0] > 0
+                and self.least_used == 0 and self.residual_weight is None
+                and not _autocast_enabled(x.device.type) and not _under_functorch(x)
+                and _native_applies(x, memory.u_values, memory.v_values, memory.s_values, self.bias,
+                                    memory.slot_bias))
+
+    def _native_forward(self, x: torch.Tensor, ctx: torch.Tensor) -> torch.Tensor:
+        """(B, C_in, H, W) -> (B, C_out, H', W'): the read through
+        :func:`~neurocoder.fused.conv_read_mixing`, then one batched product."""
+        memory, head = self.memory, self.composer.head
+        J, R, k = 3, self.steps * self.rank, self.key_dim
+        Q = J * R * k
+        shared, counts = None, None
+        if (getattr(self, "dedupe_contexts", True) and not ctx.requires_grad
+                and ctx.shape[0] >= _DEDUPE_MIN_BATCH):
+            # A read depends on its context alone: identical contexts are read once. Only for
+            # contexts without a gradient (the layer's input is data), where sharing the read
+            # changes no value and no gradient; only for batches large enough that the reads
+            # saved outweigh finding them; and only when it saves at least half the reads.
+            unique, inverse, counts = _unique_rows(ctx)
+            if 2 * unique.shape[0] <= ctx.shape[0]:
+                ctx, shared = unique, inverse
+        if isinstance(self.composer, FeedForwardComposer):
+            # The composer's map written transposed, (C, B): its rows are already the queries'
+            # (J R k, B) and the sharpness' (J R, B) layouts, so neither needs a permuted copy.
+            head_t = torch.addmm(head.linear.bias.unsqueeze(1), head.linear.weight, ctx.T)
+            queries, raw_sharpness = head_t[:Q], head_t[sum(head.sizes[:2]):sum(head.sizes[:3])]
+        else:
+            raw = self.composer.raw(ctx)                                           # (B, T, C)
+            B, T = raw.shape[:2]
+            per_step = J * self.rank * k                                            # query columns of a step
+            queries = raw[..., :per_step].reshape(B, T, J, self.rank, k).permute(2, 1, 3, 4, 0).reshape(Q, B)
+            raw_sharpness = head.split(raw)[2]
+            if head.learn_sharpness:
+                raw_sharpness = raw_sharpness.reshape(B, T, J, self.rank).permute(2, 1, 3, 0).reshape(J * R, B)
+        sharpness = F.softplus(raw_sharpness) if head.learn_sharpness else float(self.sharpness)
+        keys, s_values, v_values = self._kept("conv", lambda: (memory.keys(), memory.s, memory.v))
+        mixing, usage = conv_read_mixing(queries, keys, sharpness, memory.slot_bias, s_values, v_values,
+                                         want_usage=self.training,
+                                         usage_weights=None if shared is None else counts.to(queries.dtype))
+        if self.training and not _recomputing():
+            memory.update_usage(usage)
+        if shared is not None:
+            mixing = mixing.index_select(0, shared)                                # (B, C_out, P)
+        responses = self._conv(x, self._program_filters())                         # (B, P, H', W')
+        B, P, H, W = responses.shape
+        flat = responses.reshape(B, P, H * W)
+        if self.bias is None:
+            y = torch.bmm(mixing, flat)
+        else:
+            y = torch.baddbmm(self.bias.view(1, -1, 1), mixing, flat)
+        return y.view(B, self.out_channels, H, W)
+
     def forward(self, x: torch.Tensor, context: torch.Tensor | None = None, return_trace: bool = False):
         if isinstance(x, torch.Tensor) and x.dim() == 3 and x.shape[0] == self.in_channels:
             # Unbatched, as nn.Conv2d accepts it: a batch of one (the trace keeps that batch axis).
             out = self.forward(x.unsqueeze(0), None if context is None else context.unsqueeze(0), return_trace)
             return (out[0].squeeze(0), out[1]) if return_trace else out.squeeze(0)
         ctx = self._inputs(x, context)
+        if self._can_run_native(x, return_trace):
+            return self._native_forward(x, ctx)
         sigma, weights, plan, attention, usage = self.read(ctx)
         responses = self._conv(x, self._program_filters())                         # (B, P, H', W')
         B, P, H, W = responses.shape
@@ -681,6 +747,34 @@ class NeurocoderConv2d(NeurocoderLayer):
         return y
 
 
+# Smallest batch whose identical contexts NeurocoderConv2d reads once: below it finding them
+# costs about what reading them all does (an agent's rollout of 32 observations: 0.09 ms to find
+# them, against ~0.1 ms for the whole read; benchmarks/bench_agents.py).
+_DEDUPE_MIN_BATCH = 128
+
+
+def _unique_rows(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``torch.unique(rows, dim=0, return_inverse=True, return_counts=True)`` for a (B, C) tensor
+    with few columns: the rows sorted lexicographically by one stable sort per column, then runs
+    of equal rows. (On a CPU ``torch.unique(dim=0)`` compares rows one pair at a time: ~2 ms for a
+    batch of 512 contexts, against ~0.1 ms here.) Rows holding NaN never equal another row.
+
+    Returns:
+        unique (U, C) in lexicographic order, inverse (B,) the index of each row's unique row,
+        counts (U,) how many rows each unique row stands for.
+    """
+    order = torch.arange(rows.shape[0], device=rows.device)
+    for column in reversed(range(rows.shape[1])):
+        order = order[torch.sort(rows[order, column], stable=True).indices]
+    ordered = rows[order]
+    starts = torch.ones(rows.shape[0], dtype=torch.bool, device=rows.device)
+    starts[1:] = (ordered[1:] != ordered[:-1]).any(dim=1)
+    group = starts.cumsum(0) - 1                                                  # (B,) in sorted order
+    inverse = torch.empty_like(group)
+    inverse[order] = group
+    return ordered[starts], inverse, torch.bincount(group)
+
+
 def _reused_watch(layer: nn.Module) -> list[torch.Tensor]:
     """The tensors whose changes make :func:`reuse_programs`' kept tensors stale.
 
@@ -694,9 +788,9 @@ def _reused_watch(layer: nn.Module) -> list[torch.Tensor]:
 
 @contextlib.contextmanager
 def reuse_programs(model: nn.Module):
-    """Within this block, no-grad forward passes of ``model``'s Neurocoder linear layers compute
-    what depends only on parameters (the keys, and the feed-forward composer's weight joined with
-    the U programs) once, and reuse it.
+    """Within this block, no-grad forward passes of ``model``'s Neurocoder layers compute what
+    depends only on parameters (the keys, the programs as read, and the feed-forward composer's
+    weight joined with the U programs) once, and reuse it.
 
     For many small no-grad calls between two parameter updates, such as an agent's rollout::
 
@@ -709,7 +803,7 @@ def reuse_programs(model: nn.Module):
     the layer computes the kept tensors again. Calls with gradients enabled are unaffected.
     Leaving the block drops what was kept. Blocks may nest; the outer one owns the reuse.
     """
-    layers = [m for m in model.modules() if isinstance(m, NeurocoderLinear) and getattr(m, "_reused", None) is None]
+    layers = [m for m in model.modules() if isinstance(m, NeurocoderLayer) and getattr(m, "_reused", None) is None]
     for layer in layers:
         layer._reused = {"watch": _reused_watch(layer)}
     try:

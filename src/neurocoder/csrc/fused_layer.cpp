@@ -1050,6 +1050,239 @@ std::vector<Tensor> least_used_read_backward(const std::optional<Tensor>& grad_w
   return {grad_attention, grad_gates};
 }
 
+
+// ------------------------------------------------------------------ the convolutional layer
+// NeurocoderConv2d's read (neurocoder.fused._NativeConvRead). The layer convolves its input with
+// the P program filters: responses (B, P, H' W'); each sample's output is its responses mixed
+// by its composed (O, P) matrix,
+//   mixing[b] = sum_r (M_V^T read_v_r) (sigma_r read_u_r)^T,   y[b] = mixing[b] responses[b] (+ bias).
+// This op makes the mixing matrices from the composer's queries; the layer applies them (one
+// batched product). The attention is the fused read's (attend, and its backward fed every read
+// weight's gradient, as least-used reading feeds it); the singular values and their scaling are
+// loops over contiguous samples; the small per-sample products are one batched BLAS call each.
+// Layouts: weights (J, P, R, B) as the fused read's; scaled (P, R, B) = sigma read_u, and
+// sample-major read_v_out (B, R, O) = (read_v^T M_V), scaled_by_sample (B, R, P), mixing (B, O, P).
+
+// Singular values from the S bank's read weights, columns [b0, b1): raw_sigma = S . read_s,
+// sigma = reverse cumulative sum of softplus(raw_sigma) (descending). (R, B) each.
+template <typename T>
+void singular_values_columns(const T* read_s, const T* s_values, int64_t P, int64_t R, int64_t B, T* raw_sigma,
+                             T* sigma, int64_t b0, int64_t b1) {
+  const int64_t n = b1 - b0;
+  for (int64_t r = 0; r < R; ++r) {
+    T* __restrict__ raw = raw_sigma + r * B + b0;
+    std::fill(raw, raw + n, T(0));
+    for (int64_t p = 0; p < P; ++p) {
+      const T* __restrict__ ws = read_s + (p * R + r) * B + b0;
+      const T s = s_values[p];
+#pragma omp simd
+      for (int64_t b = 0; b < n; ++b) raw[b] += s * ws[b];
+    }
+  }
+  for (int64_t b = b0; b < b1; ++b) {
+    T running = 0;
+    for (int64_t r = R - 1; r >= 0; --r) {
+      running += softplus(raw_sigma[r * B + b]);
+      sigma[r * B + b] = running;
+    }
+  }
+}
+
+// scaled[p, r, b] = sigma[r, b] read_u[p, r, b] for columns [b0, b1). (P, R, B).
+template <typename T>
+void scale_by_sigma_columns(const T* read_u, const T* sigma, int64_t P, int64_t R, int64_t B, T* scaled, int64_t b0,
+                            int64_t b1) {
+  const int64_t n = b1 - b0;
+  for (int64_t p = 0; p < P; ++p)
+    for (int64_t r = 0; r < R; ++r) {
+      const T* __restrict__ w = read_u + (p * R + r) * B + b0;
+      const T* __restrict__ s = sigma + r * B + b0;
+      T* __restrict__ row = scaled + (p * R + r) * B + b0;
+#pragma omp simd
+      for (int64_t b = 0; b < n; ++b) row[b] = s[b] * w[b];
+    }
+}
+
+// The backward of scale_by_sigma_columns: from d scaled (P, R, B), d read_u into grad_read_u
+// (P, R, B) and d sigma added to grad_sigma (R, B).
+template <typename T>
+void scale_by_sigma_backward_columns(const T* read_u, const T* sigma, const T* grad_scaled, int64_t P, int64_t R,
+                                     int64_t B, T* grad_read_u, T* grad_sigma, int64_t b0, int64_t b1) {
+  const int64_t n = b1 - b0;
+  for (int64_t p = 0; p < P; ++p)
+    for (int64_t r = 0; r < R; ++r) {
+      const int64_t row = (p * R + r) * B + b0;
+      const T* __restrict__ w = read_u + row;
+      const T* __restrict__ g = grad_scaled + row;
+      const T* __restrict__ s = sigma + r * B + b0;
+      T* __restrict__ gw = grad_read_u + row;
+      T* __restrict__ gs = grad_sigma + r * B + b0;
+#pragma omp simd
+      for (int64_t b = 0; b < n; ++b) {
+        gw[b] = g[b] * s[b];
+        gs[b] += g[b] * w[b];
+      }
+    }
+}
+
+// The backward through the singular values, columns [b0, b1): sigma_r = sum_{r' >= r}
+// softplus(raw_r'), so d / d softplus(raw_r') = sum_{r <= r'} d / d sigma_r. (R, B) each.
+template <typename T>
+void singular_values_backward_columns(const T* raw_sigma, const T* grad_sigma, int64_t R, int64_t B, T* grad_raw,
+                                      int64_t b0, int64_t b1) {
+  for (int64_t b = b0; b < b1; ++b) {
+    T running = 0;
+    for (int64_t r = 0; r < R; ++r) {
+      running += grad_sigma[r * B + b];
+      grad_raw[r * B + b] = running / (T(1) + std::exp(-raw_sigma[r * B + b]));     // times sigmoid(raw)
+    }
+  }
+}
+
+// The S bank's part of the backward, slots [p0, p1): raw_sigma = S . read_s, so d read_s[p, n] =
+// s_p d raw_sigma[n] and d s_p = sum_n read_s[p, n] d raw_sigma[n]. read_s, grad_read_s (P, N).
+template <typename T>
+void s_bank_backward_rows(const T* read_s, const T* s_values, const T* grad_raw, int64_t N, T* grad_read_s,
+                          T* grad_s_values, int64_t p0, int64_t p1) {
+  for (int64_t p = p0; p < p1; ++p) {
+    const T* __restrict__ ws = read_s + p * N;
+    T* __restrict__ g = grad_read_s + p * N;
+    const T s = s_values[p];
+    T total = 0;
+#pragma omp simd reduction(+ : total)
+    for (int64_t n = 0; n < N; ++n) {
+      g[n] = s * grad_raw[n];
+      total += ws[n] * grad_raw[n];
+    }
+    grad_s_values[p] = total;
+  }
+}
+
+// Returns mixing (B, O, P), sigma (B, R), usage (J, P), then what conv_read_backward needs:
+// unit_queries, query_norm, unit_keys, key_norm, weights, raw_sigma, sigma (R, B), read_v_out,
+// scaled_by_sample. queries, sharpness, keys and slot_bias as fused_read_forward's; v_values
+// (P, O). usage_weights (B,), optional: each column's weight in the usage average (how many
+// samples share its context), else 1.
+std::vector<Tensor> conv_read_forward(const Tensor& queries, const std::optional<Tensor>& sharpness,
+                                      std::optional<double> fixed_sharpness, const Tensor& keys,
+                                      const std::optional<Tensor>& slot_bias, const Tensor& s_values,
+                                      const Tensor& v_values, int64_t components, bool want_usage,
+                                      const std::optional<Tensor>& usage_weights) {
+  const int64_t J = 3, P = keys.size(1), k = keys.size(2), R = components, B = queries.size(1), N = R * B;
+  TORCH_CHECK(queries.dim() == 2 && queries.size(0) == J * R * k, "conv_read_forward: queries of shape ",
+              queries.sizes(), ", expected (", J * R * k, ", B)");
+  TORCH_CHECK(sharpness.has_value() != fixed_sharpness.has_value(),
+              "conv_read_forward: give a learned sharpness tensor or a fixed value, not both or neither");
+  TORCH_CHECK(!sharpness.has_value() || (sharpness->size(0) == J * R && sharpness->size(1) == B),
+              "conv_read_forward: sharpness of shape ", sharpness.has_value() ? sharpness->sizes() : at::IntArrayRef{},
+              ", expected (", J * R, ", ", B, ")");
+  TORCH_CHECK(v_values.dim() == 2 && v_values.size(0) == P, "conv_read_forward: v_values of shape ",
+              v_values.sizes(), ", expected (", P, ", out_channels)");
+  TORCH_CHECK(!usage_weights.has_value() || usage_weights->numel() == B, "conv_read_forward: usage_weights of ",
+              usage_weights.has_value() ? usage_weights->numel() : 0, " values, expected ", B);
+  const int64_t O = v_values.size(1);
+  const auto options = queries.options();
+  Tensor q = queries.contiguous(), v = v_values.contiguous();
+  Tensor scale = sharpness.has_value() ? sharpness->contiguous() : Tensor();
+  Tensor key_norm = at::linalg_vector_norm(keys, 2, {2}, true).clamp_min_(kEps);       // (J, P, 1)
+  Tensor unit_keys = (keys / key_norm).contiguous();                                    // (J, P, k)
+  Tensor unit_queries = at::empty({J, k, N}, options), query_norm = at::empty({J, 1, R, B}, options);
+  Tensor weights = at::empty({J, P, N}, options);
+  Tensor raw_sigma = at::empty({R, B}, options), sigma = at::empty({R, B}, options);
+  Tensor scaled = at::empty({P, R, B}, options);
+  Tensor bias = slot_bias.has_value() ? slot_bias->contiguous() : Tensor();
+  Tensor s_contiguous = s_values.contiguous();
+  AT_DISPATCH_FLOATING_TYPES(queries.scalar_type(), "conv_read_forward", [&] {
+    attend<scalar_t>(q.data_ptr<scalar_t>(), unit_keys.data_ptr<scalar_t>(),
+                     scale.defined() ? scale.data_ptr<scalar_t>() : nullptr,
+                     static_cast<scalar_t>(scale.defined() ? 0.0 : *fixed_sharpness),
+                     bias.defined() ? bias.data_ptr<scalar_t>() : nullptr, J, P, R, k, B,
+                     unit_queries.data_ptr<scalar_t>(), query_norm.data_ptr<scalar_t>(), weights.data_ptr<scalar_t>());
+    const scalar_t* w = weights.data_ptr<scalar_t>();
+    at::parallel_for(0, B, 64, [&](int64_t b0, int64_t b1) {
+      singular_values_columns<scalar_t>(w + 2 * P * N, s_contiguous.data_ptr<scalar_t>(), P, R, B,
+                                        raw_sigma.data_ptr<scalar_t>(), sigma.data_ptr<scalar_t>(), b0, b1);
+      scale_by_sigma_columns<scalar_t>(w, sigma.data_ptr<scalar_t>(), P, R, B, scaled.data_ptr<scalar_t>(), b0, b1);
+    });
+  });
+  Tensor usage;
+  if (!want_usage) {
+    usage = at::zeros({J, P}, options);
+  } else {
+    // Each slot's largest weight over a composition's components, averaged over the samples.
+    Tensor largest = weights.view({J, P, R, B}).amax(2);                                // (J, P, B)
+    usage = usage_weights.has_value() ? at::matmul(largest, *usage_weights) / usage_weights->sum()
+                                      : largest.mean(2);
+  }
+  // The products with the programs, sample-major (B, ., .): a GEMM and a batched one.
+  Tensor read_v_out = at::mm(weights[1].t(), v).view({R, B, O}).transpose(0, 1).contiguous();   // (B, R, O)
+  Tensor scaled_by_sample = scaled.permute({2, 1, 0}).contiguous();                             // (B, R, P)
+  Tensor mixing = at::bmm(read_v_out.transpose(1, 2), scaled_by_sample);                        // (B, O, P)
+  return {mixing, sigma.t().contiguous(), usage, unit_queries, query_norm, unit_keys, key_norm, weights,
+          raw_sigma, sigma, read_v_out, scaled_by_sample};
+}
+
+// conv_read_forward's backward, from d loss / d mixing (B, O, P). Returns the gradients of
+// queries (J R k, B), the sharpness (J R, B; empty when fixed), the keys (J, P, k), the slot bias
+// (J, P; empty without it), s_values (P,) and v_values (P, O).
+std::vector<Tensor> conv_read_backward(const Tensor& grad_mixing_in, at::TensorList saved,
+                                       const std::optional<Tensor>& sharpness, std::optional<double> fixed_sharpness,
+                                       const Tensor& s_values, const Tensor& v_values, bool has_slot_bias) {
+  TORCH_CHECK(saved.size() == 9, "conv_read_backward: expected the 9 tensors conv_read_forward saves");
+  const Tensor &unit_queries = saved[0], &query_norm = saved[1], &unit_keys = saved[2], &key_norm = saved[3],
+               &weights = saved[4], &raw_sigma = saved[5], &sigma = saved[6], &read_v_out = saved[7],
+               &scaled = saved[8];
+  const int64_t J = unit_queries.size(0), k = unit_queries.size(1), P = unit_keys.size(1);
+  const int64_t R = sigma.size(0), B = sigma.size(1), O = read_v_out.size(2);
+  const auto options = unit_queries.options();
+  const Tensor grad_mixing = grad_mixing_in.contiguous();
+  Tensor scale = sharpness.has_value() ? sharpness->contiguous() : Tensor();
+  Tensor grad_read = at::empty({J, P, R * B}, options), grad_raw = at::empty({R, B}, options);
+  Tensor grad_sigma = at::zeros({R, B}, options);
+  Tensor s_contiguous = s_values.contiguous(), v = v_values.contiguous();
+  Tensor grad_queries = at::empty({J * R * k, B}, options);
+  Tensor grad_sharpness = scale.defined() ? at::empty({J * R, B}, options) : at::empty({0}, options);
+  Tensor key_partials = at::empty({J * R, P, k}, options);
+  Tensor bias_partials = has_slot_bias ? at::empty({J * R, P}, options) : Tensor();
+  Tensor grad_s_values = at::empty({P}, options);
+  // mixing[b] = read_v_out[b]^T scaled[b].
+  Tensor grad_read_v_out = at::bmm(scaled, grad_mixing.transpose(1, 2));                        // (B, R, O)
+  Tensor grad_scaled = at::bmm(read_v_out, grad_mixing).permute({2, 1, 0}).contiguous();        // (P, R, B)
+  // V bank: read_v_out[b, r] = read_v[:, r, b]^T M_V, so d read_v (P, R B) = M_V d read_v_out^T,
+  // d M_V = read_v d read_v_out.
+  Tensor grad_read_v_rb = grad_read_v_out.transpose(0, 1).reshape({R * B, O});                 // (R B, O)
+  at::mm_out(out(grad_read[1]), v, grad_read_v_rb.t());
+  Tensor grad_v_values = at::mm(weights[1], grad_read_v_rb);
+  AT_DISPATCH_FLOATING_TYPES(unit_queries.scalar_type(), "conv_read_backward", [&] {
+    const scalar_t* w = weights.data_ptr<scalar_t>();
+    scalar_t* gread = grad_read.data_ptr<scalar_t>();
+    scalar_t* gsig = grad_sigma.data_ptr<scalar_t>();
+    scalar_t* graw = grad_raw.data_ptr<scalar_t>();
+    const scalar_t* sv = s_contiguous.data_ptr<scalar_t>();
+    at::parallel_for(0, B, 64, [&](int64_t b0, int64_t b1) {
+      scale_by_sigma_backward_columns<scalar_t>(w, sigma.data_ptr<scalar_t>(), grad_scaled.data_ptr<scalar_t>(), P,
+                                                R, B, gread, gsig, b0, b1);
+      singular_values_backward_columns<scalar_t>(raw_sigma.data_ptr<scalar_t>(), gsig, R, B, graw, b0, b1);
+    });
+    at::parallel_for(0, P, 1, [&](int64_t p0, int64_t p1) {
+      s_bank_backward_rows<scalar_t>(w + 2 * P * R * B, sv, graw, R * B, gread + 2 * P * R * B,
+                                     grad_s_values.data_ptr<scalar_t>(), p0, p1);
+    });
+    // The gradient of every read weight is given (grad_read), so the compose-side pointers go unused.
+    attend_backward<scalar_t>(
+        w, unit_queries.data_ptr<scalar_t>(), query_norm.data_ptr<scalar_t>(), unit_keys.data_ptr<scalar_t>(),
+        scale.defined() ? scale.data_ptr<scalar_t>() : nullptr,
+        static_cast<scalar_t>(scale.defined() ? 0.0 : *fixed_sharpness), graw, graw, graw, graw, sv, graw, J, P, R,
+        k, B, grad_queries.data_ptr<scalar_t>(), scale.defined() ? grad_sharpness.data_ptr<scalar_t>() : nullptr,
+        /*through_softplus=*/false, key_partials.data_ptr<scalar_t>(),
+        has_slot_bias ? bias_partials.data_ptr<scalar_t>() : nullptr, /*s_partials=*/nullptr, gread);
+  });
+  Tensor grad_unit_keys = key_partials.view({J, R, P, k}).sum(1);                        // (J, P, k)
+  Tensor grad_keys = (grad_unit_keys - unit_keys * (grad_unit_keys * unit_keys).sum(2, true)) / key_norm;
+  Tensor grad_slot_bias = has_slot_bias ? bias_partials.view({J, R, P}).sum(1) : at::empty({0}, options);
+  return {grad_queries, grad_sharpness, grad_keys, grad_slot_bias, grad_s_values, grad_v_values};
+}
+
 }  // namespace
 
 TORCH_LIBRARY(neurocoder_cpu, m) {
@@ -1069,6 +1302,11 @@ TORCH_LIBRARY(neurocoder_cpu, m) {
   m.def("fused_read_backward(Tensor? grad_y, Tensor? grad_sigma, Tensor[] saved, Tensor? sharpness, "
         "float? fixed_sharpness, Tensor memory_by_slot, Tensor s_values, Tensor v_values, bool has_slot_bias, "
         "int least_used) -> Tensor[]");
+  m.def("conv_read_forward(Tensor queries, Tensor? sharpness, float? fixed_sharpness, Tensor keys, "
+        "Tensor? slot_bias, Tensor s_values, Tensor v_values, int components, bool want_usage, "
+        "Tensor? usage_weights) -> Tensor[]");
+  m.def("conv_read_backward(Tensor grad_mixing, Tensor[] saved, Tensor? sharpness, float? fixed_sharpness, "
+        "Tensor s_values, Tensor v_values, bool has_slot_bias) -> Tensor[]");
   m.def("least_used_read_forward(Tensor attention, Tensor gates, int least_used) -> Tensor[]");
   m.def("least_used_read_backward(Tensor? grad_weights, Tensor? grad_usage, Tensor attention, Tensor gates, "
         "Tensor weights, Tensor usage_before, Tensor least) -> Tensor[]");
@@ -1080,6 +1318,8 @@ TORCH_LIBRARY_IMPL(neurocoder_cpu, CPU, m) {
   m.impl("fused_layer_inference", &fused_layer_inference);
   m.impl("fused_read_forward", &fused_read_forward);
   m.impl("fused_read_backward", &fused_read_backward);
+  m.impl("conv_read_forward", &conv_read_forward);
+  m.impl("conv_read_backward", &conv_read_backward);
   m.impl("least_used_read_forward", &least_used_read_forward);
   m.impl("least_used_read_backward", &least_used_read_backward);
 }
