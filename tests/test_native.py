@@ -574,14 +574,51 @@ def test_conv_reads_identical_contexts_once_with_the_same_values_gradients_and_u
     assert ("IndexSelectBackward0" in functions_behind(layer(x))) == dedupe
 
 
-def test_unique_rows_matches_torch_unique_and_never_merges_nan_rows():
+def test_unique_rows_groups_rows_by_their_exact_bits():
     generator = torch.Generator().manual_seed(3)
-    for B, C in [(1, 1), (7, 3), (64, 4), (300, 2)]:
-        rows = torch.randint(0, 3, (B, C), generator=generator).float()
+    for B, C, dtype in [(1, 1, torch.float32), (7, 3, torch.float64), (64, 4, torch.float32), (300, 10, torch.float32)]:
+        rows = torch.randint(0, 3, (B, C), generator=generator).to(dtype)
         unique, inverse, counts = neurocoder.layers._unique_rows(rows)
-        expected = torch.unique(rows, dim=0, return_inverse=True, return_counts=True)
-        for got, want in zip((unique, inverse, counts), expected):
-            assert torch.equal(got, want)
-    rows = torch.tensor([[0.0, float("nan")], [0.0, float("nan")], [1.0, 2.0], [1.0, 2.0]])
+        assert torch.equal(unique[inverse], rows) and counts.sum() == B
+        assert unique.shape[0] == torch.unique(rows, dim=0).shape[0]
+        assert torch.equal(counts, torch.bincount(inverse))
+    rows = torch.tensor([[0.0, float("nan")], [0.0, float("nan")], [1.0, 2.0], [-0.0, float("nan")]])
     unique, inverse, counts = neurocoder.layers._unique_rows(rows)
-    assert counts.tolist() == [1, 1, 2] and inverse[0] != inverse[1] and inverse[2] == inverse[3]
+    assert inverse[0] == inverse[1] and len({inverse[0].item(), inverse[2].item(), inverse[3].item()}) == 3
+
+
+def test_unique_rows_falls_back_to_sorting_when_hashes_collide(monkeypatch):
+    rows = torch.tensor([[1.0, 2.0], [3.0, 4.0], [1.0, 2.0]])
+    real_unique = torch.unique
+    # Every row hashes alike: the bitwise check finds the collision and the rows are sorted.
+    monkeypatch.setattr(torch, "unique", lambda t, **kw: real_unique(torch.zeros_like(t), **kw))
+    unique, inverse, counts = neurocoder.layers._unique_rows(rows)
+    assert torch.equal(unique[inverse], rows) and counts.tolist() == [2, 1]
+
+
+def test_conv_rollout_remembers_mixings_until_a_parameter_changes():
+    layer, reference = _conv_pair(seed=4)
+    layer.eval(), reference.eval()
+    distinct = torch.randn(5, 3, 7, 6, dtype=torch.float64)
+    batches = [distinct[torch.randint(0, 5, (6,), generator=torch.Generator().manual_seed(i))] for i in range(12)]
+    with torch.no_grad(), neurocoder.reuse_programs(layer):
+        for batch in batches:
+            torch.testing.assert_close(layer(batch), reference(batch))
+        kept = layer._reused["mixings"]
+        assert len(kept["index"]) == 5 and kept["served"] > 0          # later batches were looked up
+        for m in (layer, reference):                                     # an optimiser step, in place
+            m.memory.v_values.add_(0.1)
+        torch.testing.assert_close(layer(batches[0]), reference(batches[0]))
+        assert layer._reused["mixings"]["calls"] == 1                    # what was kept was dropped
+    assert layer._reused is None
+
+
+def test_conv_rollout_reads_directly_where_contexts_rarely_repeat():
+    layer, reference = _conv_pair(seed=5)
+    layer.eval(), reference.eval()
+    with torch.no_grad(), neurocoder.reuse_programs(layer):
+        for i in range(12):                                              # every batch new contexts
+            batch = torch.randn(4, 3, 7, 6, dtype=torch.float64)
+            torch.testing.assert_close(layer(batch), reference(batch))
+        kept = layer._reused["mixings"]
+        assert kept["calls"] == 8 and kept["served"] == 0                # it stopped looking after 8

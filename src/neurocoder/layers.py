@@ -650,22 +650,13 @@ class NeurocoderConv2d(NeurocoderLayer):
                 and _native_applies(x, memory.u_values, memory.v_values, memory.s_values, self.bias,
                                     memory.slot_bias))
 
-    def _native_forward(self, x: torch.Tensor, ctx: torch.Tensor) -> torch.Tensor:
-        """(B, C_in, H, W) -> (B, C_out, H', W'): the read through
-        :func:`~neurocoder.fused.conv_read_mixing`, then one batched product."""
+    def _read_mixing(self, ctx: torch.Tensor, counts: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, context_features) -> (B, C_out, P) each context's mixing matrix, through
+        :func:`~neurocoder.fused.conv_read_mixing`; counts (B,): how many samples each context
+        stands for in the usage average (None: one each)."""
         memory, head = self.memory, self.composer.head
         J, R, k = 3, self.steps * self.rank, self.key_dim
         Q = J * R * k
-        shared, counts = None, None
-        if (getattr(self, "dedupe_contexts", True) and not ctx.requires_grad
-                and ctx.shape[0] >= _DEDUPE_MIN_BATCH):
-            # A read depends on its context alone: identical contexts are read once. Only for
-            # contexts without a gradient (the layer's input is data), where sharing the read
-            # changes no value and no gradient; only for batches large enough that the reads
-            # saved outweigh finding them; and only when it saves at least half the reads.
-            unique, inverse, counts = _unique_rows(ctx)
-            if 2 * unique.shape[0] <= ctx.shape[0]:
-                ctx, shared = unique, inverse
         if isinstance(self.composer, FeedForwardComposer):
             # The composer's map written transposed, (C, B): its rows are already the queries'
             # (J R k, B) and the sharpness' (J R, B) layouts, so neither needs a permuted copy.
@@ -683,11 +674,61 @@ class NeurocoderConv2d(NeurocoderLayer):
         keys, s_values, v_values = self._kept("conv", lambda: (memory.keys(), memory.s, memory.v))
         mixing, usage = conv_read_mixing(queries, keys, sharpness, memory.slot_bias, s_values, v_values,
                                          want_usage=self.training,
-                                         usage_weights=None if shared is None else counts.to(queries.dtype))
+                                         usage_weights=None if counts is None else counts.to(queries.dtype))
         if self.training and not _recomputing():
             memory.update_usage(usage)
-        if shared is not None:
-            mixing = mixing.index_select(0, shared)                                # (B, C_out, P)
+        return mixing
+
+    def _remembered_mixing(self, ctx: torch.Tensor) -> torch.Tensor:
+        """(B, context_features) -> (B, C_out, P) for a no-grad, eval-mode call inside
+        :func:`reuse_programs`: the parameters are fixed there, so a context's mixing matrix is
+        computed once and looked up after (an agent's rollout meets the same few MinAtar contexts
+        at every step). Contexts match by their exact bytes; what is kept is dropped whenever a
+        parameter changes, and restarts past ``_REMEMBERED_CONTEXTS`` entries. Where contexts
+        rarely repeat (fewer than half of the first 8 calls found all theirs), looking them up
+        costs more than it saves, and the calls read directly until the parameters change."""
+        kept = self._kept("mixings", lambda: {"index": {}, "table": None, "calls": 0, "served": 0})
+        if kept["calls"] >= 8 and 2 * kept["served"] < kept["calls"]:
+            return self._read_mixing(ctx)
+        kept["calls"] += 1
+        index = kept["index"]
+        rows = [row.tobytes() for row in ctx.contiguous().numpy()]
+        if len(index) + len(rows) > _REMEMBERED_CONTEXTS:
+            index.clear()
+            kept["table"] = None
+        new = {}
+        for position, row in enumerate(rows):
+            if row not in index and row not in new:
+                new[row] = position
+        if not new:
+            kept["served"] += 1
+        else:
+            fresh = self._read_mixing(ctx[list(new.values())])                    # (M, C_out, P)
+            start = 0 if kept["table"] is None else kept["table"].shape[0]
+            kept["table"] = fresh if kept["table"] is None else torch.cat([kept["table"], fresh])
+            for offset, row in enumerate(new):
+                index[row] = start + offset
+        return kept["table"][[index[row] for row in rows]]
+
+    def _native_forward(self, x: torch.Tensor, ctx: torch.Tensor) -> torch.Tensor:
+        """(B, C_in, H, W) -> (B, C_out, H', W'): the read through
+        :func:`~neurocoder.fused.conv_read_mixing`, then one batched product."""
+        if (not torch.is_grad_enabled() and not self.training and getattr(self, "_reused", None) is not None
+                and ctx.device.type == "cpu"):
+            mixing = self._remembered_mixing(ctx)
+        elif (getattr(self, "dedupe_contexts", True) and not ctx.requires_grad
+                and ctx.shape[0] >= _DEDUPE_MIN_BATCH):
+            # A read depends on its context alone: identical contexts are read once. Only for
+            # contexts without a gradient (the layer's input is data), where sharing the read
+            # changes no value and no gradient; only for batches large enough that the reads
+            # saved outweigh finding them; and only when it saves at least half the reads.
+            unique, inverse, counts = _unique_rows(ctx)
+            if 2 * unique.shape[0] <= ctx.shape[0]:
+                mixing = self._read_mixing(unique, counts).index_select(0, inverse)   # (B, C_out, P)
+            else:
+                mixing = self._read_mixing(ctx)
+        else:
+            mixing = self._read_mixing(ctx)
         responses = self._conv(x, self._program_filters())                         # (B, P, H', W')
         B, P, H, W = responses.shape
         flat = responses.reshape(B, P, H * W)
@@ -748,31 +789,55 @@ class NeurocoderConv2d(NeurocoderLayer):
 
 
 # Smallest batch whose identical contexts NeurocoderConv2d reads once: below it finding them
-# costs about what reading them all does (an agent's rollout of 32 observations: 0.09 ms to find
-# them, against ~0.1 ms for the whole read; benchmarks/bench_agents.py).
+# costs about what it saves (32 observations: ~0.04 ms to find them, ~0.09 ms for the whole read).
 _DEDUPE_MIN_BATCH = 128
+# How many contexts' mixing matrices a NeurocoderConv2d keeps inside reuse_programs before it
+# starts over (each C_out x P numbers: 16 KB at 64 x 64).
+_REMEMBERED_CONTEXTS = 4096
+
+
+_ROW_HASH_MULTIPLIERS = torch.randint(-2**62, 2**62, (64,), generator=torch.Generator().manual_seed(0)) | 1
 
 
 def _unique_rows(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``torch.unique(rows, dim=0, return_inverse=True, return_counts=True)`` for a (B, C) tensor
-    with few columns: the rows sorted lexicographically by one stable sort per column, then runs
-    of equal rows. (On a CPU ``torch.unique(dim=0)`` compares rows one pair at a time: ~2 ms for a
-    batch of 512 contexts, against ~0.1 ms here.) Rows holding NaN never equal another row.
+    """The distinct rows of a (B, C) float tensor, matched by their exact bits.
+
+    Each row's bits are hashed to one integer and the integers sorted once (on a CPU
+    ``torch.unique(dim=0)`` compares rows a pair at a time: ~2 ms for 512 contexts, against
+    ~0.1 ms here); every row is then checked equal, bit for bit, to its group's first row, and a
+    hash collision falls back to sorting the rows column by column. Rows are equal here when
+    their bits are: 0.0 and -0.0 differ, and two NaN rows with the same bits match.
 
     Returns:
-        unique (U, C) in lexicographic order, inverse (B,) the index of each row's unique row,
-        counts (U,) how many rows each unique row stands for.
+        unique (U, C), inverse (B,) the index of each row's unique row, counts (U,) how many
+        rows each unique row stands for.
     """
+    bits = rows.contiguous().view(torch.int64 if rows.element_size() == 8 else torch.int32).to(torch.int64)
+    # Random odd multipliers per column (fixed), summed with int64 wrap-around: a hash of the bits.
+    multipliers = _ROW_HASH_MULTIPLIERS[:rows.shape[1]] if rows.shape[1] <= len(_ROW_HASH_MULTIPLIERS) else \
+        torch.randint(-2**62, 2**62, (rows.shape[1],), generator=torch.Generator().manual_seed(0)) | 1
+    hashes = (bits * multipliers.to(rows.device)).sum(dim=1)
+    _, inverse, counts = torch.unique(hashes, sorted=True, return_inverse=True, return_counts=True)
+    first = torch.full((counts.shape[0],), rows.shape[0], dtype=torch.int64, device=rows.device)
+    first.scatter_reduce_(0, inverse, torch.arange(rows.shape[0], device=rows.device), "amin")
+    if torch.equal(bits, bits[first[inverse]]):
+        return rows[first], inverse, counts
+    return _unique_rows_by_columns(rows, bits)
+
+
+def _unique_rows_by_columns(rows: torch.Tensor, bits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor,
+                                                                                torch.Tensor]:
+    """:func:`_unique_rows` by sorting the rows' bits lexicographically, one stable sort per column."""
     order = torch.arange(rows.shape[0], device=rows.device)
     for column in reversed(range(rows.shape[1])):
-        order = order[torch.sort(rows[order, column], stable=True).indices]
-    ordered = rows[order]
+        order = order[torch.sort(bits[order, column], stable=True).indices]
+    ordered = bits[order]
     starts = torch.ones(rows.shape[0], dtype=torch.bool, device=rows.device)
     starts[1:] = (ordered[1:] != ordered[:-1]).any(dim=1)
     group = starts.cumsum(0) - 1                                                  # (B,) in sorted order
     inverse = torch.empty_like(group)
     inverse[order] = group
-    return ordered[starts], inverse, torch.bincount(group)
+    return rows[order[starts]], inverse, torch.bincount(group)
 
 
 def _reused_watch(layer: nn.Module) -> list[torch.Tensor]:
