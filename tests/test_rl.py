@@ -726,3 +726,27 @@ def test_return_curves_put_one_legend_under_all_panels(tmp_path, monkeypatch):
     assert sizes[12] > sizes[2]
     for fig in figures:
         close(fig)
+
+
+def test_minatar_contexts_script_counts_the_distinct_pooled_contexts():
+    """scripts/minatar_contexts.py (README, games): distinct contexts over all frames, per
+    minibatch and per rollout step, each between 1 and the frames it counts over."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(
+        "minatar_contexts", Path(__file__).resolve().parents[1] / "scripts" / "minatar_contexts.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    counts = script.main(["--games", "breakout", "asterix", "--steps", "4"])
+    for game, c in counts.items():
+        assert c["frames"] == 128 and c["minibatch"] == 32 and c["channels"] == 4
+        assert 1 <= c["per_step"] <= 32 and 1 <= c["per_minibatch"] <= min(32, c["distinct"]) <= c["distinct"] <= 128
+    # The count is exact: the same frames counted by torch.unique.
+    envs = make_vector_env("minatar:breakout", 32, 0)
+    generator = torch.Generator().manual_seed(0)
+    observations, frames = envs.reset(), []
+    for _ in range(4):
+        frames.append(observations.clone())
+        observations, *_ = envs.step(torch.randint(envs.num_actions, (32,), generator=generator).numpy())
+    contexts = torch.stack(frames).mean(dim=(3, 4)).flatten(0, 1)
+    assert counts["breakout"]["distinct"] == torch.unique(contexts, dim=0).shape[0]

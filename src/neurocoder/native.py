@@ -6,8 +6,10 @@ much as the arithmetic. The kernels do the same maths as a few loops between the
 whole training step of a feed-forward layer reading its own input (``fused_layer_forward`` /
 ``_backward``), its no-grad eval-mode call (``fused_layer_inference``), and the read alone for
 the other composers (``fused_read_forward`` / ``_backward``: the recurrent composer's steps, a
-separate context, frozen slots, the working program's gate), and least-used reading's sequential
-mixing (``least_used_read_forward`` / ``_backward``, :func:`neurocoder.reading.read_with_least_used`).
+separate context, frozen slots, the working program's gate), least-used reading's sequential
+mixing (``least_used_read_forward`` / ``_backward``, :func:`neurocoder.reading.read_with_least_used`),
+and NeurocoderConv2d's read up to each sample's mixing matrix (``conv_read_forward`` /
+``_backward``, :func:`neurocoder.fused.conv_read_mixing`).
 They are compiled on first use with
 PyTorch's ``torch.utils.cpp_extension`` (needs a C++ compiler, and ninja, a dependency; about
 30 s on two cores, cached under ``TORCH_EXTENSIONS_DIR``, by default
