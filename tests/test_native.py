@@ -622,3 +622,16 @@ def test_conv_rollout_reads_directly_where_contexts_rarely_repeat():
             torch.testing.assert_close(layer(batch), reference(batch))
         kept = layer._reused["mixings"]
         assert kept["calls"] == 8 and kept["served"] == 0                # it stopped looking after 8
+
+
+def test_conv_takes_its_composable_path_with_the_kernels_off_or_a_trace():
+    layer, _ = _conv_pair(seed=6)
+    x = torch.randn(2, 3, 6, 6, dtype=torch.float64)
+    assert "_NativeConvReadBackward" in functions_behind(layer(x))
+    y, trace = layer(x, return_trace=True)                 # traces come from the composable path
+    assert "_NativeConvReadBackward" not in functions_behind(y) and trace.sigma.shape == (2, 4)
+    native.set_enabled(False)
+    assert "_NativeConvReadBackward" not in functions_behind(layer(x))
+    native.set_enabled(True)
+    layer.fused = False
+    assert "_NativeConvReadBackward" not in functions_behind(layer(x))
