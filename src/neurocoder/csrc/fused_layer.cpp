@@ -645,6 +645,45 @@ struct LeastUsed {
   int64_t m;
 };
 
+// The checks every read op makes of its queries (J R k, B) and its sharpness (J R, B when
+// learned, else the fixed value), naming the op.
+void check_queries_and_sharpness(const char* op, const Tensor& queries, const std::optional<Tensor>& sharpness,
+                                 std::optional<double> fixed_sharpness, int64_t J, int64_t R, int64_t k, int64_t B) {
+  TORCH_CHECK(queries.dim() == 2 && queries.size(0) == J * R * k, op, ": queries of shape ", queries.sizes(),
+              ", expected (", J * R * k, ", B)");
+  TORCH_CHECK(sharpness.has_value() != fixed_sharpness.has_value(),
+              op, ": give a learned sharpness tensor or a fixed value, not both or neither");
+  TORCH_CHECK(!sharpness.has_value() || (sharpness->size(0) == J * R && sharpness->size(1) == B),
+              op, ": sharpness of shape ", sharpness.has_value() ? sharpness->sizes() : at::IntArrayRef{},
+              ", expected (", J * R, ", ", B, ")");
+}
+
+// What attend writes and its backward reads: the unit keys and their norms, the unit queries,
+// their norms and the read weights, allocated for R components of B samples.
+struct AttentionBuffers {
+  Tensor key_norm, unit_keys, unit_queries, query_norm, weights;
+};
+
+AttentionBuffers attention_buffers(const Tensor& keys, int64_t R, int64_t B, const at::TensorOptions& options) {
+  const int64_t J = keys.size(0), P = keys.size(1), k = keys.size(2);
+  Tensor key_norm = at::linalg_vector_norm(keys, 2, {2}, true).clamp_min_(kEps);       // (J, P, 1)
+  return {key_norm, (keys / key_norm).contiguous(), at::empty({J, k, R * B}, options),
+          at::empty({J, 1, R, B}, options), at::empty({J, P, R * B}, options)};
+}
+
+// The keys' gradient through their normalisation and the slot bias's, from the per-(bank,
+// component) partial sums attend_backward writes: (J R, P, k) and (J R, P).
+std::pair<Tensor, Tensor> key_and_bias_gradients(const Tensor& key_partials, const Tensor& bias_partials,
+                                                 const Tensor& unit_keys, const Tensor& key_norm, int64_t R,
+                                                 bool has_slot_bias) {
+  const int64_t J = unit_keys.size(0), P = unit_keys.size(1), k = unit_keys.size(2);
+  Tensor grad_unit_keys = key_partials.view({J, R, P, k}).sum(1);                        // (J, P, k)
+  Tensor grad_keys = (grad_unit_keys - unit_keys * (grad_unit_keys * unit_keys).sum(2, true)) / key_norm;
+  Tensor grad_slot_bias = has_slot_bias ? bias_partials.view({J, R, P}).sum(1)
+                                        : at::empty({0}, unit_keys.options());
+  return {grad_keys, grad_slot_bias};
+}
+
 void read_forward(const void* query_rows, const Tensor& unit_keys, const Tensor& sharpness,
                   std::optional<double> fixed_sharpness, const Tensor& slot_bias, const void* memory_by_slot,
                   const Tensor& s_values, int64_t R, int64_t B, const Tensor& unit_queries, const Tensor& query_norm,
@@ -755,9 +794,8 @@ std::tuple<Tensor, Tensor, Tensor> read_backward(
         key_partials.data_ptr<scalar_t>(), has_slot_bias ? bias_partials.data_ptr<scalar_t>() : nullptr,
         least_used ? nullptr : s_partials.data_ptr<scalar_t>(), grad_read_ptr);
   });
-  Tensor grad_unit_keys = key_partials.view({J, R, P, k}).sum(1);                        // (J, P, k)
-  Tensor grad_keys = (grad_unit_keys - unit_keys * (grad_unit_keys * unit_keys).sum(2, true)) / key_norm;
-  Tensor grad_slot_bias = has_slot_bias ? bias_partials.view({J, R, P}).sum(1) : at::empty({0}, options);
+  const auto [grad_keys, grad_slot_bias] = key_and_bias_gradients(key_partials, bias_partials, unit_keys, key_norm,
+                                                                  R, has_slot_bias);
   return {grad_keys, grad_slot_bias, s_partials.sum(0)};
 }
 
@@ -927,22 +965,17 @@ std::vector<Tensor> fused_read_forward(const Tensor& queries, const std::optiona
                                      least_used <= P),
               "fused_read_forward: least-used gates of shape ", gates.has_value() ? gates->sizes() : at::IntArrayRef{},
               " (expected (", J * R, ", ", B, ")) with least_used ", least_used, " (expected 1 to ", P, ")");
-  TORCH_CHECK(queries.dim() == 2 && queries.size(0) == J * R * k, "fused_read_forward: queries of shape ",
-              queries.sizes(), ", expected (", J * R * k, ", B)");
-  TORCH_CHECK(sharpness.has_value() != fixed_sharpness.has_value(),
-              "fused_read_forward: give a learned sharpness tensor or a fixed value, not both or neither");
-  TORCH_CHECK(!sharpness.has_value() || (sharpness->size(0) == J * R && sharpness->size(1) == B),
-              "fused_read_forward: sharpness of shape ", sharpness.has_value() ? sharpness->sizes() : at::IntArrayRef{},
-              ", expected (", J * R, ", ", B, ")");
+  check_queries_and_sharpness("fused_read_forward", queries, sharpness, fixed_sharpness, J, R, k, B);
   TORCH_CHECK(memory_by_slot.size(0) == P && memory_by_slot.size(1) == B, "fused_read_forward: memory_by_slot of shape ",
               memory_by_slot.sizes(), ", expected (", P, ", ", B, ")");
   const auto options = queries.options();
   Tensor q = queries.contiguous(), by_slot = memory_by_slot.contiguous();
   Tensor scale = sharpness.has_value() ? sharpness->contiguous() : Tensor();
-  Tensor key_norm = at::linalg_vector_norm(keys, 2, {2}, true).clamp_min_(kEps);       // (J, P, 1)
-  Tensor unit_keys = (keys / key_norm).contiguous();                                    // (J, P, k)
-  Tensor unit_queries = at::empty({J, k, N}, options), query_norm = at::empty({J, 1, R, B}, options);
-  Tensor weights = at::empty({J, P, N}, options);
+  // Named references, not a structured binding: the lambdas below capture them (C++17 allows that).
+  const AttentionBuffers attention = attention_buffers(keys, R, B, options);
+  const Tensor &key_norm = attention.key_norm, &unit_keys = attention.unit_keys;
+  const Tensor &unit_queries = attention.unit_queries, &query_norm = attention.query_norm;
+  const Tensor& weights = attention.weights;
   Tensor raw_sigma = at::empty({R, B}, options), sigma = at::empty({R, B}, options);
   Tensor projected = at::empty({R, B}, options), per_component = at::empty({R, B}, options);
   Tensor mixed = at::empty({P, B}, options), usage = at::zeros({J, P}, options);
@@ -1169,13 +1202,7 @@ std::vector<Tensor> conv_read_forward(const Tensor& queries, const std::optional
                                       const Tensor& v_values, int64_t components, bool want_usage,
                                       const std::optional<Tensor>& usage_weights) {
   const int64_t J = 3, P = keys.size(1), k = keys.size(2), R = components, B = queries.size(1), N = R * B;
-  TORCH_CHECK(queries.dim() == 2 && queries.size(0) == J * R * k, "conv_read_forward: queries of shape ",
-              queries.sizes(), ", expected (", J * R * k, ", B)");
-  TORCH_CHECK(sharpness.has_value() != fixed_sharpness.has_value(),
-              "conv_read_forward: give a learned sharpness tensor or a fixed value, not both or neither");
-  TORCH_CHECK(!sharpness.has_value() || (sharpness->size(0) == J * R && sharpness->size(1) == B),
-              "conv_read_forward: sharpness of shape ", sharpness.has_value() ? sharpness->sizes() : at::IntArrayRef{},
-              ", expected (", J * R, ", ", B, ")");
+  check_queries_and_sharpness("conv_read_forward", queries, sharpness, fixed_sharpness, J, R, k, B);
   TORCH_CHECK(v_values.dim() == 2 && v_values.size(0) == P, "conv_read_forward: v_values of shape ",
               v_values.sizes(), ", expected (", P, ", out_channels)");
   TORCH_CHECK(!usage_weights.has_value() || usage_weights->numel() == B, "conv_read_forward: usage_weights of ",
@@ -1184,20 +1211,18 @@ std::vector<Tensor> conv_read_forward(const Tensor& queries, const std::optional
   const auto options = queries.options();
   Tensor q = queries.contiguous(), v = v_values.contiguous();
   Tensor scale = sharpness.has_value() ? sharpness->contiguous() : Tensor();
-  Tensor key_norm = at::linalg_vector_norm(keys, 2, {2}, true).clamp_min_(kEps);       // (J, P, 1)
-  Tensor unit_keys = (keys / key_norm).contiguous();                                    // (J, P, k)
-  Tensor unit_queries = at::empty({J, k, N}, options), query_norm = at::empty({J, 1, R, B}, options);
-  Tensor weights = at::empty({J, P, N}, options);
+  const AttentionBuffers a = attention_buffers(keys, R, B, options);
+  const Tensor& weights = a.weights;
   Tensor raw_sigma = at::empty({R, B}, options), sigma = at::empty({R, B}, options);
   Tensor scaled = at::empty({P, R, B}, options);
   Tensor bias = slot_bias.has_value() ? slot_bias->contiguous() : Tensor();
   Tensor s_contiguous = s_values.contiguous();
   AT_DISPATCH_FLOATING_TYPES(queries.scalar_type(), "conv_read_forward", [&] {
-    attend<scalar_t>(q.data_ptr<scalar_t>(), unit_keys.data_ptr<scalar_t>(),
+    attend<scalar_t>(q.data_ptr<scalar_t>(), a.unit_keys.data_ptr<scalar_t>(),
                      scale.defined() ? scale.data_ptr<scalar_t>() : nullptr,
                      static_cast<scalar_t>(scale.defined() ? 0.0 : *fixed_sharpness),
                      bias.defined() ? bias.data_ptr<scalar_t>() : nullptr, J, P, R, k, B,
-                     unit_queries.data_ptr<scalar_t>(), query_norm.data_ptr<scalar_t>(), weights.data_ptr<scalar_t>());
+                     a.unit_queries.data_ptr<scalar_t>(), a.query_norm.data_ptr<scalar_t>(), weights.data_ptr<scalar_t>());
     const scalar_t* w = weights.data_ptr<scalar_t>();
     at::parallel_for(0, B, 64, [&](int64_t b0, int64_t b1) {
       singular_values_columns<scalar_t>(w + 2 * P * N, s_contiguous.data_ptr<scalar_t>(), P, R, B,
@@ -1218,7 +1243,7 @@ std::vector<Tensor> conv_read_forward(const Tensor& queries, const std::optional
   Tensor read_v_out = at::mm(weights[1].t(), v).view({R, B, O}).transpose(0, 1).contiguous();   // (B, R, O)
   Tensor scaled_by_sample = scaled.permute({2, 1, 0}).contiguous();                             // (B, R, P)
   Tensor mixing = at::bmm(read_v_out.transpose(1, 2), scaled_by_sample);                        // (B, O, P)
-  return {mixing, sigma.t().contiguous(), usage, unit_queries, query_norm, unit_keys, key_norm, weights,
+  return {mixing, sigma.t().contiguous(), usage, a.unit_queries, a.query_norm, a.unit_keys, a.key_norm, weights,
           raw_sigma, sigma, read_v_out, scaled_by_sample};
 }
 
@@ -1277,9 +1302,8 @@ std::vector<Tensor> conv_read_backward(const Tensor& grad_mixing_in, at::TensorL
         /*through_softplus=*/false, key_partials.data_ptr<scalar_t>(),
         has_slot_bias ? bias_partials.data_ptr<scalar_t>() : nullptr, /*s_partials=*/nullptr, gread);
   });
-  Tensor grad_unit_keys = key_partials.view({J, R, P, k}).sum(1);                        // (J, P, k)
-  Tensor grad_keys = (grad_unit_keys - unit_keys * (grad_unit_keys * unit_keys).sum(2, true)) / key_norm;
-  Tensor grad_slot_bias = has_slot_bias ? bias_partials.view({J, R, P}).sum(1) : at::empty({0}, options);
+  const auto [grad_keys, grad_slot_bias] = key_and_bias_gradients(key_partials, bias_partials, unit_keys, key_norm,
+                                                                  R, has_slot_bias);
   return {grad_queries, grad_sharpness, grad_keys, grad_slot_bias, grad_s_values, grad_v_values};
 }
 
