@@ -604,12 +604,12 @@ def test_conv_rollout_remembers_mixings_until_a_parameter_changes():
     with torch.no_grad(), neurocoder.reuse_programs(layer):
         for batch in batches:
             torch.testing.assert_close(layer(batch), reference(batch))
-        kept = layer._reused["mixings"]
+        kept = layer._reused["rollout"]
         assert len(kept["index"]) == 5 and kept["served"] > 0          # later batches were looked up
         for m in (layer, reference):                                     # an optimiser step, in place
             m.memory.v_values.add_(0.1)
         torch.testing.assert_close(layer(batches[0]), reference(batches[0]))
-        assert layer._reused["mixings"]["calls"] == 1                    # what was kept was dropped
+        assert layer._reused["rollout"]["calls"] == 1                    # what was kept was dropped
     assert layer._reused is None
 
 
@@ -620,7 +620,7 @@ def test_conv_rollout_reads_directly_where_contexts_rarely_repeat():
         for i in range(12):                                              # every batch new contexts
             batch = torch.randn(4, 3, 7, 6, dtype=torch.float64)
             torch.testing.assert_close(layer(batch), reference(batch))
-        kept = layer._reused["mixings"]
+        kept = layer._reused["rollout"]
         assert kept["calls"] == 8 and kept["served"] == 0                # it stopped looking after 8
 
 

@@ -650,10 +650,12 @@ class NeurocoderConv2d(NeurocoderLayer):
                 and _native_applies(x, memory.u_values, memory.v_values, memory.s_values, self.bias,
                                     memory.slot_bias))
 
-    def _read_mixing(self, ctx: torch.Tensor, counts: torch.Tensor | None = None) -> torch.Tensor:
+    def _read_mixing(self, ctx: torch.Tensor, counts: torch.Tensor | None = None,
+                     programs: tuple | None = None) -> torch.Tensor:
         """(B, context_features) -> (B, C_out, P) each context's mixing matrix, through
         :func:`~neurocoder.fused.conv_read_mixing`; counts (B,): how many samples each context
-        stands for in the usage average (None: one each)."""
+        stands for in the usage average (None: one each); programs: the keys, S and V programs
+        when the caller has them (None: taken here)."""
         memory, head = self.memory, self.composer.head
         J, R, k = 3, self.steps * self.rank, self.key_dim
         Q = J * R * k
@@ -671,7 +673,9 @@ class NeurocoderConv2d(NeurocoderLayer):
             if head.learn_sharpness:
                 raw_sharpness = raw_sharpness.reshape(B, T, J, self.rank).permute(2, 1, 3, 0).reshape(J * R, B)
         sharpness = F.softplus(raw_sharpness) if head.learn_sharpness else float(self.sharpness)
-        keys, s_values, v_values = self._kept("conv", lambda: (memory.keys(), memory.s, memory.v))
+        if programs is None:
+            programs = self._kept("conv", lambda: (memory.keys(), memory.s, memory.v))
+        keys, s_values, v_values = programs
         mixing, usage = conv_read_mixing(queries, keys, sharpness, memory.slot_bias, s_values, v_values,
                                          want_usage=self.training,
                                          usage_weights=None if counts is None else counts.to(queries.dtype))
@@ -679,44 +683,59 @@ class NeurocoderConv2d(NeurocoderLayer):
             memory.update_usage(usage)
         return mixing
 
-    def _remembered_mixing(self, ctx: torch.Tensor) -> torch.Tensor:
-        """(B, context_features) -> (B, C_out, P) for a no-grad, eval-mode call inside
-        :func:`reuse_programs`: the parameters are fixed there, so a context's mixing matrix is
-        computed once and looked up after (an agent's rollout meets the same few MinAtar contexts
-        at every step). Contexts match by their exact bytes; what is kept is dropped whenever a
-        parameter changes, and restarts past ``_REMEMBERED_CONTEXTS`` entries. Where contexts
-        rarely repeat (fewer than half of the first 8 calls found all theirs), looking them up
-        costs more than it saves, and the calls read directly until the parameters change."""
-        kept = self._kept("mixings", lambda: {"index": {}, "table": None, "calls": 0, "served": 0})
+    def _rollout_constants(self) -> dict:
+        """What a rollout call needs from the parameters (programs, filters, bias), and the
+        contexts it has met: kept by :meth:`_kept` until a parameter changes."""
+        memory = self.memory
+        return {"programs": (memory.keys(), memory.s, memory.v), "filters": self._program_filters(),
+                "bias": None if self.bias is None else self.bias.view(1, -1, 1),
+                "index": {}, "table": None, "calls": 0, "served": 0}
+
+    def _rollout_forward(self, x: torch.Tensor, ctx: torch.Tensor) -> torch.Tensor:
+        """(B, C_in, H, W) -> (B, C_out, H', W') for a no-grad, eval-mode CPU call inside
+        :func:`reuse_programs` (an agent's rollout: many small calls between two parameter
+        updates). What depends on parameters only is computed once; so is each context's mixing
+        matrix, looked up by the context's exact bytes after (an agent meets the same few MinAtar
+        contexts at every step). Everything kept is dropped when a parameter changes, and the
+        contexts restart past ``_REMEMBERED_CONTEXTS``. Where contexts rarely repeat (fewer than
+        half of the first 8 calls found all theirs) looking them up costs more than it saves, and
+        the calls read directly until the parameters change."""
+        kept = self._kept("rollout", self._rollout_constants)
         if kept["calls"] >= 8 and 2 * kept["served"] < kept["calls"]:
-            return self._read_mixing(ctx)
-        kept["calls"] += 1
-        index = kept["index"]
-        rows = [row.tobytes() for row in ctx.contiguous().numpy()]
-        if len(index) + len(rows) > _REMEMBERED_CONTEXTS:
-            index.clear()
-            kept["table"] = None
-        new = {}
-        for position, row in enumerate(rows):
-            if row not in index and row not in new:
-                new[row] = position
-        if not new:
-            kept["served"] += 1
+            mixing = self._read_mixing(ctx, programs=kept["programs"])
         else:
-            fresh = self._read_mixing(ctx[list(new.values())])                    # (M, C_out, P)
-            start = 0 if kept["table"] is None else kept["table"].shape[0]
-            kept["table"] = fresh if kept["table"] is None else torch.cat([kept["table"], fresh])
-            for offset, row in enumerate(new):
-                index[row] = start + offset
-        return kept["table"][[index[row] for row in rows]]
+            kept["calls"] += 1
+            index = kept["index"]
+            rows = [row.tobytes() for row in ctx.contiguous().numpy()]
+            if len(index) + len(rows) > _REMEMBERED_CONTEXTS:
+                index.clear()
+                kept["table"] = None
+            new = {}
+            for position, row in enumerate(rows):
+                if row not in index and row not in new:
+                    new[row] = position
+            if not new:
+                kept["served"] += 1
+            else:
+                fresh = self._read_mixing(ctx[list(new.values())], programs=kept["programs"])   # (M, C_out, P)
+                start = 0 if kept["table"] is None else kept["table"].shape[0]
+                kept["table"] = fresh if kept["table"] is None else torch.cat([kept["table"], fresh])
+                for offset, row in enumerate(new):
+                    index[row] = start + offset
+            mixing = kept["table"][[index[row] for row in rows]]
+        responses = F.conv2d(x, kept["filters"], None, self.stride, self.padding, self.dilation)
+        B, P, H, W = responses.shape
+        flat = responses.view(B, P, H * W)
+        y = torch.bmm(mixing, flat) if kept["bias"] is None else torch.baddbmm(kept["bias"], mixing, flat)
+        return y.view(B, self.out_channels, H, W)
 
     def _native_forward(self, x: torch.Tensor, ctx: torch.Tensor) -> torch.Tensor:
         """(B, C_in, H, W) -> (B, C_out, H', W'): the read through
         :func:`~neurocoder.fused.conv_read_mixing`, then one batched product."""
         if (not torch.is_grad_enabled() and not self.training and getattr(self, "_reused", None) is not None
-                and ctx.device.type == "cpu"):
-            mixing = self._remembered_mixing(ctx)
-        elif (getattr(self, "dedupe_contexts", True) and not ctx.requires_grad
+                and x.dtype == self.memory.u_values.dtype):
+            return self._rollout_forward(x, ctx)
+        if (getattr(self, "dedupe_contexts", True) and not ctx.requires_grad
                 and ctx.shape[0] >= _DEDUPE_MIN_BATCH):
             # A read depends on its context alone: identical contexts are read once. Only for
             # contexts without a gradient (the layer's input is data), where sharing the read
