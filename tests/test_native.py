@@ -635,3 +635,12 @@ def test_conv_takes_its_composable_path_with_the_kernels_off_or_a_trace():
     native.set_enabled(True)
     layer.fused = False
     assert "_NativeConvReadBackward" not in functions_behind(layer(x))
+
+
+def test_conv_read_mixing_names_what_it_needs_when_the_kernels_cannot_run():
+    layer, _ = _conv_pair(seed=7)
+    memory = layer.memory
+    queries = torch.randn(3 * 4 * 3, 2, dtype=torch.float64)
+    native.set_enabled(False)
+    with pytest.raises(ValueError, match="C\\+\\+ kernels only"):
+        fused_module.conv_read_mixing(queries, memory.keys(), 1.0, None, memory.s, memory.v)

@@ -592,6 +592,11 @@ def conv_read_mixing(queries: torch.Tensor, keys: torch.Tensor, sharpness: torch
         mixing: (B, C_out, P); usage: (J, P), as :func:`fused_read_apply`.
     """
     tensors = (queries, keys, sharpness, slot_bias, s_values, v_values)
+    if not _native_applies(queries, *(t for t in tensors[1:] if isinstance(t, torch.Tensor))):
+        raise ValueError("conv_read_mixing runs on the C++ kernels only: CPU tensors of one dtype, float32 or "
+                         f"float64 (got {queries.dtype} on {queries.device}), outside torch.compile, kernels built "
+                         f"(neurocoder.native: {_native.describe()}); NeurocoderConv2d takes its composable path "
+                         "otherwise")
     if not torch.is_grad_enabled() or not any(isinstance(t, torch.Tensor) and t.requires_grad for t in tensors):
         # No graph to record (an agent's rollout): the op alone, without the Function's bookkeeping.
         learned = isinstance(sharpness, torch.Tensor)

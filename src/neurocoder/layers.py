@@ -568,8 +568,10 @@ class NeurocoderConv2d(NeurocoderLayer):
     composable path, with the same maths. On that path a batch of at least 128 whose context
     carries no gradient (the layer reads data) reads each distinct context once and shares the
     read, when that at least halves the reads: the values, gradients and usage are those of
-    reading every sample. (A MinAtar board's pooled channels take few values: 3 to 103 distinct
-    contexts in 2,048 frames.) Set the attribute ``dedupe_contexts = False`` to read every sample.
+    reading every sample. (A MinAtar board's pooled channels take few values: 5 to 82 distinct
+    contexts in 2,048 frames of random play, ``scripts/minatar_contexts.py``.) Set the attribute
+    ``dedupe_contexts = False`` to read every sample. Inside :func:`reuse_programs`, no-grad
+    eval-mode calls keep each context's mixing matrix until a parameter changes.
 
     Shapes:
         x: (B, in_channels, H, W) -> y: (B, out_channels, H_out, W_out); an unbatched
@@ -642,7 +644,7 @@ class NeurocoderConv2d(NeurocoderLayer):
         return self.memory.u.reshape(self.num_programs, self.in_channels, *self.kernel_size)
 
     def _can_run_native(self, x: torch.Tensor, return_trace: bool) -> bool:
-        """Whether :func:`~neurocoder.fused.conv_read_apply` (C++, CPU) covers this call."""
+        """Whether :func:`~neurocoder.fused.conv_read_mixing` (C++, CPU) covers this call."""
         memory = self.memory
         return (self.fused and not return_trace and self._trace_sink is None and x.shape[0] > 0
                 and self.least_used == 0 and self.residual_weight is None
