@@ -255,6 +255,15 @@ class _NativeFusedReadApply(torch.autograd.Function):
                 grad_gates if ctx.least_used else None, None)
 
 
+def _conv_read_forward(queries, keys, sharpness, slot_bias, s_values, v_values, want_usage, usage_weights):
+    """The C++ op ``conv_read_forward`` on :func:`conv_read_mixing`'s arguments: a learned
+    sharpness tensor or a fixed float, and R = (J R k) / (J k) components."""
+    learned = isinstance(sharpness, torch.Tensor)
+    return _native.ops().conv_read_forward(
+        queries, sharpness if learned else None, None if learned else float(sharpness), keys, slot_bias, s_values,
+        v_values, queries.shape[0] // (keys.shape[0] * keys.shape[2]), want_usage, usage_weights)
+
+
 class _NativeConvRead(torch.autograd.Function):
     """:class:`~neurocoder.layers.NeurocoderConv2d`'s read through the C++ kernels of
     :mod:`neurocoder.native` (CPU): the fused read's attention and singular values, then each
@@ -264,13 +273,11 @@ class _NativeConvRead(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, queries, keys, sharpness, slot_bias, s_values, v_values, want_usage, usage_weights):
+        mixing, _, usage, *saved = _conv_read_forward(queries, keys, sharpness, slot_bias, s_values, v_values,
+                                                      want_usage, usage_weights)
         learned = isinstance(sharpness, torch.Tensor)
-        fixed = None if learned else float(sharpness)
-        mixing, _, usage, *saved = _native.ops().conv_read_forward(
-            queries, sharpness if learned else None, fixed, keys, slot_bias, s_values, v_values,
-            queries.shape[0] // (keys.shape[0] * keys.shape[2]), want_usage, usage_weights)
         ctx.save_for_backward(*saved, sharpness if learned else None, s_values, v_values)
-        ctx.fixed, ctx.has_slot_bias = fixed, slot_bias is not None
+        ctx.fixed, ctx.has_slot_bias = None if learned else float(sharpness), slot_bias is not None
         ctx.set_materialize_grads(False)
         ctx.mark_non_differentiable(usage)
         return mixing, usage
@@ -599,9 +606,7 @@ def conv_read_mixing(queries: torch.Tensor, keys: torch.Tensor, sharpness: torch
                          "otherwise")
     if not torch.is_grad_enabled() or not any(isinstance(t, torch.Tensor) and t.requires_grad for t in tensors):
         # No graph to record (an agent's rollout): the op alone, without the Function's bookkeeping.
-        learned = isinstance(sharpness, torch.Tensor)
-        mixing, _, usage, *_ = _native.ops().conv_read_forward(
-            queries, sharpness if learned else None, None if learned else float(sharpness), keys, slot_bias,
-            s_values, v_values, queries.shape[0] // (keys.shape[0] * keys.shape[2]), want_usage, usage_weights)
+        mixing, _, usage, *_ = _conv_read_forward(queries, keys, sharpness, slot_bias, s_values, v_values,
+                                                  want_usage, usage_weights)
         return mixing, usage
     return _NativeConvRead.apply(*tensors, want_usage, usage_weights)

@@ -725,10 +725,17 @@ class NeurocoderConv2d(NeurocoderLayer):
                 for offset, row in enumerate(new):
                     index[row] = start + offset
             mixing = kept["table"][[index[row] for row in rows]]
-        responses = F.conv2d(x, kept["filters"], None, self.stride, self.padding, self.dilation)
+        return self._apply_mixing(x, mixing, kept["filters"], kept["bias"])
+
+    def _apply_mixing(self, x: torch.Tensor, mixing: torch.Tensor, filters: torch.Tensor,
+                      bias: torch.Tensor | None) -> torch.Tensor:
+        """x (B, C_in, H, W), mixing (B, C_out, P), filters (P, C_in, kh, kw), bias (1, C_out, 1)
+        or None -> (B, C_out, H', W'): the responses to the P program filters, each sample's
+        mixed by its matrix in one batched product."""
+        responses = self._conv(x, filters)                                         # (B, P, H', W')
         B, P, H, W = responses.shape
-        flat = responses.view(B, P, H * W)
-        y = torch.bmm(mixing, flat) if kept["bias"] is None else torch.baddbmm(kept["bias"], mixing, flat)
+        flat = responses.reshape(B, P, H * W)
+        y = torch.bmm(mixing, flat) if bias is None else torch.baddbmm(bias, mixing, flat)
         return y.view(B, self.out_channels, H, W)
 
     def _native_forward(self, x: torch.Tensor, ctx: torch.Tensor) -> torch.Tensor:
@@ -750,14 +757,8 @@ class NeurocoderConv2d(NeurocoderLayer):
                 mixing = self._read_mixing(ctx)
         else:
             mixing = self._read_mixing(ctx)
-        responses = self._conv(x, self._program_filters())                         # (B, P, H', W')
-        B, P, H, W = responses.shape
-        flat = responses.reshape(B, P, H * W)
-        if self.bias is None:
-            y = torch.bmm(mixing, flat)
-        else:
-            y = torch.baddbmm(self.bias.view(1, -1, 1), mixing, flat)
-        return y.view(B, self.out_channels, H, W)
+        return self._apply_mixing(x, mixing, self._program_filters(),
+                                  None if self.bias is None else self.bias.view(1, -1, 1))
 
     def forward(self, x: torch.Tensor, context: torch.Tensor | None = None, return_trace: bool = False):
         if isinstance(x, torch.Tensor) and x.dim() == 3 and x.shape[0] == self.in_channels:
