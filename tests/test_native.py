@@ -559,8 +559,13 @@ def test_conv_kernels_pass_gradcheck():
 
 
 @pytest.mark.parametrize("dedupe", [True, False])
-def test_conv_reads_identical_contexts_once_with_the_same_values_gradients_and_usage(dedupe):
+def test_conv_reads_identical_contexts_once_with_the_same_values_gradients_and_usage(monkeypatch, dedupe):
     layer, reference = _conv_pair(seed=2)
+    reads = []                                            # how many contexts each read took
+    real_read = neurocoder.layers.conv_read_mixing
+    monkeypatch.setattr(neurocoder.layers, "conv_read_mixing",
+                        lambda queries, *args, **kwargs: reads.append(queries.shape[1]) or
+                        real_read(queries, *args, **kwargs))
     layer.dedupe_contexts = dedupe
     distinct = torch.randn(3, 3, 7, 6, dtype=torch.float64)
     batch = neurocoder.layers._DEDUPE_MIN_BATCH
@@ -571,7 +576,7 @@ def test_conv_reads_identical_contexts_once_with_the_same_values_gradients_and_u
     for g, g_ref in zip(grads, grads_ref):
         torch.testing.assert_close(g, g_ref)
     torch.testing.assert_close(layer.memory.usage_average, reference.memory.usage_average)
-    assert ("IndexSelectBackward0" in functions_behind(layer(x))) == dedupe
+    assert reads == [3 if dedupe else batch]
 
 
 def test_unique_rows_groups_rows_by_their_exact_bits():
@@ -622,6 +627,42 @@ def test_conv_rollout_reads_directly_where_contexts_rarely_repeat():
             torch.testing.assert_close(layer(batch), reference(batch))
         kept = layer._reused["rollout"]
         assert kept["calls"] == 8 and kept["served"] == 0                # it stopped looking after 8
+
+
+@pytest.mark.parametrize("composer,steps", [("feedforward", 1), ("recurrent", 2)])
+@pytest.mark.parametrize("sharpness", ["learned", 3.0])
+@pytest.mark.parametrize("options", [dict(), dict(key_mode="learned", bias=False, slot_bias=True),
+                                     dict(stride=2, padding=1), dict(padding="same", dilation=2),
+                                     dict(context_features=4)])
+def test_conv_rollout_equals_the_composable_path_once_it_reads_directly(monkeypatch, composer, steps, sharpness,
+                                                                          options):
+    options = dict(options)
+    slot_bias = options.pop("slot_bias", False)
+    layer, reference = _conv_pair(composer=composer, steps=steps, sharpness=sharpness, grow=2 if slot_bias else 0,
+                                  **options)
+    layer.eval(), reference.eval()
+    one_op_calls = []
+    real_ops = native.ops()
+
+    class CountingOps:                      # counts the one-op rollout calls, passes everything through
+        def __getattr__(self, name):
+            if name == "conv_layer_inference":
+                return lambda *args: one_op_calls.append(1) or real_ops.conv_layer_inference(*args)
+            return getattr(real_ops, name)
+
+    monkeypatch.setattr(neurocoder.layers._native, "ops", lambda: CountingOps())
+    generator = torch.Generator().manual_seed(7)
+    with torch.no_grad(), neurocoder.reuse_programs(layer):
+        for i in range(12):                                              # every batch new contexts
+            batch = torch.randn(4, 3, 7, 6, dtype=torch.float64, generator=generator)
+            context = torch.randn(4, 4, dtype=torch.float64, generator=generator) if "context_features" in options \
+                else None
+            torch.testing.assert_close(layer(batch, context), reference(batch, context))
+        kept = layer._reused["rollout"]
+        one_op = composer == "feedforward" and options.get("padding") != "same"
+        assert kept["one_op"] == one_op and len(one_op_calls) == (4 if one_op else 0)
+        with pytest.raises(ValueError, match="expected input of shape"):   # the general path still checks
+            layer(torch.randn(4, 2, 7, 6, dtype=torch.float64))
 
 
 def test_conv_takes_its_composable_path_with_the_kernels_off_or_a_trace():

@@ -255,13 +255,13 @@ class _NativeFusedReadApply(torch.autograd.Function):
                 grad_gates if ctx.least_used else None, None)
 
 
-def _conv_read_forward(queries, keys, sharpness, slot_bias, s_values, v_values, want_usage, usage_weights):
+def _conv_read_forward(queries, keys, sharpness, slot_bias, s_values, v_values, want_usage, usage_weights, expand):
     """The C++ op ``conv_read_forward`` on :func:`conv_read_mixing`'s arguments: a learned
     sharpness tensor or a fixed float, and R = (J R k) / (J k) components."""
     learned = isinstance(sharpness, torch.Tensor)
     return _native.ops().conv_read_forward(
         queries, sharpness if learned else None, None if learned else float(sharpness), keys, slot_bias, s_values,
-        v_values, queries.shape[0] // (keys.shape[0] * keys.shape[2]), want_usage, usage_weights)
+        v_values, queries.shape[0] // (keys.shape[0] * keys.shape[2]), want_usage, usage_weights, expand)
 
 
 class _NativeConvRead(torch.autograd.Function):
@@ -272,11 +272,11 @@ class _NativeConvRead(torch.autograd.Function):
     its composable path."""
 
     @staticmethod
-    def forward(ctx, queries, keys, sharpness, slot_bias, s_values, v_values, want_usage, usage_weights):
+    def forward(ctx, queries, keys, sharpness, slot_bias, s_values, v_values, want_usage, usage_weights, expand):
         mixing, _, usage, *saved = _conv_read_forward(queries, keys, sharpness, slot_bias, s_values, v_values,
-                                                      want_usage, usage_weights)
+                                                      want_usage, usage_weights, expand)
         learned = isinstance(sharpness, torch.Tensor)
-        ctx.save_for_backward(*saved, sharpness if learned else None, s_values, v_values)
+        ctx.save_for_backward(*saved, sharpness if learned else None, s_values, v_values, expand)
         ctx.fixed, ctx.has_slot_bias = None if learned else float(sharpness), slot_bias is not None
         ctx.set_materialize_grads(False)
         ctx.mark_non_differentiable(usage)
@@ -286,14 +286,15 @@ class _NativeConvRead(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, grad_mixing, _grad_usage):
         # once_differentiable: as _FusedReadApply's.
-        *saved, sharpness, s_values, v_values = ctx.saved_tensors
+        *saved, sharpness, s_values, v_values, expand = ctx.saved_tensors
         if grad_mixing is None:
-            grad_mixing = saved[7].new_zeros(saved[7].shape[0], v_values.shape[1], s_values.shape[0])
+            reads = saved[7].shape[0] if expand is None else expand.shape[0]
+            grad_mixing = saved[7].new_zeros(reads, v_values.shape[1], s_values.shape[0])
         grad_queries, grad_sharpness, grad_keys, grad_slot_bias, grad_s_values, grad_v_values = \
             _native.ops().conv_read_backward(grad_mixing, saved, sharpness, ctx.fixed, s_values, v_values,
-                                             ctx.has_slot_bias)
+                                             ctx.has_slot_bias, expand)
         return (grad_queries, grad_keys, grad_sharpness if sharpness is not None else None,
-                grad_slot_bias if ctx.has_slot_bias else None, grad_s_values, grad_v_values, None, None)
+                grad_slot_bias if ctx.has_slot_bias else None, grad_s_values, grad_v_values, None, None, None)
 
 
 class _FusedLayer(torch.autograd.Function):
@@ -575,7 +576,8 @@ def fused_read_apply(head_out: torch.Tensor, through_memory: torch.Tensor | None
 
 def conv_read_mixing(queries: torch.Tensor, keys: torch.Tensor, sharpness: torch.Tensor | float,
                      slot_bias: torch.Tensor | None, s_values: torch.Tensor, v_values: torch.Tensor,
-                     want_usage: bool = True, usage_weights: torch.Tensor | None = None):
+                     want_usage: bool = True, usage_weights: torch.Tensor | None = None,
+                     expand: torch.Tensor | None = None):
     """Read the memory by content attention and compose each read's mixing matrix, in C++.
 
     :class:`~neurocoder.layers.NeurocoderConv2d` convolves its input with the P program filters
@@ -594,9 +596,13 @@ def conv_read_mixing(queries: torch.Tensor, keys: torch.Tensor, sharpness: torch
         want_usage: as :func:`fused_read_apply`.
         usage_weights: optional (B,): each read's weight in the usage average (the number of
             samples that share it, when identical contexts were read once).
+        expand: optional (B',) int64 indices into the B reads: the mixing returned is then
+            ``mixing[expand]`` (B', C_out, P), copied in C++ and its gradient summed back there
+            (the samples of a batch that share contexts, each read once).
 
     Returns:
-        mixing: (B, C_out, P); usage: (J, P), as :func:`fused_read_apply`.
+        mixing: (B, C_out, P) (or (B', C_out, P) with ``expand``); usage: (J, P), as
+        :func:`fused_read_apply`.
     """
     tensors = (queries, keys, sharpness, slot_bias, s_values, v_values)
     if not _native_applies(queries, *(t for t in tensors[1:] if isinstance(t, torch.Tensor))):
@@ -607,6 +613,6 @@ def conv_read_mixing(queries: torch.Tensor, keys: torch.Tensor, sharpness: torch
     if not torch.is_grad_enabled() or not any(isinstance(t, torch.Tensor) and t.requires_grad for t in tensors):
         # No graph to record (an agent's rollout): the op alone, without the Function's bookkeeping.
         mixing, _, usage, *_ = _conv_read_forward(queries, keys, sharpness, slot_bias, s_values, v_values,
-                                                  want_usage, usage_weights)
+                                                  want_usage, usage_weights, expand)
         return mixing, usage
-    return _NativeConvRead.apply(*tensors, want_usage, usage_weights)
+    return _NativeConvRead.apply(*tensors, want_usage, usage_weights, expand)

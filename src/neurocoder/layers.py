@@ -653,11 +653,12 @@ class NeurocoderConv2d(NeurocoderLayer):
                                     memory.slot_bias))
 
     def _read_mixing(self, ctx: torch.Tensor, counts: torch.Tensor | None = None,
-                     programs: tuple | None = None) -> torch.Tensor:
+                     programs: tuple | None = None, expand: torch.Tensor | None = None) -> torch.Tensor:
         """(B, context_features) -> (B, C_out, P) each context's mixing matrix, through
         :func:`~neurocoder.fused.conv_read_mixing`; counts (B,): how many samples each context
         stands for in the usage average (None: one each); programs: the keys, S and V programs
-        when the caller has them (None: taken here)."""
+        when the caller has them (None: taken here); expand (B',): return ``mixing[expand]``
+        instead, (B', C_out, P)."""
         memory, head = self.memory, self.composer.head
         J, R, k = 3, self.steps * self.rank, self.key_dim
         Q = J * R * k
@@ -680,32 +681,76 @@ class NeurocoderConv2d(NeurocoderLayer):
         keys, s_values, v_values = programs
         mixing, usage = conv_read_mixing(queries, keys, sharpness, memory.slot_bias, s_values, v_values,
                                          want_usage=self.training,
-                                         usage_weights=None if counts is None else counts.to(queries.dtype))
+                                         usage_weights=None if counts is None else counts.to(queries.dtype),
+                                         expand=expand)
         if self.training and not _recomputing():
             memory.update_usage(usage)
         return mixing
 
     def _rollout_constants(self) -> dict:
-        """What a rollout call needs from the parameters (programs, filters, bias), and the
-        contexts it has met: kept by :meth:`_kept` until a parameter changes."""
-        memory = self.memory
-        return {"programs": (memory.keys(), memory.s, memory.v), "filters": self._program_filters(),
-                "bias": None if self.bias is None else self.bias.view(1, -1, 1),
+        """What a rollout call needs from the parameters (programs, filters, bias, and for the
+        one-op call the composer's rows and unit keys), and the contexts it has met: kept by
+        :meth:`_kept` until a parameter changes. ``covered``: the kernels cover this layer's
+        options; ``one_op``: so does ``conv_layer_inference`` (feed-forward composer, numeric padding)."""
+        memory, head = self.memory, self.composer.head
+        keys = memory.keys()
+        covered = (self.fused and self.least_used == 0 and self.residual_weight is None
+                   and _native_applies(memory.u_values, memory.v_values, memory.s_values, self.bias,
+                                       memory.slot_bias))
+        kept = {"programs": (keys, memory.s, memory.v), "filters": self._program_filters(),
+                "bias": None if self.bias is None else self.bias.view(1, -1, 1), "dtype": memory.u_values.dtype,
+                "covered": covered, "one_op": (covered and isinstance(self.composer, FeedForwardComposer)
+                                                and not isinstance(self.padding, str)),
                 "index": {}, "table": None, "calls": 0, "served": 0}
+        if kept["one_op"]:
+            # The composer's query and (learned) sharpness rows: the only rows the op reads.
+            weight, bias, Q = head.linear.weight, head.linear.bias, sum(head.sizes[:1])
+            if head.learn_sharpness:
+                start, end = sum(head.sizes[:2]), sum(head.sizes[:3])
+                weight, bias = torch.cat([weight[:Q], weight[start:end]]), torch.cat([bias[:Q], bias[start:end]])
+            else:
+                weight, bias = weight[:Q], bias[:Q]
+            kept.update(head_weight=weight.contiguous(), head_bias=bias.contiguous(),
+                        unit_keys=(keys / torch.linalg.vector_norm(keys, dim=2, keepdim=True).clamp_min(_EPS))
+                        .contiguous())
+        return kept
 
-    def _rollout_forward(self, x: torch.Tensor, ctx: torch.Tensor) -> torch.Tensor:
+    def _rollout_call(self, x, context) -> torch.Tensor | None:
         """(B, C_in, H, W) -> (B, C_out, H', W') for a no-grad, eval-mode CPU call inside
-        :func:`reuse_programs` (an agent's rollout: many small calls between two parameter
-        updates). What depends on parameters only is computed once; so is each context's mixing
-        matrix, looked up by the context's exact bytes after (an agent meets the same few MinAtar
-        contexts at every step). Everything kept is dropped when a parameter changes, and the
-        contexts restart past ``_REMEMBERED_CONTEXTS``. Where contexts rarely repeat (fewer than
-        half of the first 8 calls found all theirs) looking them up costs more than it saves, and
-        the calls read directly until the parameters change."""
+        :func:`reuse_programs` that the kernels cover (an agent's rollout: many small calls
+        between two parameter updates); None for any other call, which the general path runs
+        (and checks). Checks little on purpose: a rollout's calls are many and each is short.
+
+        What depends on parameters only is computed once; so is each context's mixing matrix,
+        looked up by the context's exact bytes (an agent meets the same few MinAtar contexts at
+        every step). Everything kept is dropped when a parameter changes, and the contexts
+        restart past ``_REMEMBERED_CONTEXTS``. Where contexts rarely repeat (fewer than half of
+        the first 8 calls found all theirs) looking them up costs more than it saves: until the
+        parameters change, each call is then one C++ op (``conv_layer_inference``)."""
+        if (self.training or torch.is_grad_enabled() or self._trace_sink is not None
+                or not isinstance(x, torch.Tensor) or x.dim() != 4 or x.shape[0] == 0
+                or torch.compiler.is_compiling()):
+            return None
         kept = self._kept("rollout", self._rollout_constants)
+        if (not kept["covered"] or x.dtype != kept["dtype"] or x.device.type != "cpu"
+                or x.shape[1] != self.in_channels or _autocast_enabled("cpu") or _under_functorch(x)):
+            return None
+        if context is not None and not (isinstance(context, torch.Tensor) and context.dtype == x.dtype
+                                        and context.device == x.device
+                                        and context.shape == (x.shape[0], self.context_features)):
+            return None
         if kept["calls"] >= 8 and 2 * kept["served"] < kept["calls"]:
+            if kept["one_op"]:
+                memory, head = self.memory, self.composer.head
+                return _native.ops().conv_layer_inference(
+                    x, context, kept["head_weight"], kept["head_bias"], kept["unit_keys"], memory.slot_bias,
+                    kept["programs"][1], kept["programs"][2], kept["filters"], self.bias, self.stride,
+                    self.padding, self.dilation, self.steps * self.rank,
+                    None if head.learn_sharpness else float(self.sharpness))
+            ctx = x.mean(dim=(2, 3)) if context is None else context
             mixing = self._read_mixing(ctx, programs=kept["programs"])
         else:
+            ctx = x.mean(dim=(2, 3)) if context is None else context
             kept["calls"] += 1
             index = kept["index"]
             rows = [row.tobytes() for row in ctx.contiguous().numpy()]
@@ -741,9 +786,6 @@ class NeurocoderConv2d(NeurocoderLayer):
     def _native_forward(self, x: torch.Tensor, ctx: torch.Tensor) -> torch.Tensor:
         """(B, C_in, H, W) -> (B, C_out, H', W'): the read through
         :func:`~neurocoder.fused.conv_read_mixing`, then one batched product."""
-        if (not torch.is_grad_enabled() and not self.training and getattr(self, "_reused", None) is not None
-                and x.dtype == self.memory.u_values.dtype):
-            return self._rollout_forward(x, ctx)
         if (getattr(self, "dedupe_contexts", True) and not ctx.requires_grad
                 and ctx.shape[0] >= _DEDUPE_MIN_BATCH):
             # A read depends on its context alone: identical contexts are read once. Only for
@@ -752,7 +794,7 @@ class NeurocoderConv2d(NeurocoderLayer):
             # saved outweigh finding them; and only when it saves at least half the reads.
             unique, inverse, counts = _unique_rows(ctx)
             if 2 * unique.shape[0] <= ctx.shape[0]:
-                mixing = self._read_mixing(unique, counts).index_select(0, inverse)   # (B, C_out, P)
+                mixing = self._read_mixing(unique, counts, expand=inverse)            # (B, C_out, P)
             else:
                 mixing = self._read_mixing(ctx)
         else:
@@ -765,6 +807,10 @@ class NeurocoderConv2d(NeurocoderLayer):
             # Unbatched, as nn.Conv2d accepts it: a batch of one (the trace keeps that batch axis).
             out = self.forward(x.unsqueeze(0), None if context is None else context.unsqueeze(0), return_trace)
             return (out[0].squeeze(0), out[1]) if return_trace else out.squeeze(0)
+        if self.__dict__.get("_reused") is not None and not return_trace:
+            y = self._rollout_call(x, context)
+            if y is not None:
+                return y
         ctx = self._inputs(x, context)
         if self._can_run_native(x, return_trace):
             return self._native_forward(x, ctx)

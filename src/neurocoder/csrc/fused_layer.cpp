@@ -1196,55 +1196,136 @@ void s_bank_backward_rows(const T* read_s, const T* s_values, const T* grad_raw,
 // scaled_by_sample. queries, sharpness, keys and slot_bias as fused_read_forward's; v_values
 // (P, O). usage_weights (B,), optional: each column's weight in the usage average (how many
 // samples share its context), else 1.
+// expand: int64 indices, contiguous, each in [0, B): which read each sample takes.
+void check_expand(const char* op, const Tensor& expand, int64_t B) {
+  TORCH_CHECK(expand.scalar_type() == at::kLong && expand.dim() == 1 && expand.is_contiguous() && expand.is_cpu(),
+              op, ": expand must be a contiguous 1-D int64 CPU tensor, got ", expand.scalar_type(), " of shape ",
+              expand.sizes());
+  const int64_t* index = expand.data_ptr<int64_t>();
+  for (int64_t i = 0; i < expand.numel(); ++i)
+    TORCH_CHECK(index[i] >= 0 && index[i] < B, op, ": expand holds index ", index[i], ", outside [0, ", B, ")");
+}
+
+// The read from given unit keys up to the mixing, shared by conv_read_forward and
+// conv_layer_inference: attend (writing unit_queries, query_norm and weights), the singular
+// values, each read's U weights scaled by them, then the two products with the programs.
+// query_rows: J R k rows of B (the composer's rows, transposed); scale (J R, B) when learned.
+struct ConvMixing {
+  Tensor raw_sigma, sigma, read_v_out, scaled_by_sample, mixing;
+};
+
+ConvMixing conv_mixing(const void* query_rows, const Tensor& scale, std::optional<double> fixed_sharpness,
+                       const Tensor& unit_keys, const Tensor& slot_bias, const Tensor& s_values, const Tensor& v_values,
+                       int64_t R, int64_t B, const Tensor& unit_queries, const Tensor& query_norm,
+                       const Tensor& weights) {
+  const int64_t J = unit_keys.size(0), P = unit_keys.size(1), k = unit_keys.size(2), O = v_values.size(1);
+  const auto options = weights.options();
+  Tensor raw_sigma = at::empty({R, B}, options), sigma = at::empty({R, B}, options);
+  Tensor scaled = at::empty({P, R, B}, options);
+  Tensor s_contiguous = s_values.contiguous();
+  AT_DISPATCH_FLOATING_TYPES(weights.scalar_type(), "conv_mixing", [&] {
+    attend<scalar_t>(static_cast<const scalar_t*>(query_rows), unit_keys.data_ptr<scalar_t>(),
+                     scale.defined() ? scale.data_ptr<scalar_t>() : nullptr,
+                     static_cast<scalar_t>(scale.defined() ? 0.0 : *fixed_sharpness),
+                     slot_bias.defined() ? slot_bias.data_ptr<scalar_t>() : nullptr, J, P, R, k, B,
+                     unit_queries.data_ptr<scalar_t>(), query_norm.data_ptr<scalar_t>(), weights.data_ptr<scalar_t>());
+    const scalar_t* w = weights.data_ptr<scalar_t>();
+    at::parallel_for(0, B, 64, [&](int64_t b0, int64_t b1) {
+      singular_values_columns<scalar_t>(w + 2 * P * R * B, s_contiguous.data_ptr<scalar_t>(), P, R, B,
+                                        raw_sigma.data_ptr<scalar_t>(), sigma.data_ptr<scalar_t>(), b0, b1);
+      scale_by_sigma_columns<scalar_t>(w, sigma.data_ptr<scalar_t>(), P, R, B, scaled.data_ptr<scalar_t>(), b0, b1);
+    });
+  });
+  // The products with the programs, sample-major (B, ., .): a GEMM and a batched one.
+  Tensor read_v_out = at::mm(weights[1].t(), v_values.contiguous()).view({R, B, O}).transpose(0, 1).contiguous();
+  Tensor scaled_by_sample = scaled.permute({2, 1, 0}).contiguous();                             // (B, R, P)
+  Tensor mixing = at::bmm(read_v_out.transpose(1, 2), scaled_by_sample);                        // (B, O, P)
+  return {raw_sigma, sigma, read_v_out, scaled_by_sample, mixing};
+}
+
 std::vector<Tensor> conv_read_forward(const Tensor& queries, const std::optional<Tensor>& sharpness,
                                       std::optional<double> fixed_sharpness, const Tensor& keys,
                                       const std::optional<Tensor>& slot_bias, const Tensor& s_values,
                                       const Tensor& v_values, int64_t components, bool want_usage,
-                                      const std::optional<Tensor>& usage_weights) {
-  const int64_t J = 3, P = keys.size(1), k = keys.size(2), R = components, B = queries.size(1), N = R * B;
+                                      const std::optional<Tensor>& usage_weights,
+                                      const std::optional<Tensor>& expand) {
+  const int64_t J = 3, P = keys.size(1), k = keys.size(2), R = components, B = queries.size(1);
   check_queries_and_sharpness("conv_read_forward", queries, sharpness, fixed_sharpness, J, R, k, B);
   TORCH_CHECK(v_values.dim() == 2 && v_values.size(0) == P, "conv_read_forward: v_values of shape ",
               v_values.sizes(), ", expected (", P, ", out_channels)");
   TORCH_CHECK(!usage_weights.has_value() || usage_weights->numel() == B, "conv_read_forward: usage_weights of ",
               usage_weights.has_value() ? usage_weights->numel() : 0, " values, expected ", B);
-  const int64_t O = v_values.size(1);
   const auto options = queries.options();
-  Tensor q = queries.contiguous(), v = v_values.contiguous();
+  Tensor q = queries.contiguous();
   Tensor scale = sharpness.has_value() ? sharpness->contiguous() : Tensor();
   const AttentionBuffers a = attention_buffers(keys, R, B, options);
-  const Tensor& weights = a.weights;
-  Tensor raw_sigma = at::empty({R, B}, options), sigma = at::empty({R, B}, options);
-  Tensor scaled = at::empty({P, R, B}, options);
   Tensor bias = slot_bias.has_value() ? slot_bias->contiguous() : Tensor();
-  Tensor s_contiguous = s_values.contiguous();
-  AT_DISPATCH_FLOATING_TYPES(queries.scalar_type(), "conv_read_forward", [&] {
-    attend<scalar_t>(q.data_ptr<scalar_t>(), a.unit_keys.data_ptr<scalar_t>(),
-                     scale.defined() ? scale.data_ptr<scalar_t>() : nullptr,
-                     static_cast<scalar_t>(scale.defined() ? 0.0 : *fixed_sharpness),
-                     bias.defined() ? bias.data_ptr<scalar_t>() : nullptr, J, P, R, k, B,
-                     a.unit_queries.data_ptr<scalar_t>(), a.query_norm.data_ptr<scalar_t>(), weights.data_ptr<scalar_t>());
-    const scalar_t* w = weights.data_ptr<scalar_t>();
-    at::parallel_for(0, B, 64, [&](int64_t b0, int64_t b1) {
-      singular_values_columns<scalar_t>(w + 2 * P * N, s_contiguous.data_ptr<scalar_t>(), P, R, B,
-                                        raw_sigma.data_ptr<scalar_t>(), sigma.data_ptr<scalar_t>(), b0, b1);
-      scale_by_sigma_columns<scalar_t>(w, sigma.data_ptr<scalar_t>(), P, R, B, scaled.data_ptr<scalar_t>(), b0, b1);
-    });
-  });
+  const ConvMixing m = conv_mixing(q.data_ptr(), scale, fixed_sharpness, a.unit_keys, bias, s_values, v_values, R, B,
+                                   a.unit_queries, a.query_norm, a.weights);
   Tensor usage;
   if (!want_usage) {
     usage = at::zeros({J, P}, options);
   } else {
     // Each slot's largest weight over a composition's components, averaged over the samples.
-    Tensor largest = weights.view({J, P, R, B}).amax(2);                                // (J, P, B)
+    Tensor largest = a.weights.view({J, P, R, B}).amax(2);                              // (J, P, B)
     usage = usage_weights.has_value() ? at::matmul(largest, *usage_weights) / usage_weights->sum()
                                       : largest.mean(2);
   }
-  // The products with the programs, sample-major (B, ., .): a GEMM and a batched one.
-  Tensor read_v_out = at::mm(weights[1].t(), v).view({R, B, O}).transpose(0, 1).contiguous();   // (B, R, O)
-  Tensor scaled_by_sample = scaled.permute({2, 1, 0}).contiguous();                             // (B, R, P)
-  Tensor mixing = at::bmm(read_v_out.transpose(1, 2), scaled_by_sample);                        // (B, O, P)
-  return {mixing, sigma.t().contiguous(), usage, a.unit_queries, a.query_norm, a.unit_keys, a.key_norm, weights,
-          raw_sigma, sigma, read_v_out, scaled_by_sample};
+  Tensor mixing = m.mixing;
+  if (expand.has_value()) {
+    // Each sample's read is the read of its context (expand[b] < B): one row copy per sample.
+    check_expand("conv_read_forward", *expand, B);
+    const int64_t size = mixing.size(1) * mixing.size(2), rows = expand->numel();
+    Tensor full = at::empty({rows, mixing.size(1), mixing.size(2)}, options);
+    const int64_t* index = expand->data_ptr<int64_t>();
+    AT_DISPATCH_FLOATING_TYPES(mixing.scalar_type(), "conv_read_expand", [&] {
+      const scalar_t* from = mixing.data_ptr<scalar_t>();
+      scalar_t* to = full.data_ptr<scalar_t>();
+      for (int64_t b = 0; b < rows; ++b) std::copy_n(from + index[b] * size, size, to + b * size);
+    });
+    mixing = full;
+  }
+  return {mixing, m.sigma.t().contiguous(), usage, a.unit_queries, a.query_norm, a.unit_keys, a.key_norm,
+          a.weights, m.raw_sigma, m.sigma, m.read_v_out, m.scaled_by_sample};
+}
+
+// NeurocoderConv2d's no-grad, eval-mode call in one op (an agent's rollout: many calls on small
+// batches, where each operation's fixed cost dominates): the context (given, or x averaged over
+// its pixels), the composer's rows, the read (conv_mixing), the responses to the P program
+// filters and one batched product with each sample's mixing, the bias included. From constants
+// the caller keeps between calls (neurocoder.reuse_programs): the composer's weight (C, context)
+// and bias (C,) with only query and (learned) sharpness rows, the unit keys (J, P, k), the
+// programs and the filters (P, C_in, kh, kw). Nothing is saved and no usage is counted.
+// x (B, C_in, H, W) -> (B, C_out, H', W').
+Tensor conv_layer_inference(const Tensor& x, const std::optional<Tensor>& context, const Tensor& head_weight,
+                            const Tensor& head_bias, const Tensor& unit_keys, const std::optional<Tensor>& slot_bias,
+                            const Tensor& s_values, const Tensor& v_values, const Tensor& filters,
+                            const std::optional<Tensor>& bias, at::IntArrayRef stride, at::IntArrayRef padding,
+                            at::IntArrayRef dilation, int64_t rank, std::optional<double> fixed_sharpness) {
+  const int64_t J = 3, B = x.size(0), P = v_values.size(0), O = v_values.size(1), R = rank;
+  TORCH_CHECK(unit_keys.dim() == 3 && unit_keys.size(0) == J && unit_keys.size(1) == P,
+              "conv_layer_inference: unit keys of shape ", unit_keys.sizes(), ", expected (3, ", P, ", key_dim)");
+  const int64_t k = unit_keys.size(2), Q = J * R * k, C = head_weight.size(0);
+  const bool learned = !fixed_sharpness.has_value();
+  TORCH_CHECK(C == Q + (learned ? J * R : 0), "conv_layer_inference: the composer has ", C, " rows, expected ",
+              Q + (learned ? J * R : 0), " (queries", learned ? " and sharpness" : "", " only)");
+  TORCH_CHECK(x.dim() == 4 && filters.dim() == 4 && filters.size(0) == P && filters.size(1) == x.size(1),
+              "conv_layer_inference: input of shape ", x.sizes(), " and filters of shape ", filters.sizes(),
+              ", expected (B, C_in, H, W) and (", P, ", C_in, kh, kw)");
+  const auto options = x.options();
+  Tensor ctx = context.has_value() ? *context : x.mean({2, 3});                       // (B, context)
+  Tensor head_t = at::addmm(head_bias.unsqueeze(1), head_weight, ctx.t());             // (C, B)
+  Tensor scale = learned ? at::softplus(head_t.narrow(0, Q, J * R)).contiguous() : Tensor();
+  Tensor unit_queries = at::empty({J, k, R * B}, options), query_norm = at::empty({J, 1, R, B}, options);
+  Tensor weights = at::empty({J, P, R * B}, options);
+  Tensor slot = slot_bias.has_value() ? slot_bias->contiguous() : Tensor();
+  const ConvMixing m = conv_mixing(head_t.data_ptr(), scale, fixed_sharpness, unit_keys.contiguous(), slot, s_values,
+                                   v_values, R, B, unit_queries, query_norm, weights);
+  Tensor responses = at::conv2d(x, filters, {}, stride, padding, dilation);             // (B, P, H', W')
+  const int64_t H = responses.size(2), W = responses.size(3);
+  Tensor flat = responses.view({B, P, H * W});
+  Tensor y = bias.has_value() ? at::baddbmm(bias->view({1, O, 1}), m.mixing, flat) : at::bmm(m.mixing, flat);
+  return y.view({B, O, H, W});
 }
 
 // conv_read_forward's backward, from d loss / d mixing (B, O, P). Returns the gradients of
@@ -1252,7 +1333,8 @@ std::vector<Tensor> conv_read_forward(const Tensor& queries, const std::optional
 // (J, P; empty without it), s_values (P,) and v_values (P, O).
 std::vector<Tensor> conv_read_backward(const Tensor& grad_mixing_in, at::TensorList saved,
                                        const std::optional<Tensor>& sharpness, std::optional<double> fixed_sharpness,
-                                       const Tensor& s_values, const Tensor& v_values, bool has_slot_bias) {
+                                       const Tensor& s_values, const Tensor& v_values, bool has_slot_bias,
+                                       const std::optional<Tensor>& expand) {
   TORCH_CHECK(saved.size() == 9, "conv_read_backward: expected the 9 tensors conv_read_forward saves");
   const Tensor &unit_queries = saved[0], &query_norm = saved[1], &unit_keys = saved[2], &key_norm = saved[3],
                &weights = saved[4], &raw_sigma = saved[5], &sigma = saved[6], &read_v_out = saved[7],
@@ -1260,7 +1342,26 @@ std::vector<Tensor> conv_read_backward(const Tensor& grad_mixing_in, at::TensorL
   const int64_t J = unit_queries.size(0), k = unit_queries.size(1), P = unit_keys.size(1);
   const int64_t R = sigma.size(0), B = sigma.size(1), O = read_v_out.size(2);
   const auto options = unit_queries.options();
-  const Tensor grad_mixing = grad_mixing_in.contiguous();
+  Tensor grad_mixing = grad_mixing_in.contiguous();
+  if (expand.has_value()) {
+    // The forward copied read expand[b] to sample b: each read's gradient is the sum of its samples'.
+    TORCH_CHECK(expand->numel() == grad_mixing.size(0), "conv_read_backward: ", expand->numel(),
+                " expand indices for a gradient of ", grad_mixing.size(0), " samples");
+    check_expand("conv_read_backward", *expand, B);
+    const int64_t size = O * P, rows = expand->numel();
+    Tensor summed = at::zeros({B, O, P}, options);
+    const int64_t* index = expand->data_ptr<int64_t>();
+    AT_DISPATCH_FLOATING_TYPES(grad_mixing.scalar_type(), "conv_read_expand_backward", [&] {
+      const scalar_t* from = grad_mixing.data_ptr<scalar_t>();
+      scalar_t* to = summed.data_ptr<scalar_t>();
+      for (int64_t b = 0; b < rows; ++b) {
+        scalar_t* __restrict__ row = to + index[b] * size;
+        const scalar_t* __restrict__ g = from + b * size;
+        for (int64_t i = 0; i < size; ++i) row[i] += g[i];
+      }
+    });
+    grad_mixing = summed;
+  }
   Tensor scale = sharpness.has_value() ? sharpness->contiguous() : Tensor();
   Tensor grad_read = at::empty({J, P, R * B}, options), grad_raw = at::empty({R, B}, options);
   Tensor grad_sigma = at::zeros({R, B}, options);
@@ -1328,9 +1429,12 @@ TORCH_LIBRARY(neurocoder_cpu, m) {
         "int least_used) -> Tensor[]");
   m.def("conv_read_forward(Tensor queries, Tensor? sharpness, float? fixed_sharpness, Tensor keys, "
         "Tensor? slot_bias, Tensor s_values, Tensor v_values, int components, bool want_usage, "
-        "Tensor? usage_weights) -> Tensor[]");
+        "Tensor? usage_weights, Tensor? expand) -> Tensor[]");
   m.def("conv_read_backward(Tensor grad_mixing, Tensor[] saved, Tensor? sharpness, float? fixed_sharpness, "
-        "Tensor s_values, Tensor v_values, bool has_slot_bias) -> Tensor[]");
+        "Tensor s_values, Tensor v_values, bool has_slot_bias, Tensor? expand) -> Tensor[]");
+  m.def("conv_layer_inference(Tensor x, Tensor? context, Tensor head_weight, Tensor head_bias, Tensor unit_keys, "
+        "Tensor? slot_bias, Tensor s_values, Tensor v_values, Tensor filters, Tensor? bias, int[] stride, "
+        "int[] padding, int[] dilation, int rank, float? fixed_sharpness) -> Tensor");
   m.def("least_used_read_forward(Tensor attention, Tensor gates, int least_used) -> Tensor[]");
   m.def("least_used_read_backward(Tensor? grad_weights, Tensor? grad_usage, Tensor attention, Tensor gates, "
         "Tensor weights, Tensor usage_before, Tensor least) -> Tensor[]");
@@ -1343,6 +1447,7 @@ TORCH_LIBRARY_IMPL(neurocoder_cpu, CPU, m) {
   m.impl("fused_read_forward", &fused_read_forward);
   m.impl("fused_read_backward", &fused_read_backward);
   m.impl("conv_read_forward", &conv_read_forward);
+  m.impl("conv_layer_inference", &conv_layer_inference);
   m.impl("conv_read_backward", &conv_read_backward);
   m.impl("least_used_read_forward", &least_used_read_forward);
   m.impl("least_used_read_backward", &least_used_read_backward);
