@@ -609,24 +609,29 @@ def test_conv_rollout_remembers_mixings_until_a_parameter_changes():
     with torch.no_grad(), neurocoder.reuse_programs(layer):
         for batch in batches:
             torch.testing.assert_close(layer(batch), reference(batch))
-        kept = layer._reused["rollout"]
-        assert len(kept["index"]) == 5 and kept["served"] > 0          # later batches were looked up
+        held, met, read = layer._reused["rollout"]["counts"].tolist()
+        assert (held, met, read) == (5, 72, 5)                            # each context read once
         for m in (layer, reference):                                     # an optimiser step, in place
             m.memory.v_values.add_(0.1)
         torch.testing.assert_close(layer(batches[0]), reference(batches[0]))
-        assert layer._reused["rollout"]["calls"] == 1                    # what was kept was dropped
+        assert layer._reused["rollout"]["counts"][1] == 6                # what was kept was dropped
     assert layer._reused is None
 
 
-def test_conv_rollout_reads_directly_where_contexts_rarely_repeat():
-    layer, reference = _conv_pair(seed=5)
+def test_conv_rollout_table_starts_over_when_full_with_the_same_outputs(monkeypatch):
+    monkeypatch.setattr(neurocoder.layers, "_REMEMBERED_CONTEXTS", 100)
+    layer, reference = _conv_pair(seed=8)
     layer.eval(), reference.eval()
+    generator = torch.Generator().manual_seed(9)
     with torch.no_grad(), neurocoder.reuse_programs(layer):
-        for i in range(12):                                              # every batch new contexts
-            batch = torch.randn(4, 3, 7, 6, dtype=torch.float64)
+        held = []
+        for size in [40, 40, 40, 101, 3]:                                # new contexts each call
+            batch = torch.randn(size, 3, 7, 6, dtype=torch.float64, generator=generator)
             torch.testing.assert_close(layer(batch), reference(batch))
-        kept = layer._reused["rollout"]
-        assert kept["calls"] == 8 and kept["served"] == 0                # it stopped looking after 8
+            held.append(layer._reused["rollout"]["counts"][0].item())
+        assert layer._reused["rollout"]["rows"].shape[0] == 100
+        assert held == [40, 80, 40, 40, 43]      # the third call started over; the fourth, too large, read directly
+        assert layer._reused["rollout"]["counts"][1:].tolist() == [224, 224]   # every context met was read
 
 
 @pytest.mark.parametrize("composer,steps", [("feedforward", 1), ("recurrent", 2)])
@@ -634,7 +639,7 @@ def test_conv_rollout_reads_directly_where_contexts_rarely_repeat():
 @pytest.mark.parametrize("options", [dict(), dict(key_mode="learned", bias=False, slot_bias=True),
                                      dict(stride=2, padding=1), dict(padding="same", dilation=2),
                                      dict(context_features=4)])
-def test_conv_rollout_equals_the_composable_path_once_it_reads_directly(monkeypatch, composer, steps, sharpness,
+def test_conv_rollout_equals_the_composable_path(monkeypatch, composer, steps, sharpness,
                                                                           options):
     options = dict(options)
     slot_bias = options.pop("slot_bias", False)
@@ -659,8 +664,8 @@ def test_conv_rollout_equals_the_composable_path_once_it_reads_directly(monkeypa
                 else None
             torch.testing.assert_close(layer(batch, context), reference(batch, context))
         kept = layer._reused["rollout"]
-        one_op = composer == "feedforward" and options.get("padding") != "same"
-        assert kept["one_op"] == one_op and len(one_op_calls) == (4 if one_op else 0)
+        one_op = composer == "feedforward"
+        assert kept["one_op"] == one_op and len(one_op_calls) == (12 if one_op else 0)
         with pytest.raises(ValueError, match="expected input of shape"):   # the general path still checks
             layer(torch.randn(4, 2, 7, 6, dtype=torch.float64))
 

@@ -688,10 +688,11 @@ class NeurocoderConv2d(NeurocoderLayer):
         return mixing
 
     def _rollout_constants(self) -> dict:
-        """What a rollout call needs from the parameters (programs, filters, bias, and for the
-        one-op call the composer's rows and unit keys), and the contexts it has met: kept by
-        :meth:`_kept` until a parameter changes. ``covered``: the kernels cover this layer's
-        options; ``one_op``: so does ``conv_layer_inference`` (feed-forward composer, numeric padding)."""
+        """What a rollout call needs from the parameters, kept by :meth:`_kept` until a
+        parameter changes: the programs, filters and bias; whether the kernels cover this
+        layer's options (``covered``) and whether one op runs the whole call (``one_op``: the
+        feed-forward composer); for that op the composer's rows, the unit keys and an empty
+        table of the contexts met (see ``conv_layer_inference`` in ``csrc/fused_layer.cpp``)."""
         memory, head = self.memory, self.composer.head
         keys = memory.keys()
         covered = (self.fused and self.least_used == 0 and self.residual_weight is None
@@ -699,20 +700,30 @@ class NeurocoderConv2d(NeurocoderLayer):
                                        memory.slot_bias))
         kept = {"programs": (keys, memory.s, memory.v), "filters": self._program_filters(),
                 "bias": None if self.bias is None else self.bias.view(1, -1, 1), "dtype": memory.u_values.dtype,
-                "covered": covered, "one_op": (covered and isinstance(self.composer, FeedForwardComposer)
-                                                and not isinstance(self.padding, str)),
-                "index": {}, "table": None, "calls": 0, "served": 0}
+                "covered": covered, "one_op": covered and isinstance(self.composer, FeedForwardComposer)}
         if kept["one_op"]:
             # The composer's query and (learned) sharpness rows: the only rows the op reads.
-            weight, bias, Q = head.linear.weight, head.linear.bias, sum(head.sizes[:1])
+            weight, bias, Q = head.linear.weight, head.linear.bias, head.sizes[0]
             if head.learn_sharpness:
                 start, end = sum(head.sizes[:2]), sum(head.sizes[:3])
                 weight, bias = torch.cat([weight[:Q], weight[start:end]]), torch.cat([bias[:Q], bias[start:end]])
             else:
                 weight, bias = weight[:Q], bias[:Q]
+            # The table of contexts met: as many as fit in ~16 MB of mixing matrices (at least
+            # 256), at most _REMEMBERED_CONTEXTS; twice as many hash slots, a power of two.
+            dtype, P = memory.u_values.dtype, self.num_programs
+            per_context = self.out_channels * P * memory.u_values.element_size()
+            capacity = min(_REMEMBERED_CONTEXTS, max((16 << 20) // per_context, 256))
             kept.update(head_weight=weight.contiguous(), head_bias=bias.contiguous(),
                         unit_keys=(keys / torch.linalg.vector_norm(keys, dim=2, keepdim=True).clamp_min(_EPS))
-                        .contiguous())
+                        .contiguous(),
+                        fixed_sharpness=None if head.learn_sharpness else float(self.sharpness),
+                        slots=torch.full((1 << (2 * capacity - 1).bit_length(),), -1, dtype=torch.int64),
+                        rows=torch.empty(capacity, self.context_features, dtype=dtype),
+                        mixings=torch.empty(capacity, self.out_channels, P, dtype=dtype),
+                        counts=torch.zeros(3, dtype=torch.int64),
+                        padding=(0, 0) if isinstance(self.padding, str) else self.padding,
+                        padding_mode=self.padding if isinstance(self.padding, str) else "")
         return kept
 
     def _rollout_call(self, x, context) -> torch.Tensor | None:
@@ -721,12 +732,10 @@ class NeurocoderConv2d(NeurocoderLayer):
         between two parameter updates); None for any other call, which the general path runs
         (and checks). Checks little on purpose: a rollout's calls are many and each is short.
 
-        What depends on parameters only is computed once; so is each context's mixing matrix,
-        looked up by the context's exact bytes (an agent meets the same few MinAtar contexts at
-        every step). Everything kept is dropped when a parameter changes, and the contexts
-        restart past ``_REMEMBERED_CONTEXTS``. Where contexts rarely repeat (fewer than half of
-        the first 8 calls found all theirs) looking them up costs more than it saves: until the
-        parameters change, each call is then one C++ op (``conv_layer_inference``)."""
+        What depends on parameters only is computed once. With the feed-forward composer the
+        call is one C++ op, ``conv_layer_inference``, which also remembers each context's mixing
+        matrix (looked up by the context's bits) until a parameter changes: an agent meets the
+        same MinAtar contexts again and again (in Seaquest ~4 of a step's 32 are new)."""
         if (self.training or torch.is_grad_enabled() or self._trace_sink is not None
                 or not isinstance(x, torch.Tensor) or x.dim() != 4 or x.shape[0] == 0
                 or torch.compiler.is_compiling()):
@@ -739,37 +748,13 @@ class NeurocoderConv2d(NeurocoderLayer):
                                         and context.device == x.device
                                         and context.shape == (x.shape[0], self.context_features)):
             return None
-        if kept["calls"] >= 8 and 2 * kept["served"] < kept["calls"]:
-            if kept["one_op"]:
-                memory, head = self.memory, self.composer.head
-                return _native.ops().conv_layer_inference(
-                    x, context, kept["head_weight"], kept["head_bias"], kept["unit_keys"], memory.slot_bias,
-                    kept["programs"][1], kept["programs"][2], kept["filters"], self.bias, self.stride,
-                    self.padding, self.dilation, self.steps * self.rank,
-                    None if head.learn_sharpness else float(self.sharpness))
-            ctx = x.mean(dim=(2, 3)) if context is None else context
-            mixing = self._read_mixing(ctx, programs=kept["programs"])
-        else:
-            ctx = x.mean(dim=(2, 3)) if context is None else context
-            kept["calls"] += 1
-            index = kept["index"]
-            rows = [row.tobytes() for row in ctx.contiguous().numpy()]
-            if len(index) + len(rows) > _REMEMBERED_CONTEXTS:
-                index.clear()
-                kept["table"] = None
-            new = {}
-            for position, row in enumerate(rows):
-                if row not in index and row not in new:
-                    new[row] = position
-            if not new:
-                kept["served"] += 1
-            else:
-                fresh = self._read_mixing(ctx[list(new.values())], programs=kept["programs"])   # (M, C_out, P)
-                start = 0 if kept["table"] is None else kept["table"].shape[0]
-                kept["table"] = fresh if kept["table"] is None else torch.cat([kept["table"], fresh])
-                for offset, row in enumerate(new):
-                    index[row] = start + offset
-            mixing = kept["table"][[index[row] for row in rows]]
+        if kept["one_op"]:
+            return _native.ops().conv_layer_inference(
+                x, context, kept["slots"], kept["rows"], kept["mixings"], kept["counts"], kept["head_weight"],
+                kept["head_bias"], kept["unit_keys"], self.memory.slot_bias, kept["programs"][1],
+                kept["programs"][2], kept["filters"], self.bias, self.stride, kept["padding"],
+                kept["padding_mode"], self.dilation, self.steps * self.rank, kept["fixed_sharpness"])
+        mixing = self._read_mixing(x.mean(dim=(2, 3)) if context is None else context, programs=kept["programs"])
         return self._apply_mixing(x, mixing, kept["filters"], kept["bias"])
 
     def _apply_mixing(self, x: torch.Tensor, mixing: torch.Tensor, filters: torch.Tensor,

@@ -1207,7 +1207,7 @@ void check_expand(const char* op, const Tensor& expand, int64_t B) {
 }
 
 // The read from given unit keys up to the mixing, shared by conv_read_forward and
-// conv_layer_inference: attend (writing unit_queries, query_norm and weights), the singular
+// conv_read_inference: attend (writing unit_queries, query_norm and weights), the singular
 // values, each read's U weights scaled by them, then the two products with the programs.
 // query_rows: J R k rows of B (the composer's rows, transposed); scale (J R, B) when learned.
 struct ConvMixing {
@@ -1289,43 +1289,143 @@ std::vector<Tensor> conv_read_forward(const Tensor& queries, const std::optional
           a.weights, m.raw_sigma, m.sigma, m.read_v_out, m.scaled_by_sample};
 }
 
-// NeurocoderConv2d's no-grad, eval-mode call in one op (an agent's rollout: many calls on small
-// batches, where each operation's fixed cost dominates): the context (given, or x averaged over
-// its pixels), the composer's rows, the read (conv_mixing), the responses to the P program
-// filters and one batched product with each sample's mixing, the bias included. From constants
-// the caller keeps between calls (neurocoder.reuse_programs): the composer's weight (C, context)
-// and bias (C,) with only query and (learned) sharpness rows, the unit keys (J, P, k), the
-// programs and the filters (P, C_in, kh, kw). Nothing is saved and no usage is counted.
-// x (B, C_in, H, W) -> (B, C_out, H', W').
-Tensor conv_layer_inference(const Tensor& x, const std::optional<Tensor>& context, const Tensor& head_weight,
-                            const Tensor& head_bias, const Tensor& unit_keys, const std::optional<Tensor>& slot_bias,
-                            const Tensor& s_values, const Tensor& v_values, const Tensor& filters,
-                            const std::optional<Tensor>& bias, at::IntArrayRef stride, at::IntArrayRef padding,
-                            at::IntArrayRef dilation, int64_t rank, std::optional<double> fixed_sharpness) {
-  const int64_t J = 3, B = x.size(0), P = v_values.size(0), O = v_values.size(1), R = rank;
+// NeurocoderConv2d's read for no-grad, eval-mode calls (an agent's rollout: many calls on small
+// batches, where each operation's fixed cost dominates): the composer's rows, then conv_mixing.
+// From constants the caller keeps between calls (neurocoder.reuse_programs): the composer's
+// weight (C, context) and bias (C,) with only query and (learned) sharpness rows, the unit keys
+// (J, P, k) and the programs. Nothing is saved and no usage is counted.
+// context (B, context_features) -> mixing (B, C_out, P).
+Tensor conv_read_inference(const Tensor& context, const Tensor& head_weight, const Tensor& head_bias,
+                           const Tensor& unit_keys, const std::optional<Tensor>& slot_bias, const Tensor& s_values,
+                           const Tensor& v_values, int64_t rank, std::optional<double> fixed_sharpness) {
+  const int64_t J = 3, B = context.size(0), P = v_values.size(0), R = rank;
   TORCH_CHECK(unit_keys.dim() == 3 && unit_keys.size(0) == J && unit_keys.size(1) == P,
-              "conv_layer_inference: unit keys of shape ", unit_keys.sizes(), ", expected (3, ", P, ", key_dim)");
+              "conv_read_inference: unit keys of shape ", unit_keys.sizes(), ", expected (3, ", P, ", key_dim)");
   const int64_t k = unit_keys.size(2), Q = J * R * k, C = head_weight.size(0);
   const bool learned = !fixed_sharpness.has_value();
-  TORCH_CHECK(C == Q + (learned ? J * R : 0), "conv_layer_inference: the composer has ", C, " rows, expected ",
+  TORCH_CHECK(C == Q + (learned ? J * R : 0), "conv_read_inference: the composer has ", C, " rows, expected ",
               Q + (learned ? J * R : 0), " (queries", learned ? " and sharpness" : "", " only)");
-  TORCH_CHECK(x.dim() == 4 && filters.dim() == 4 && filters.size(0) == P && filters.size(1) == x.size(1),
-              "conv_layer_inference: input of shape ", x.sizes(), " and filters of shape ", filters.sizes(),
-              ", expected (B, C_in, H, W) and (", P, ", C_in, kh, kw)");
-  const auto options = x.options();
-  Tensor ctx = context.has_value() ? *context : x.mean({2, 3});                       // (B, context)
-  Tensor head_t = at::addmm(head_bias.unsqueeze(1), head_weight, ctx.t());             // (C, B)
+  const auto options = context.options();
+  Tensor head_t = at::addmm(head_bias.unsqueeze(1), head_weight, context.t());         // (C, B)
   Tensor scale = learned ? at::softplus(head_t.narrow(0, Q, J * R)).contiguous() : Tensor();
   Tensor unit_queries = at::empty({J, k, R * B}, options), query_norm = at::empty({J, 1, R, B}, options);
   Tensor weights = at::empty({J, P, R * B}, options);
   Tensor slot = slot_bias.has_value() ? slot_bias->contiguous() : Tensor();
-  const ConvMixing m = conv_mixing(head_t.data_ptr(), scale, fixed_sharpness, unit_keys.contiguous(), slot, s_values,
-                                   v_values, R, B, unit_queries, query_norm, weights);
-  Tensor responses = at::conv2d(x, filters, {}, stride, padding, dilation);             // (B, P, H', W')
+  return conv_mixing(head_t.data_ptr(), scale, fixed_sharpness, unit_keys.contiguous(), slot, s_values, v_values, R,
+                     B, unit_queries, query_norm, weights).mixing;
+}
+
+// Each sample's context, x averaged over its pixels: x (B, C, H, W) -> (B, C), as x.mean((2, 3))
+// (one loop over contiguous pixels instead of a reduction op and a division).
+Tensor pixel_means(const Tensor& x) {
+  const Tensor input = x.contiguous();
+  const int64_t rows = input.size(0) * input.size(1), pixels = input.size(2) * input.size(3);
+  Tensor means = at::empty({input.size(0), input.size(1)}, input.options());
+  AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "pixel_means", [&] {
+    const scalar_t* from = input.data_ptr<scalar_t>();
+    scalar_t* to = means.data_ptr<scalar_t>();
+    for (int64_t row = 0; row < rows; ++row) {
+      scalar_t total = 0;
+      const scalar_t* pixel = from + row * pixels;
+      for (int64_t i = 0; i < pixels; ++i) total += pixel[i];
+      to[row] = total / static_cast<scalar_t>(pixels);
+    }
+  });
+  return means;
+}
+
+// The responses to the P program filters, mixed per sample: x (B, C_in, H, W), mixing (B, O, P)
+// -> (B, O, H', W'), the bias (O,) included. padding_mode: "same" or "valid", else the numbers.
+Tensor apply_conv_mixing(const Tensor& x, const Tensor& mixing, const Tensor& filters,
+                         const std::optional<Tensor>& bias, at::IntArrayRef stride, at::IntArrayRef padding,
+                         c10::string_view padding_mode, at::IntArrayRef dilation) {
+  const int64_t B = x.size(0), P = filters.size(0), O = mixing.size(1);
+  Tensor responses = padding_mode.empty() ? at::conv2d(x, filters, {}, stride, padding, dilation)
+                                          : at::conv2d(x, filters, {}, stride, padding_mode, dilation);
   const int64_t H = responses.size(2), W = responses.size(3);
   Tensor flat = responses.view({B, P, H * W});
-  Tensor y = bias.has_value() ? at::baddbmm(bias->view({1, O, 1}), m.mixing, flat) : at::bmm(m.mixing, flat);
+  Tensor y = bias.has_value() ? at::baddbmm(bias->view({1, O, 1}), mixing, flat) : at::bmm(mixing, flat);
   return y.view({B, O, H, W});
+}
+
+// NeurocoderConv2d's whole no-grad, eval-mode call (an agent's rollout) in one op, remembering
+// the contexts it meets: an agent meets the same MinAtar contexts again and again (in Seaquest
+// ~4 of a step's 32 are new), and each context's mixing matrix depends on the context alone until
+// a parameter changes. The table lives in tensors the caller keeps with the parameters' other
+// constants (neurocoder.reuse_programs) and drops when a parameter changes:
+//   slots (S,) int64: open addressing by a hash of the context's bits, -1 where empty; S a power
+//       of two at least twice the capacity;
+//   rows (capacity, context_features): the contexts met, bit for bit;
+//   mixings (capacity, O, P): their mixing matrices;
+//   counts (3,) int64: contexts held, contexts met, contexts read (the last two for reports).
+// A call whose contexts do not fit starts the table over; one larger than the table reads all its
+// contexts. The context is given, or x averaged over its pixels; the read is conv_read_inference;
+// then the responses to the program filters (P, C_in, kh, kw) are mixed, the bias included.
+// x (B, C_in, H, W) -> (B, C_out, H', W').
+Tensor conv_layer_inference(const Tensor& x, const std::optional<Tensor>& context, Tensor& slots, Tensor& rows,
+                            Tensor& mixings, Tensor& counts, const Tensor& head_weight, const Tensor& head_bias,
+                            const Tensor& unit_keys, const std::optional<Tensor>& slot_bias, const Tensor& s_values,
+                            const Tensor& v_values, const Tensor& filters, const std::optional<Tensor>& bias,
+                            at::IntArrayRef stride, at::IntArrayRef padding, c10::string_view padding_mode,
+                            at::IntArrayRef dilation, int64_t rank, std::optional<double> fixed_sharpness) {
+  const int64_t B = x.size(0), P = v_values.size(0), O = v_values.size(1);
+  TORCH_CHECK(x.dim() == 4 && filters.dim() == 4 && filters.size(0) == P && filters.size(1) == x.size(1),
+              "conv_layer_inference: input of shape ", x.sizes(), " and filters of shape ", filters.sizes(),
+              ", expected (B, C_in, H, W) and (", P, ", C_in, kh, kw)");
+  const Tensor ctx = context.has_value() ? context->contiguous() : pixel_means(x);          // (B, C)
+  const int64_t capacity = rows.size(0), C = ctx.size(1), S = slots.size(0);
+  TORCH_CHECK(slots.scalar_type() == at::kLong && counts.scalar_type() == at::kLong && counts.numel() == 3 &&
+                  S >= 2 * capacity && (S & (S - 1)) == 0 && rows.dim() == 2 && rows.size(1) == C &&
+                  rows.scalar_type() == ctx.scalar_type() && mixings.size(0) == capacity && mixings.size(1) == O &&
+                  mixings.size(2) == P && mixings.scalar_type() == ctx.scalar_type() && rows.is_contiguous() &&
+                  mixings.is_contiguous() && slots.is_contiguous(),
+              "conv_layer_inference: the context table's tensors do not match (", S, " slots, rows ", rows.sizes(),
+              ", mixings ", mixings.sizes(), ", context of width ", C, ")");
+  auto read = [&](const Tensor& contexts) {
+    return conv_read_inference(contexts, head_weight, head_bias, unit_keys, slot_bias, s_values, v_values, rank,
+                               fixed_sharpness);
+  };
+  int64_t* count = counts.data_ptr<int64_t>();
+  count[1] += B;
+  if (B > capacity) {
+    count[2] += B;
+    return apply_conv_mixing(x, read(ctx), filters, bias, stride, padding, padding_mode, dilation);
+  }
+  int64_t* slot = slots.data_ptr<int64_t>();
+  if (count[0] + B > capacity) {                      // no room for this call's contexts: start over
+    std::fill(slot, slot + S, int64_t(-1));
+    count[0] = 0;
+  }
+  const int64_t bytes = C * ctx.element_size();
+  const auto* context_bytes = static_cast<const unsigned char*>(ctx.data_ptr());
+  auto* row_bytes = static_cast<unsigned char*>(rows.data_ptr());
+  std::vector<int64_t> which(B), fresh;
+  const int64_t held_before = count[0];
+  for (int64_t b = 0; b < B; ++b) {
+    const unsigned char* row = context_bytes + b * bytes;
+    uint64_t hash = 1469598103934665603ull;          // FNV-1a over the context's bytes
+    for (int64_t i = 0; i < bytes; ++i) hash = (hash ^ row[i]) * 1099511628211ull;
+    int64_t at = static_cast<int64_t>(hash & static_cast<uint64_t>(S - 1));
+    while (slot[at] != -1 && std::memcmp(row_bytes + slot[at] * bytes, row, bytes) != 0) at = (at + 1) & (S - 1);
+    if (slot[at] == -1) {                             // met for the first time: held, read below
+      slot[at] = count[0];
+      std::memcpy(row_bytes + count[0] * bytes, row, bytes);
+      fresh.push_back(b);
+      ++count[0];
+    }
+    which[b] = slot[at];
+  }
+  count[2] += static_cast<int64_t>(fresh.size());
+  if (!fresh.empty()) {
+    Tensor positions = at::from_blob(fresh.data(), {static_cast<int64_t>(fresh.size())}, at::kLong);
+    mixings.narrow(0, held_before, static_cast<int64_t>(fresh.size())).copy_(read(ctx.index_select(0, positions)));
+  }
+  Tensor mixing = at::empty({B, O, P}, ctx.options());
+  const int64_t size = O * P * mixings.element_size();
+  const auto* table = static_cast<const unsigned char*>(mixings.data_ptr());
+  auto* out = static_cast<unsigned char*>(mixing.data_ptr());
+  for (int64_t b = 0; b < B; ++b) std::memcpy(out + b * size, table + which[b] * size, size);
+  return apply_conv_mixing(x, mixing, filters, bias, stride, padding, padding_mode, dilation);
 }
 
 // conv_read_forward's backward, from d loss / d mixing (B, O, P). Returns the gradients of
@@ -1432,9 +1532,10 @@ TORCH_LIBRARY(neurocoder_cpu, m) {
         "Tensor? usage_weights, Tensor? expand) -> Tensor[]");
   m.def("conv_read_backward(Tensor grad_mixing, Tensor[] saved, Tensor? sharpness, float? fixed_sharpness, "
         "Tensor s_values, Tensor v_values, bool has_slot_bias, Tensor? expand) -> Tensor[]");
-  m.def("conv_layer_inference(Tensor x, Tensor? context, Tensor head_weight, Tensor head_bias, Tensor unit_keys, "
-        "Tensor? slot_bias, Tensor s_values, Tensor v_values, Tensor filters, Tensor? bias, int[] stride, "
-        "int[] padding, int[] dilation, int rank, float? fixed_sharpness) -> Tensor");
+  m.def("conv_layer_inference(Tensor x, Tensor? context, Tensor(a!) slots, Tensor(b!) rows, Tensor(c!) mixings, "
+        "Tensor(d!) counts, Tensor head_weight, Tensor head_bias, Tensor unit_keys, Tensor? slot_bias, "
+        "Tensor s_values, Tensor v_values, Tensor filters, Tensor? bias, int[] stride, int[] padding, "
+        "str padding_mode, int[] dilation, int rank, float? fixed_sharpness) -> Tensor");
   m.def("least_used_read_forward(Tensor attention, Tensor gates, int least_used) -> Tensor[]");
   m.def("least_used_read_backward(Tensor? grad_weights, Tensor? grad_usage, Tensor attention, Tensor gates, "
         "Tensor weights, Tensor usage_before, Tensor least) -> Tensor[]");
