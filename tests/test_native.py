@@ -501,6 +501,10 @@ def test_least_used_layer_breaks_usage_ties_by_slot_in_the_fused_read():
 # ------------------------------------------------------------------ NeurocoderConv2d's read
 
 
+# The autograd nodes of NeurocoderConv2d's C++ reads.
+_CONV_READ_FUNCTIONS = {"_NativeConvReadBackward", "_NativeConvLayerReadBackward"}
+
+
 def _conv_pair(seed=0, grow=0, **options):
     """A float64 NeurocoderConv2d on the kernels and a copy on its composable path (fused=False);
     ``grow`` new slots give the memory per-slot attention offsets."""
@@ -539,8 +543,10 @@ def test_conv_kernels_equal_the_composable_path(composer, steps, sharpness, opti
     x_ref = x.detach().clone().requires_grad_(True)
     y, grad_x, grads = _conv_step(layer, x)
     y_ref, grad_x_ref, grads_ref = _conv_step(reference, x_ref)
-    assert "_NativeConvReadBackward" in functions_behind(layer(x))
-    assert "_NativeConvReadBackward" not in functions_behind(reference(x_ref))
+    # The feed-forward composer reads through the whole-read Function, the recurrent one through the read alone.
+    read_function = "_NativeConvLayerReadBackward" if composer == "feedforward" else "_NativeConvReadBackward"
+    assert read_function in functions_behind(layer(x))
+    assert not _CONV_READ_FUNCTIONS & functions_behind(reference(x_ref))
     torch.testing.assert_close(y, y_ref)
     torch.testing.assert_close(grad_x, grad_x_ref)
     for name, g, g_ref in zip([n for n, _ in layer.named_parameters()], grads, grads_ref):
@@ -562,10 +568,10 @@ def test_conv_kernels_pass_gradcheck():
 def test_conv_reads_identical_contexts_once_with_the_same_values_gradients_and_usage(monkeypatch, dedupe):
     layer, reference = _conv_pair(seed=2)
     reads = []                                            # how many contexts each read took
-    real_read = neurocoder.layers.conv_read_mixing
-    monkeypatch.setattr(neurocoder.layers, "conv_read_mixing",
-                        lambda queries, *args, **kwargs: reads.append(queries.shape[1]) or
-                        real_read(queries, *args, **kwargs))
+    real_read = neurocoder.layers.conv_layer_read_mixing
+    monkeypatch.setattr(neurocoder.layers, "conv_layer_read_mixing",
+                        lambda context, *args, **kwargs: reads.append(context.shape[0]) or
+                        real_read(context, *args, **kwargs))
     layer.dedupe_contexts = dedupe
     distinct = torch.randn(3, 3, 7, 6, dtype=torch.float64)
     batch = neurocoder.layers._DEDUPE_MIN_BATCH
@@ -673,14 +679,14 @@ def test_conv_rollout_equals_the_composable_path(monkeypatch, composer, steps, s
 def test_conv_takes_its_composable_path_with_the_kernels_off_or_a_trace():
     layer, _ = _conv_pair(seed=6)
     x = torch.randn(2, 3, 6, 6, dtype=torch.float64)
-    assert "_NativeConvReadBackward" in functions_behind(layer(x))
+    assert "_NativeConvLayerReadBackward" in functions_behind(layer(x))
     y, trace = layer(x, return_trace=True)                 # traces come from the composable path
-    assert "_NativeConvReadBackward" not in functions_behind(y) and trace.sigma.shape == (2, 4)
+    assert not _CONV_READ_FUNCTIONS & functions_behind(y) and trace.sigma.shape == (2, 4)
     native.set_enabled(False)
-    assert "_NativeConvReadBackward" not in functions_behind(layer(x))
+    assert not _CONV_READ_FUNCTIONS & functions_behind(layer(x))
     native.set_enabled(True)
     layer.fused = False
-    assert "_NativeConvReadBackward" not in functions_behind(layer(x))
+    assert not _CONV_READ_FUNCTIONS & functions_behind(layer(x))
 
 
 def test_conv_read_mixing_names_what_it_needs_when_the_kernels_cannot_run():

@@ -26,7 +26,8 @@ from torch.autograd.function import once_differentiable
 
 from . import native as _native
 
-__all__ = ["fused_read_apply", "fused_layer_apply", "conv_read_mixing", "functions_behind"]
+__all__ = ["fused_read_apply", "fused_layer_apply", "conv_read_mixing", "conv_layer_read_mixing",
+           "functions_behind"]
 
 _EPS = 1e-8
 # Largest fixed sharpness whose logits (bounded by it) take the max-free softmax: exp(30) x P
@@ -295,6 +296,38 @@ class _NativeConvRead(torch.autograd.Function):
                                              ctx.has_slot_bias, expand)
         return (grad_queries, grad_keys, grad_sharpness if sharpness is not None else None,
                 grad_slot_bias if ctx.has_slot_bias else None, grad_s_values, grad_v_values, None, None, None)
+
+
+class _NativeConvLayerRead(torch.autograd.Function):
+    """:class:`~neurocoder.layers.NeurocoderConv2d`'s read with the feed-forward composer, from
+    its parameters, in one Function (C++: ``conv_layer_read_forward`` / ``_backward``): the
+    composer's rows, the keys and :class:`_NativeConvRead`'s read, with one hand-written backward
+    instead of a dozen small autograd nodes. See :func:`conv_layer_read_mixing`."""
+
+    @staticmethod
+    def forward(ctx, context, head_weight, head_bias, u_values, v_values, s_values, s_keys, a, b, c, d, slot_bias,
+                rank, sharpness, want_usage, usage_weights, expand):
+        mixing, _, usage, *saved = _native.ops().conv_layer_read_forward(
+            context, head_weight, head_bias, u_values, v_values, s_values, s_keys, a, b, c, d, slot_bias, rank,
+            sharpness, want_usage, usage_weights, expand)
+        ctx.save_for_backward(*saved, context, head_weight, u_values, v_values, s_values, a, c, expand)
+        ctx.fixed, ctx.has_slot_bias = sharpness, slot_bias is not None
+        ctx.set_materialize_grads(False)
+        ctx.mark_non_differentiable(usage)
+        return mixing, usage
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_mixing, _grad_usage):
+        *saved, context, head_weight, u_values, v_values, s_values, a, c, expand = ctx.saved_tensors
+        if grad_mixing is None:
+            reads = context.shape[0] if expand is None else expand.shape[0]
+            grad_mixing = context.new_zeros(reads, v_values.shape[1], s_values.shape[0])
+        needs = sum(1 << i for i, need in enumerate(ctx.needs_input_grad[:12]) if need)
+        grads = _native.ops().conv_layer_read_backward(grad_mixing, saved, context, head_weight, u_values, v_values,
+                                                       s_values, a, c, ctx.has_slot_bias, ctx.fixed, expand, needs)
+        return (*(g if need and g.numel() else None for g, need in zip(grads, ctx.needs_input_grad[:12])),
+                None, None, None, None, None)
 
 
 class _FusedLayer(torch.autograd.Function):
@@ -572,6 +605,38 @@ def fused_read_apply(head_out: torch.Tensor, through_memory: torch.Tensor | None
     function = _NativeFusedReadApply if native else _FusedReadApply
     return function.apply(head_out, through_memory, rank, key_dim, keys, sharpness, slot_bias, s_values, v_values,
                           want_usage)
+
+
+def conv_layer_read_mixing(context: torch.Tensor, head_weight: torch.Tensor, head_bias: torch.Tensor,
+                           u_values: torch.Tensor, v_values: torch.Tensor, s_values: torch.Tensor,
+                           s_keys: torch.Tensor, key_tensors: tuple, slot_bias: torch.Tensor | None, rank: int,
+                           sharpness: float | None, want_usage: bool = True,
+                           usage_weights: torch.Tensor | None = None, expand: torch.Tensor | None = None):
+    """:func:`conv_read_mixing` with the feed-forward composer's rows and the keys made from the
+    parameters, in one autograd Function (C++, CPU): the maths of
+    ``conv_read_mixing(addmm(head_bias, context, head_weight.T).T[:Q], keys, softplus(...), ...)``.
+
+    Args:
+        context: (B, context_features) what the composer reads.
+        head_weight, head_bias: (C, context_features), (C,) the composer's rows: 3 x rank x
+            key_dim query rows, then (learned sharpness) 3 x rank sharpness rows, bank-major.
+        u_values, v_values, s_values, s_keys, key_tensors, slot_bias: as
+            :func:`fused_layer_apply`.
+        rank: components per composition; sharpness: the fixed sharpness, or None (learned).
+        want_usage, usage_weights, expand: as :func:`conv_read_mixing`.
+
+    Returns:
+        As :func:`conv_read_mixing`: mixing (B, C_out, P) and usage (3, P).
+    """
+    a, b, c, d = (tuple(key_tensors) + (None, None))[:4]
+    if not _native_applies(context, head_weight, head_bias, u_values, v_values, s_values, s_keys, a, b, c, d,
+                           slot_bias):
+        raise ValueError("conv_layer_read_mixing runs on the C++ kernels only: CPU tensors of one dtype, float32 or "
+                         f"float64 (got {context.dtype} on {context.device}), outside torch.compile, kernels built "
+                         f"(neurocoder.native: {_native.describe()})")
+    return _NativeConvLayerRead.apply(context, head_weight, head_bias, u_values, v_values, s_values, s_keys, a, b, c,
+                                      d, slot_bias, rank, None if sharpness is None else float(sharpness), want_usage,
+                                      usage_weights, expand)
 
 
 def conv_read_mixing(queries: torch.Tensor, keys: torch.Tensor, sharpness: torch.Tensor | float,

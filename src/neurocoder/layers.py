@@ -25,7 +25,8 @@ from torch.nn.modules.utils import _pair
 from ._checks import check_positive_int
 from .composer import COMPOSERS, ComposerOutput, FeedForwardComposer, RecurrentComposer
 from . import native as _native
-from .fused import _EPS, _native_applies, _reverse_cumsum, conv_read_mixing, fused_layer_apply, fused_read_apply
+from .fused import (_EPS, _native_applies, _reverse_cumsum, conv_layer_read_mixing, conv_read_mixing, fused_layer_apply,
+                    fused_read_apply)
 from .memory import KEY_MODES, ProgramMemory
 from .reading import content_attention, read_with_least_used
 from .trace import BANK_NAMES, Trace
@@ -660,6 +661,22 @@ class NeurocoderConv2d(NeurocoderLayer):
         when the caller has them (None: taken here); expand (B',): return ``mixing[expand]``
         instead, (B', C_out, P)."""
         memory, head = self.memory, self.composer.head
+        usage_weights = None if counts is None else counts.to(memory.u_values.dtype)
+        if (programs is None and isinstance(self.composer, FeedForwardComposer) and not head.sizes[1]
+                and not head.sizes[3] and not memory._has_frozen and torch.is_grad_enabled()
+                and not torch.compiler.is_compiling()):
+            # A training step of the common case: composer, keys and read in one Function.
+            key_tensors = ((memory.u_keys, memory.v_keys) if memory.key_mode == "learned" else
+                           (memory.u_key_map.weight, memory.u_key_map.bias,
+                            memory.v_key_map.weight, memory.v_key_map.bias))
+            mixing, usage = conv_layer_read_mixing(
+                ctx, head.linear.weight, head.linear.bias, memory.u_values, memory.v_values, memory.s_values,
+                memory.s_keys, key_tensors, memory.slot_bias, self.steps * self.rank,
+                None if head.learn_sharpness else float(self.sharpness), want_usage=self.training,
+                usage_weights=usage_weights, expand=expand)
+            if self.training and not _recomputing():
+                memory.update_usage(usage)
+            return mixing
         J, R, k = 3, self.steps * self.rank, self.key_dim
         Q = J * R * k
         if isinstance(self.composer, FeedForwardComposer):
@@ -680,9 +697,7 @@ class NeurocoderConv2d(NeurocoderLayer):
             programs = self._kept("conv", lambda: (memory.keys(), memory.s, memory.v))
         keys, s_values, v_values = programs
         mixing, usage = conv_read_mixing(queries, keys, sharpness, memory.slot_bias, s_values, v_values,
-                                         want_usage=self.training,
-                                         usage_weights=None if counts is None else counts.to(queries.dtype),
-                                         expand=expand)
+                                         want_usage=self.training, usage_weights=usage_weights, expand=expand)
         if self.training and not _recomputing():
             memory.update_usage(usage)
         return mixing

@@ -1508,6 +1508,95 @@ std::vector<Tensor> conv_read_backward(const Tensor& grad_mixing_in, at::TensorL
   return {grad_queries, grad_sharpness, grad_keys, grad_slot_bias, grad_s_values, grad_v_values};
 }
 
+// The layer's keys (J, P, k) from its parameters, as ProgramMemory.keys(): content keys map each
+// U and V program through (key_a, key_b) and (key_c, key_d); learned keys are key_a and key_b.
+Tensor layer_keys(const Tensor& u_values, const Tensor& v_values, const Tensor& s_keys, const Tensor& key_a,
+                  const Tensor& key_b, const std::optional<Tensor>& key_c, const std::optional<Tensor>& key_d) {
+  Tensor keys = at::empty({3, s_keys.size(0), s_keys.size(1)}, s_keys.options());
+  if (key_c.has_value()) {
+    at::addmm_out(out(keys[0]), key_b, u_values, key_a.t());
+    at::addmm_out(out(keys[1]), *key_d, v_values, key_c->t());
+  } else {
+    keys[0].copy_(key_a);
+    keys[1].copy_(key_b);
+  }
+  keys[2].copy_(s_keys);
+  return keys;
+}
+
+// NeurocoderConv2d's read with the feed-forward composer, from its parameters, in one op: the
+// composer's rows (head_weight (C, context), head_bias (C,): query rows, then the learned
+// sharpness rows), the keys, then conv_read_forward. Returns conv_read_forward's tensors, then the
+// raw sharpness rows (J R, B; empty when fixed) for the backward's softplus.
+std::vector<Tensor> conv_layer_read_forward(const Tensor& context, const Tensor& head_weight, const Tensor& head_bias,
+                                            const Tensor& u_values, const Tensor& v_values, const Tensor& s_values,
+                                            const Tensor& s_keys, const Tensor& key_a, const Tensor& key_b,
+                                            const std::optional<Tensor>& key_c, const std::optional<Tensor>& key_d,
+                                            const std::optional<Tensor>& slot_bias, int64_t rank,
+                                            std::optional<double> fixed_sharpness, bool want_usage,
+                                            const std::optional<Tensor>& usage_weights,
+                                            const std::optional<Tensor>& expand) {
+  const int64_t J = 3, k = s_keys.size(1), R = rank, Q = J * R * k, C = head_weight.size(0);
+  const bool learned = !fixed_sharpness.has_value();
+  TORCH_CHECK(C == Q + (learned ? J * R : 0), "conv_layer_read_forward: the composer has ", C, " rows, expected ",
+              Q + (learned ? J * R : 0), " (queries", learned ? " and sharpness" : "", " only)");
+  Tensor head_t = at::addmm(head_bias.unsqueeze(1), head_weight, context.t());         // (C, B)
+  Tensor raw = learned ? head_t.narrow(0, Q, J * R) : at::empty({0}, context.options());
+  std::optional<Tensor> sharpness;
+  if (learned) sharpness = at::softplus(raw);
+  std::vector<Tensor> result = conv_read_forward(head_t.narrow(0, 0, Q), sharpness, fixed_sharpness,
+                                                 layer_keys(u_values, v_values, s_keys, key_a, key_b, key_c, key_d),
+                                                 slot_bias, s_values, v_values, R, want_usage, usage_weights, expand);
+  result.push_back(learned ? *sharpness : raw);
+  result.push_back(raw);
+  return result;
+}
+
+// conv_layer_read_forward's backward from d loss / d mixing. saved: the 9 tensors
+// conv_read_forward saves, then the sharpness and the raw sharpness rows (empty when fixed).
+// Returns the gradients, in conv_layer_read_forward's argument order: context, head_weight,
+// head_bias, u_values, v_values, s_values, s_keys, key_a, key_b, key_c, key_d, slot_bias; an entry
+// whose input needs no gradient (bit i of needs_mask clear) or does not exist is empty.
+std::vector<Tensor> conv_layer_read_backward(const Tensor& grad_mixing, at::TensorList saved, const Tensor& context,
+                                             const Tensor& head_weight, const Tensor& u_values,
+                                             const Tensor& v_values, const Tensor& s_values, const Tensor& key_a,
+                                             const std::optional<Tensor>& key_c, bool has_slot_bias,
+                                             std::optional<double> fixed_sharpness,
+                                             const std::optional<Tensor>& expand, int64_t needs_mask) {
+  TORCH_CHECK(saved.size() == 11, "conv_layer_read_backward: expected the 11 tensors conv_layer_read_forward saves");
+  auto needs = [needs_mask](int i) { return ((needs_mask >> i) & 1) != 0; };
+  const bool learned = !fixed_sharpness.has_value();
+  const Tensor &sharpness = saved[9], &raw = saved[10];
+  std::vector<Tensor> read = conv_read_backward(grad_mixing, saved.slice(0, 9),
+                                                learned ? std::optional<Tensor>(sharpness) : std::nullopt,
+                                                fixed_sharpness, s_values, v_values, has_slot_bias, expand);
+  const Tensor &grad_queries = read[0], &grad_keys = read[2];
+  Tensor grad_v_values = read[5];
+  // The composer's rows: the queries', then the raw sharpness' through the softplus (threshold 20).
+  Tensor grad_head = learned ? at::cat({grad_queries, at::softplus_backward(read[1], raw, 1.0, 20.0)}, 0)
+                             : grad_queries;                                                  // (C, B)
+  Tensor none = at::empty({0}, context.options());
+  Tensor grad_context = needs(0) ? at::mm(grad_head.t(), head_weight) : none;
+  Tensor grad_head_weight = needs(1) ? at::mm(grad_head, context) : none;
+  Tensor grad_head_bias = needs(2) ? grad_head.sum(1) : none;
+  Tensor grad_u = none, grad_a = none, grad_b = none, grad_c = none, grad_d = none;
+  if (key_c.has_value()) {
+    const Tensor grad_u_keys = grad_keys[0], grad_v_keys = grad_keys[1];                      // (P, k)
+    if (needs(3)) grad_u = at::mm(grad_u_keys, key_a);
+    if (needs(4)) grad_v_values = grad_v_values.addmm(grad_v_keys, *key_c);
+    if (needs(7)) grad_a = at::mm(grad_u_keys.t(), u_values);
+    if (needs(8)) grad_b = grad_u_keys.sum(0);
+    if (needs(9)) grad_c = at::mm(grad_v_keys.t(), v_values);
+    if (needs(10)) grad_d = grad_v_keys.sum(0);
+  } else {                                        // learned keys: U takes no gradient here
+    if (needs(7)) grad_a = grad_keys[0];
+    if (needs(8)) grad_b = grad_keys[1];
+  }
+  return {grad_context, grad_head_weight, grad_head_bias, grad_u, needs(4) ? grad_v_values : none,
+          needs(5) ? read[4] : none, needs(6) ? grad_keys[2] : none, grad_a, grad_b, grad_c, grad_d,
+          has_slot_bias && needs(11) ? read[3] : none};
+}
+
 }  // namespace
 
 TORCH_LIBRARY(neurocoder_cpu, m) {
@@ -1536,6 +1625,13 @@ TORCH_LIBRARY(neurocoder_cpu, m) {
         "Tensor(d!) counts, Tensor head_weight, Tensor head_bias, Tensor unit_keys, Tensor? slot_bias, "
         "Tensor s_values, Tensor v_values, Tensor filters, Tensor? bias, int[] stride, int[] padding, "
         "str padding_mode, int[] dilation, int rank, float? fixed_sharpness) -> Tensor");
+  m.def("conv_layer_read_forward(Tensor context, Tensor head_weight, Tensor head_bias, Tensor u_values, "
+        "Tensor v_values, Tensor s_values, Tensor s_keys, Tensor key_a, Tensor key_b, Tensor? key_c, Tensor? key_d, "
+        "Tensor? slot_bias, int rank, float? fixed_sharpness, bool want_usage, Tensor? usage_weights, "
+        "Tensor? expand) -> Tensor[]");
+  m.def("conv_layer_read_backward(Tensor grad_mixing, Tensor[] saved, Tensor context, Tensor head_weight, "
+        "Tensor u_values, Tensor v_values, Tensor s_values, Tensor key_a, Tensor? key_c, bool has_slot_bias, "
+        "float? fixed_sharpness, Tensor? expand, int needs_mask) -> Tensor[]");
   m.def("least_used_read_forward(Tensor attention, Tensor gates, int least_used) -> Tensor[]");
   m.def("least_used_read_backward(Tensor? grad_weights, Tensor? grad_usage, Tensor attention, Tensor gates, "
         "Tensor weights, Tensor usage_before, Tensor least) -> Tensor[]");
@@ -1549,6 +1645,8 @@ TORCH_LIBRARY_IMPL(neurocoder_cpu, CPU, m) {
   m.impl("fused_read_backward", &fused_read_backward);
   m.impl("conv_read_forward", &conv_read_forward);
   m.impl("conv_layer_inference", &conv_layer_inference);
+  m.impl("conv_layer_read_forward", &conv_layer_read_forward);
+  m.impl("conv_layer_read_backward", &conv_layer_read_backward);
   m.impl("conv_read_backward", &conv_read_backward);
   m.impl("least_used_read_forward", &least_used_read_forward);
   m.impl("least_used_read_backward", &least_used_read_backward);
