@@ -595,16 +595,21 @@ def test_unique_rows_groups_rows_by_their_exact_bits():
         assert torch.equal(counts, torch.bincount(inverse))
     rows = torch.tensor([[0.0, float("nan")], [0.0, float("nan")], [1.0, 2.0], [-0.0, float("nan")]])
     unique, inverse, counts = neurocoder.layers._unique_rows(rows)
-    assert inverse[0] == inverse[1] and len({inverse[0].item(), inverse[2].item(), inverse[3].item()}) == 3
+    assert inverse.tolist() == [0, 0, 1, 2] and counts.tolist() == [2, 1, 1]   # bits, first appearance
+    native.set_enabled(False)                             # without the kernels: torch.unique (values)
+    try:
+        unique, inverse, counts = neurocoder.layers._unique_rows(torch.tensor([[1.0], [0.0], [-0.0]]))
+        assert unique.tolist() == [[0.0], [1.0]] and inverse.tolist() == [1, 0, 0]
+    finally:
+        native.set_enabled(True)
 
 
-def test_unique_rows_falls_back_to_sorting_when_hashes_collide(monkeypatch):
-    rows = torch.tensor([[1.0, 2.0], [3.0, 4.0], [1.0, 2.0]])
-    real_unique = torch.unique
-    # Every row hashes alike: the bitwise check finds the collision and the rows are sorted.
-    monkeypatch.setattr(torch, "unique", lambda t, **kw: real_unique(torch.zeros_like(t), **kw))
-    unique, inverse, counts = neurocoder.layers._unique_rows(rows)
-    assert torch.equal(unique[inverse], rows) and counts.tolist() == [2, 1]
+def test_pixel_means_equal_the_mean_over_pixels():
+    for dtype in (torch.float32, torch.float64):
+        x = torch.randn(5, 4, 9, 7, dtype=dtype).transpose(2, 3)          # not contiguous
+        torch.testing.assert_close(native.ops().pixel_means(x), x.mean(dim=(2, 3)))
+    with pytest.raises(RuntimeError, match="expected a floating"):
+        native.ops().pixel_means(torch.zeros(2, 3, 4, dtype=torch.int64))
 
 
 def test_conv_rollout_remembers_mixings_until_a_parameter_changes():

@@ -635,6 +635,12 @@ class NeurocoderConv2d(NeurocoderLayer):
         self._check_tensor("input", x, lambda shape: len(shape) == 4 and shape[1] == self.in_channels,
                            f"(B, {self.in_channels}, H, W)")
         if context is None:
+            if self.fused and _native_applies(x):
+                # The C++ loop the rollout op uses: the same bits there, in training and with or
+                # without a gradient (and faster than the mean).
+                if x.requires_grad and torch.is_grad_enabled():
+                    return _PixelMeans.apply(x)
+                return _native.ops().pixel_means(x)
             return x.mean(dim=(2, 3))
         self._check_tensor("context", context,
                            lambda shape: shape == (x.shape[0], self.context_features),
@@ -864,48 +870,38 @@ _DEDUPE_MIN_BATCH = 128
 _REMEMBERED_CONTEXTS = 4096
 
 
-_ROW_HASH_MULTIPLIERS = torch.randint(-2**62, 2**62, (64,), generator=torch.Generator().manual_seed(0)) | 1
+class _PixelMeans(torch.autograd.Function):
+    """x (B, C, H, W) -> (B, C), x averaged over its pixels by the C++ loop ``pixel_means``; the
+    gradient spreads evenly over the pixels, as the mean's does."""
+
+    @staticmethod
+    def forward(ctx, x):
+        ctx.shape = x.shape
+        return _native.ops().pixel_means(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        B, C, H, W = ctx.shape
+        return (grad / (H * W))[:, :, None, None].expand(B, C, H, W)
 
 
 def _unique_rows(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The distinct rows of a (B, C) float tensor, matched by their exact bits.
+    """The distinct rows of a (B, C) float tensor, in order of first appearance.
 
-    Each row's bits are hashed to one integer and the integers sorted once (on a CPU
-    ``torch.unique(dim=0)`` compares rows a pair at a time: ~2 ms for 512 contexts, against
-    ~0.1 ms here); every row is then checked equal, bit for bit, to its group's first row, and a
-    hash collision falls back to sorting the rows column by column. Rows are equal here when
-    their bits are: 0.0 and -0.0 differ, and two NaN rows with the same bits match.
+    With the C++ kernels (CPU), ``unique_rows``: rows match by their exact bits (0.0 and -0.0
+    differ, two NaN rows with the same bits match), found through a hash table in one pass (on a
+    CPU ``torch.unique(dim=0)`` compares rows a pair at a time: ~2 ms for 512 contexts). Without
+    them, ``torch.unique(dim=0)``, which compares values and sorts.
 
     Returns:
         unique (U, C), inverse (B,) the index of each row's unique row, counts (U,) how many
         rows each unique row stands for.
     """
-    bits = rows.contiguous().view(torch.int64 if rows.element_size() == 8 else torch.int32).to(torch.int64)
-    # Random odd multipliers per column (fixed), summed with int64 wrap-around: a hash of the bits.
-    multipliers = _ROW_HASH_MULTIPLIERS[:rows.shape[1]] if rows.shape[1] <= len(_ROW_HASH_MULTIPLIERS) else \
-        torch.randint(-2**62, 2**62, (rows.shape[1],), generator=torch.Generator().manual_seed(0)) | 1
-    hashes = (bits * multipliers.to(rows.device)).sum(dim=1)
-    _, inverse, counts = torch.unique(hashes, sorted=True, return_inverse=True, return_counts=True)
-    first = torch.full((counts.shape[0],), rows.shape[0], dtype=torch.int64, device=rows.device)
-    first.scatter_reduce_(0, inverse, torch.arange(rows.shape[0], device=rows.device), "amin")
-    if torch.equal(bits, bits[first[inverse]]):
-        return rows[first], inverse, counts
-    return _unique_rows_by_columns(rows, bits)
-
-
-def _unique_rows_by_columns(rows: torch.Tensor, bits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor,
-                                                                                torch.Tensor]:
-    """:func:`_unique_rows` by sorting the rows' bits lexicographically, one stable sort per column."""
-    order = torch.arange(rows.shape[0], device=rows.device)
-    for column in reversed(range(rows.shape[1])):
-        order = order[torch.sort(bits[order, column], stable=True).indices]
-    ordered = bits[order]
-    starts = torch.ones(rows.shape[0], dtype=torch.bool, device=rows.device)
-    starts[1:] = (ordered[1:] != ordered[:-1]).any(dim=1)
-    group = starts.cumsum(0) - 1                                                  # (B,) in sorted order
-    inverse = torch.empty_like(group)
-    inverse[order] = group
-    return rows[order[starts]], inverse, torch.bincount(group)
+    ops = _native.ops() if rows.device.type == "cpu" else None
+    if ops is not None:
+        unique, inverse, counts = ops.unique_rows(rows)
+        return unique, inverse, counts
+    return torch.unique(rows, dim=0, return_inverse=True, return_counts=True)
 
 
 def _reused_watch(layer: nn.Module) -> list[torch.Tensor]:

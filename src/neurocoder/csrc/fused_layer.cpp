@@ -1315,9 +1315,56 @@ Tensor conv_read_inference(const Tensor& context, const Tensor& head_weight, con
                      B, unit_queries, query_norm, weights).mixing;
 }
 
+// Open addressing over rows of bytes: slots (S entries, S a power of two, -1 where empty) hold
+// indices into a table of rows, `bytes` each. Returns the slot where `row` is, or the empty slot
+// where it would go (rows match bit for bit: FNV-1a over the bytes, then memcmp).
+inline int64_t find_row(const int64_t* slots, int64_t S, const unsigned char* table, const unsigned char* row,
+                        int64_t bytes) {
+  uint64_t hash = 1469598103934665603ull;
+  for (int64_t i = 0; i < bytes; ++i) hash = (hash ^ row[i]) * 1099511628211ull;
+  int64_t at = static_cast<int64_t>(hash & static_cast<uint64_t>(S - 1));
+  while (slots[at] != -1 && std::memcmp(table + slots[at] * bytes, row, bytes) != 0) at = (at + 1) & (S - 1);
+  return at;
+}
+
+// The distinct rows of a (B, C) tensor, matched bit for bit (0.0 and -0.0 differ; NaN rows with the
+// same bits match), in order of first appearance: unique (U, C), inverse (B,) each row's unique
+// row, counts (U,) how many rows each unique row stands for.
+std::vector<Tensor> unique_rows(const Tensor& rows_in) {
+  TORCH_CHECK(rows_in.dim() == 2, "unique_rows: expected a (B, C) tensor, got shape ", rows_in.sizes());
+  const Tensor rows = rows_in.contiguous();
+  const int64_t B = rows.size(0), bytes = rows.size(1) * rows.element_size();
+  int64_t S = 1;
+  while (S < 2 * B) S <<= 1;
+  std::vector<int64_t> slots(S, -1), first;
+  Tensor inverse = at::empty({B}, rows.options().dtype(at::kLong));
+  int64_t* which = inverse.data_ptr<int64_t>();
+  const auto* data = static_cast<const unsigned char*>(rows.data_ptr());
+  std::vector<unsigned char> held;                     // the unique rows' bytes, in order
+  held.reserve(static_cast<size_t>(B * bytes));
+  std::vector<int64_t> counts;
+  for (int64_t b = 0; b < B; ++b) {
+    const unsigned char* row = data + b * bytes;
+    const int64_t at = find_row(slots.data(), S, held.data(), row, bytes);
+    if (slots[at] == -1) {
+      slots[at] = static_cast<int64_t>(first.size());
+      first.push_back(b);
+      counts.push_back(0);
+      held.insert(held.end(), row, row + bytes);
+    }
+    which[b] = slots[at];
+    ++counts[slots[at]];
+  }
+  const int64_t U = static_cast<int64_t>(first.size());
+  Tensor positions = at::from_blob(first.data(), {U}, at::kLong);
+  return {rows.index_select(0, positions), inverse, at::from_blob(counts.data(), {U}, at::kLong).clone()};
+}
+
 // Each sample's context, x averaged over its pixels: x (B, C, H, W) -> (B, C), as x.mean((2, 3))
 // (one loop over contiguous pixels instead of a reduction op and a division).
 Tensor pixel_means(const Tensor& x) {
+  TORCH_CHECK(x.dim() == 4 && x.is_floating_point(), "pixel_means: expected a floating (B, C, H, W) tensor, got ",
+              x.scalar_type(), " of shape ", x.sizes());
   const Tensor input = x.contiguous();
   const int64_t rows = input.size(0) * input.size(1), pixels = input.size(2) * input.size(3);
   Tensor means = at::empty({input.size(0), input.size(1)}, input.options());
@@ -1403,10 +1450,7 @@ Tensor conv_layer_inference(const Tensor& x, const std::optional<Tensor>& contex
   const int64_t held_before = count[0];
   for (int64_t b = 0; b < B; ++b) {
     const unsigned char* row = context_bytes + b * bytes;
-    uint64_t hash = 1469598103934665603ull;          // FNV-1a over the context's bytes
-    for (int64_t i = 0; i < bytes; ++i) hash = (hash ^ row[i]) * 1099511628211ull;
-    int64_t at = static_cast<int64_t>(hash & static_cast<uint64_t>(S - 1));
-    while (slot[at] != -1 && std::memcmp(row_bytes + slot[at] * bytes, row, bytes) != 0) at = (at + 1) & (S - 1);
+    const int64_t at = find_row(slot, S, row_bytes, row, bytes);
     if (slot[at] == -1) {                             // met for the first time: held, read below
       slot[at] = count[0];
       std::memcpy(row_bytes + count[0] * bytes, row, bytes);
@@ -1632,6 +1676,8 @@ TORCH_LIBRARY(neurocoder_cpu, m) {
   m.def("conv_layer_read_backward(Tensor grad_mixing, Tensor[] saved, Tensor context, Tensor head_weight, "
         "Tensor u_values, Tensor v_values, Tensor s_values, Tensor key_a, Tensor? key_c, bool has_slot_bias, "
         "float? fixed_sharpness, Tensor? expand, int needs_mask) -> Tensor[]");
+  m.def("unique_rows(Tensor rows) -> Tensor[]");
+  m.def("pixel_means(Tensor x) -> Tensor");
   m.def("least_used_read_forward(Tensor attention, Tensor gates, int least_used) -> Tensor[]");
   m.def("least_used_read_backward(Tensor? grad_weights, Tensor? grad_usage, Tensor attention, Tensor gates, "
         "Tensor weights, Tensor usage_before, Tensor least) -> Tensor[]");
@@ -1645,6 +1691,8 @@ TORCH_LIBRARY_IMPL(neurocoder_cpu, CPU, m) {
   m.impl("fused_read_backward", &fused_read_backward);
   m.impl("conv_read_forward", &conv_read_forward);
   m.impl("conv_layer_inference", &conv_layer_inference);
+  m.impl("unique_rows", &unique_rows);
+  m.impl("pixel_means", &pixel_means);
   m.impl("conv_layer_read_forward", &conv_layer_read_forward);
   m.impl("conv_layer_read_backward", &conv_layer_read_backward);
   m.impl("conv_read_backward", &conv_read_backward);
