@@ -265,6 +265,16 @@ def _conv_read_forward(queries, keys, sharpness, slot_bias, s_values, v_values, 
         v_values, queries.shape[0] // (keys.shape[0] * keys.shape[2]), want_usage, usage_weights, expand)
 
 
+def _mixing_gradient(grad_mixing, per_read, expand, v_values, s_values):
+    """The conv reads' gradient as their backward ops take it: zeros (reads, C_out, P) where
+    autograd gave None (the mixing did not reach the loss). per_read: a saved tensor with one row
+    per read; with ``expand`` there is one per expanded sample instead."""
+    if grad_mixing is not None:
+        return grad_mixing
+    reads = per_read.shape[0] if expand is None else expand.shape[0]
+    return per_read.new_zeros(reads, v_values.shape[1], s_values.shape[0])
+
+
 class _NativeConvRead(torch.autograd.Function):
     """:class:`~neurocoder.layers.NeurocoderConv2d`'s read through the C++ kernels of
     :mod:`neurocoder.native` (CPU): the fused read's attention and singular values, then each
@@ -288,9 +298,7 @@ class _NativeConvRead(torch.autograd.Function):
     def backward(ctx, grad_mixing, _grad_usage):
         # once_differentiable: as _FusedReadApply's.
         *saved, sharpness, s_values, v_values, expand = ctx.saved_tensors
-        if grad_mixing is None:
-            reads = saved[7].shape[0] if expand is None else expand.shape[0]
-            grad_mixing = saved[7].new_zeros(reads, v_values.shape[1], s_values.shape[0])
+        grad_mixing = _mixing_gradient(grad_mixing, saved[7], expand, v_values, s_values)
         grad_queries, grad_sharpness, grad_keys, grad_slot_bias, grad_s_values, grad_v_values = \
             _native.ops().conv_read_backward(grad_mixing, saved, sharpness, ctx.fixed, s_values, v_values,
                                              ctx.has_slot_bias, expand)
@@ -320,9 +328,7 @@ class _NativeConvLayerRead(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, grad_mixing, _grad_usage):
         *saved, context, head_weight, u_values, v_values, s_values, a, c, expand = ctx.saved_tensors
-        if grad_mixing is None:
-            reads = context.shape[0] if expand is None else expand.shape[0]
-            grad_mixing = context.new_zeros(reads, v_values.shape[1], s_values.shape[0])
+        grad_mixing = _mixing_gradient(grad_mixing, context, expand, v_values, s_values)
         needs = sum(1 << i for i, need in enumerate(ctx.needs_input_grad[:12]) if need)
         grads = _native.ops().conv_layer_read_backward(grad_mixing, saved, context, head_weight, u_values, v_values,
                                                        s_values, a, c, ctx.has_slot_bias, ctx.fixed, expand, needs)

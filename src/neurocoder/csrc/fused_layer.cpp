@@ -684,20 +684,30 @@ std::pair<Tensor, Tensor> key_and_bias_gradients(const Tensor& key_partials, con
   return {grad_keys, grad_slot_bias};
 }
 
+// attend on tensors: query_rows J R k rows of B; sharpness (J R, B) when learned, else undefined
+// and fixed_sharpness; slot_bias (J, P) or undefined. Writes unit_queries, query_norm, weights.
+template <typename T>
+void attend_tensors(const void* query_rows, const Tensor& unit_keys, const Tensor& sharpness,
+                    std::optional<double> fixed_sharpness, const Tensor& slot_bias, int64_t R, int64_t B,
+                    const Tensor& unit_queries, const Tensor& query_norm, const Tensor& weights) {
+  attend<T>(static_cast<const T*>(query_rows), unit_keys.data_ptr<T>(),
+            sharpness.defined() ? sharpness.data_ptr<T>() : nullptr,
+            static_cast<T>(sharpness.defined() ? 0.0 : *fixed_sharpness),
+            slot_bias.defined() ? slot_bias.data_ptr<T>() : nullptr, unit_keys.size(0), unit_keys.size(1), R,
+            unit_keys.size(2), B, unit_queries.data_ptr<T>(), query_norm.data_ptr<T>(), weights.data_ptr<T>());
+}
+
 void read_forward(const void* query_rows, const Tensor& unit_keys, const Tensor& sharpness,
                   std::optional<double> fixed_sharpness, const Tensor& slot_bias, const void* memory_by_slot,
                   const Tensor& s_values, int64_t R, int64_t B, const Tensor& unit_queries, const Tensor& query_norm,
                   const Tensor& weights, const Tensor& raw_sigma, const Tensor& sigma, const Tensor& projected,
                   const Tensor& per_component, const Tensor& mixed, const Tensor& usage,
                   const LeastUsed* least_used = nullptr) {
-  const int64_t J = unit_keys.size(0), P = unit_keys.size(1), k = unit_keys.size(2);
+  const int64_t J = unit_keys.size(0), P = unit_keys.size(1);
   Tensor s_contiguous = s_values.contiguous();
   AT_DISPATCH_FLOATING_TYPES(unit_keys.scalar_type(), "read_forward", [&] {
-    attend<scalar_t>(static_cast<const scalar_t*>(query_rows), unit_keys.data_ptr<scalar_t>(),
-                     sharpness.defined() ? sharpness.data_ptr<scalar_t>() : nullptr,
-                     static_cast<scalar_t>(sharpness.defined() ? 0.0 : *fixed_sharpness),
-                     slot_bias.defined() ? slot_bias.data_ptr<scalar_t>() : nullptr, J, P, R, k, B,
-                     unit_queries.data_ptr<scalar_t>(), query_norm.data_ptr<scalar_t>(), weights.data_ptr<scalar_t>());
+    attend_tensors<scalar_t>(query_rows, unit_keys, sharpness, fixed_sharpness, slot_bias, R, B, unit_queries,
+                             query_norm, weights);
     const scalar_t* composed = weights.data_ptr<scalar_t>();
     if (least_used) {
       least_used_mix<scalar_t>(weights.data_ptr<scalar_t>(), least_used->gates.data_ptr<scalar_t>(), J, P, R, B,
@@ -800,6 +810,22 @@ std::tuple<Tensor, Tensor, Tensor> read_backward(
 }
 
 
+// The layer's keys (J, P, k) from its parameters, as ProgramMemory.keys(): content keys map each
+// U and V program through (key_a, key_b) and (key_c, key_d); learned keys are key_a and key_b.
+Tensor layer_keys(const Tensor& u_values, const Tensor& v_values, const Tensor& s_keys, const Tensor& key_a,
+                  const Tensor& key_b, const std::optional<Tensor>& key_c, const std::optional<Tensor>& key_d) {
+  Tensor keys = at::empty({3, s_keys.size(0), s_keys.size(1)}, s_keys.options());
+  if (key_c.has_value()) {
+    at::addmm_out(out(keys[0]), key_b, u_values, key_a.t());
+    at::addmm_out(out(keys[1]), *key_d, v_values, key_c->t());
+  } else {
+    keys[0].copy_(key_a);
+    keys[1].copy_(key_b);
+  }
+  keys[2].copy_(s_keys);
+  return keys;
+}
+
 // Returns {y (B, d_out), sigma (B, R), usage (J, P)} then the tensors the backward needs:
 // unit_queries, query_norm, unit_keys, key_norm, weights, memory_by_slot, raw_sigma, sigma_rb,
 // projected, per_component, mixed, sharpness (empty when fixed).
@@ -815,15 +841,7 @@ std::vector<Tensor> fused_layer_forward(
   Tensor head_t = reusable(kHead, {C + P, B}, x.options());
   at::addmm_out(out(head_t.narrow(0, 0, C)), head_bias.unsqueeze(1), head_weight, x.t());
   at::mm_out(out(head_t.narrow(0, C, P)), u_values, x.t());
-  Tensor keys = at::empty({J, P, k}, x.options());
-  if (key_c.has_value()) {
-    at::addmm_out(out(keys[0]), key_b, u_values, key_a.t());
-    at::addmm_out(out(keys[1]), *key_d, v_values, key_c->t());
-  } else {
-    keys[0].copy_(key_a);
-    keys[1].copy_(key_b);
-  }
-  keys[2].copy_(s_keys);
+  Tensor keys = layer_keys(u_values, v_values, s_keys, key_a, key_b, key_c, key_d);
   const bool learned = !fixed_sharpness.has_value();
   TORCH_CHECK(C == Q + (learned ? J * R : 0), "fused_layer_forward: the composer has ", C, " rows, expected ",
               Q + (learned ? J * R : 0), " (queries", learned ? " and sharpness" : "", " only)");
@@ -1218,17 +1236,14 @@ ConvMixing conv_mixing(const void* query_rows, const Tensor& scale, std::optiona
                        const Tensor& unit_keys, const Tensor& slot_bias, const Tensor& s_values, const Tensor& v_values,
                        int64_t R, int64_t B, const Tensor& unit_queries, const Tensor& query_norm,
                        const Tensor& weights) {
-  const int64_t J = unit_keys.size(0), P = unit_keys.size(1), k = unit_keys.size(2), O = v_values.size(1);
+  const int64_t P = unit_keys.size(1), O = v_values.size(1);
   const auto options = weights.options();
   Tensor raw_sigma = at::empty({R, B}, options), sigma = at::empty({R, B}, options);
   Tensor scaled = at::empty({P, R, B}, options);
   Tensor s_contiguous = s_values.contiguous();
   AT_DISPATCH_FLOATING_TYPES(weights.scalar_type(), "conv_mixing", [&] {
-    attend<scalar_t>(static_cast<const scalar_t*>(query_rows), unit_keys.data_ptr<scalar_t>(),
-                     scale.defined() ? scale.data_ptr<scalar_t>() : nullptr,
-                     static_cast<scalar_t>(scale.defined() ? 0.0 : *fixed_sharpness),
-                     slot_bias.defined() ? slot_bias.data_ptr<scalar_t>() : nullptr, J, P, R, k, B,
-                     unit_queries.data_ptr<scalar_t>(), query_norm.data_ptr<scalar_t>(), weights.data_ptr<scalar_t>());
+    attend_tensors<scalar_t>(query_rows, unit_keys, scale, fixed_sharpness, slot_bias, R, B, unit_queries,
+                             query_norm, weights);
     const scalar_t* w = weights.data_ptr<scalar_t>();
     at::parallel_for(0, B, 64, [&](int64_t b0, int64_t b1) {
       singular_values_columns<scalar_t>(w + 2 * P * R * B, s_contiguous.data_ptr<scalar_t>(), P, R, B,
@@ -1550,22 +1565,6 @@ std::vector<Tensor> conv_read_backward(const Tensor& grad_mixing_in, at::TensorL
   const auto [grad_keys, grad_slot_bias] = key_and_bias_gradients(key_partials, bias_partials, unit_keys, key_norm,
                                                                   R, has_slot_bias);
   return {grad_queries, grad_sharpness, grad_keys, grad_slot_bias, grad_s_values, grad_v_values};
-}
-
-// The layer's keys (J, P, k) from its parameters, as ProgramMemory.keys(): content keys map each
-// U and V program through (key_a, key_b) and (key_c, key_d); learned keys are key_a and key_b.
-Tensor layer_keys(const Tensor& u_values, const Tensor& v_values, const Tensor& s_keys, const Tensor& key_a,
-                  const Tensor& key_b, const std::optional<Tensor>& key_c, const std::optional<Tensor>& key_d) {
-  Tensor keys = at::empty({3, s_keys.size(0), s_keys.size(1)}, s_keys.options());
-  if (key_c.has_value()) {
-    at::addmm_out(out(keys[0]), key_b, u_values, key_a.t());
-    at::addmm_out(out(keys[1]), *key_d, v_values, key_c->t());
-  } else {
-    keys[0].copy_(key_a);
-    keys[1].copy_(key_b);
-  }
-  keys[2].copy_(s_keys);
-  return keys;
 }
 
 // NeurocoderConv2d's read with the feed-forward composer, from its parameters, in one op: the
