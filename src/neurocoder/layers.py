@@ -635,17 +635,21 @@ class NeurocoderConv2d(NeurocoderLayer):
         self._check_tensor("input", x, lambda shape: len(shape) == 4 and shape[1] == self.in_channels,
                            f"(B, {self.in_channels}, H, W)")
         if context is None:
-            if self.fused and _native_applies(x):
-                # The C++ loop the rollout op uses: the same bits there, in training and with or
-                # without a gradient (and faster than the mean).
-                if x.requires_grad and torch.is_grad_enabled():
-                    return _PixelMeans.apply(x)
-                return _native.ops().pixel_means(x)
-            return x.mean(dim=(2, 3))
+            return self._pooled(x)
         self._check_tensor("context", context,
                            lambda shape: shape == (x.shape[0], self.context_features),
                            f"({x.shape[0]}, {self.context_features}) (batch, context_features)")
         return context
+
+    def _pooled(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, C_in, H, W) -> (B, C_in): the composer's default context, x averaged over its pixels.
+        On the fused path the C++ loop the rollout op uses: the same bits there, in training and
+        with or without a gradient (and faster than the mean)."""
+        if self.fused and _native_applies(x):
+            if x.requires_grad and torch.is_grad_enabled():
+                return _PixelMeans.apply(x)
+            return _native.ops().pixel_means(x)
+        return x.mean(dim=(2, 3))
 
     def _program_filters(self) -> torch.Tensor:
         return self.memory.u.reshape(self.num_programs, self.in_channels, *self.kernel_size)
@@ -775,7 +779,7 @@ class NeurocoderConv2d(NeurocoderLayer):
                 kept["head_bias"], kept["unit_keys"], self.memory.slot_bias, kept["programs"][1],
                 kept["programs"][2], kept["filters"], self.bias, self.stride, kept["padding"],
                 kept["padding_mode"], self.dilation, self.steps * self.rank, kept["fixed_sharpness"])
-        mixing = self._read_mixing(x.mean(dim=(2, 3)) if context is None else context, programs=kept["programs"])
+        mixing = self._read_mixing(self._pooled(x) if context is None else context, programs=kept["programs"])
         return self._apply_mixing(x, mixing, kept["filters"], kept["bias"])
 
     def _apply_mixing(self, x: torch.Tensor, mixing: torch.Tensor, filters: torch.Tensor,
