@@ -265,6 +265,16 @@ def _conv_read_forward(queries, keys, sharpness, slot_bias, s_values, v_values, 
         v_values, queries.shape[0] // (keys.shape[0] * keys.shape[2]), want_usage, usage_weights, expand)
 
 
+def _keep_for_conv_backward(ctx, tensors, fixed_sharpness, slot_bias, usage):
+    """What a conv read Function's forward keeps for its backward: the tensors, the fixed
+    sharpness (None when learned), whether there is a slot bias; no gradient materialised for an
+    output that did not reach the loss, none for the usage."""
+    ctx.save_for_backward(*tensors)
+    ctx.fixed, ctx.has_slot_bias = fixed_sharpness, slot_bias is not None
+    ctx.set_materialize_grads(False)
+    ctx.mark_non_differentiable(usage)
+
+
 def _mixing_gradient(grad_mixing, per_read, expand, v_values, s_values):
     """The conv reads' gradient as their backward ops take it: zeros (reads, C_out, P) where
     autograd gave None (the mixing did not reach the loss). per_read: a saved tensor with one row
@@ -287,10 +297,8 @@ class _NativeConvRead(torch.autograd.Function):
         mixing, _, usage, *saved = _conv_read_forward(queries, keys, sharpness, slot_bias, s_values, v_values,
                                                       want_usage, usage_weights, expand)
         learned = isinstance(sharpness, torch.Tensor)
-        ctx.save_for_backward(*saved, sharpness if learned else None, s_values, v_values, expand)
-        ctx.fixed, ctx.has_slot_bias = None if learned else float(sharpness), slot_bias is not None
-        ctx.set_materialize_grads(False)
-        ctx.mark_non_differentiable(usage)
+        _keep_for_conv_backward(ctx, (*saved, sharpness if learned else None, s_values, v_values, expand),
+                                None if learned else float(sharpness), slot_bias, usage)
         return mixing, usage
 
     @staticmethod
@@ -318,10 +326,8 @@ class _NativeConvLayerRead(torch.autograd.Function):
         mixing, _, usage, *saved = _native.ops().conv_layer_read_forward(
             context, head_weight, head_bias, u_values, v_values, s_values, s_keys, a, b, c, d, slot_bias, rank,
             sharpness, want_usage, usage_weights, expand)
-        ctx.save_for_backward(*saved, context, head_weight, u_values, v_values, s_values, a, c, expand)
-        ctx.fixed, ctx.has_slot_bias = sharpness, slot_bias is not None
-        ctx.set_materialize_grads(False)
-        ctx.mark_non_differentiable(usage)
+        _keep_for_conv_backward(ctx, (*saved, context, head_weight, u_values, v_values, s_values, a, c, expand),
+                                sharpness, slot_bias, usage)
         return mixing, usage
 
     @staticmethod
