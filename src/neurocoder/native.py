@@ -9,7 +9,10 @@ the other composers (``fused_read_forward`` / ``_backward``: the recurrent compo
 separate context, frozen slots, the working program's gate), least-used reading's sequential
 mixing (``least_used_read_forward`` / ``_backward``, :func:`neurocoder.reading.read_with_least_used`),
 and NeurocoderConv2d's read up to each sample's mixing matrix (``conv_read_forward`` /
-``_backward``, :func:`neurocoder.fused.conv_read_mixing`).
+``_backward``, :func:`neurocoder.fused.conv_read_mixing`; with the feed-forward composer's map and
+the keys, ``conv_layer_read_forward`` / ``_backward``, :func:`neurocoder.fused.conv_layer_read_mixing`),
+its whole no-grad call with a table of the contexts met (``conv_layer_inference``), its pooled
+context (``pixel_means``) and the distinct contexts of a batch (``unique_rows``).
 They are compiled on first use with
 PyTorch's ``torch.utils.cpp_extension`` (needs a C++ compiler, and ninja, a dependency; about
 30 s on two cores, cached under ``TORCH_EXTENSIONS_DIR``, by default
